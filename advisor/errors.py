@@ -1,0 +1,31 @@
+"""Typed errors of the advisor (targets, recipes, compression, evaluation)."""
+
+from __future__ import annotations
+
+
+class AdvisorError(Exception):
+    """Base of advisor errors: a one-line message and, when known, what to do next."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class UnknownTargetError(AdvisorError):
+    """The target name is not in the hardware catalog."""
+
+
+class UnsupportedSchemeError(AdvisorError):
+    """The scheme is unknown, or the target has no vLLM kernel for it."""
+
+
+class ShapeError(AdvisorError):
+    """A module's shape does not fit the scheme (e.g. group size does not divide the input dimension)."""
+
+
+class UnsupportedArchitectureError(AdvisorError):
+    """The model's architecture has a structure hubc cannot compress."""

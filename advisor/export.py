@@ -1,0 +1,182 @@
+"""Write and read compressed-tensors checkpoints, the format vLLM loads natively.
+
+The tensors are written here rather than through compressed-tensors' compressors because hubc's codes may use a
+narrower range than the type's (e.g. [-64, 63] int8 for AVX2 CPUs), which the library's quantize step would
+re-round; the config and the int4 packing come from compressed-tensors itself, so vLLM reads them as its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from advisor.model import ModelStructure
+from advisor.quantize.rtn import FakeQuantLinear, QuantizedWeight, quantize_weight
+from advisor.recipe import Recipe
+from advisor.schemes import QuantArgs, Scheme, get_scheme
+
+MAX_SHARD = "4GB"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    weight_bytes: int
+    """Bytes of all safetensors files written."""
+    quantized_modules: int
+
+
+def scheme_of(recipe: Recipe) -> Scheme:
+    return get_scheme(recipe.scheme).with_group_size(recipe.group_size)
+
+
+def quantization_config(recipe: Recipe) -> dict:
+    """The `quantization_config` block vLLM's compressed-tensors loader detects, validated by compressed-tensors."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    scheme = scheme_of(recipe)
+    group = {"targets": list(recipe.targets), "weights": scheme.weights.to_ct()}
+    if scheme.input_activations is not None:
+        group["input_activations"] = scheme.input_activations.to_ct()
+    config = QuantizationConfig.model_validate(
+        {
+            "config_groups": {"group_0": group},
+            "format": scheme.ct_format,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "ignore": list(recipe.ignore),
+        }
+    )
+    return config.model_dump(exclude_none=False, mode="json")
+
+
+def _compressed_tensors(qw: QuantizedWeight, scheme: Scheme) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors import pack_to_int32
+
+    out: dict[str, torch.Tensor] = {"weight_scale": qw.scale.to(torch.float32).contiguous()}
+    if scheme.ct_format == "pack-quantized":
+        out["weight_packed"] = pack_to_int32(qw.codes, scheme.weights.num_bits)
+        out["weight_shape"] = torch.tensor(qw.codes.shape)
+        if qw.zero_point is not None:
+            out["weight_zero_point"] = pack_to_int32(qw.zero_point, scheme.weights.num_bits, packed_dim=0).contiguous()
+    else:
+        out["weight"] = qw.codes.contiguous()
+        if qw.zero_point is not None:
+            out["weight_zero_point"] = qw.zero_point.contiguous()
+    return out
+
+
+def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: Path) -> ExportResult:
+    """Quantize every linear of `structure` under `recipe` and write a compressed-tensors checkpoint to `out`
+    (which must exist and be empty; the caller moves it into place once everything else is written)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    scheme = scheme_of(recipe)
+    weight_range = tuple(recipe.weight_range) if recipe.weight_range else None
+    modules = dict(model.named_modules())
+    state = {k: v for k, v in model.state_dict().items()}
+    head = model.get_output_embeddings()
+    if structure.tied_embeddings and head is not None:
+        # Tied heads share the embedding tensor; the checkpoint stores it once, as transformers does.
+        state = {k: v for k, v in state.items() if not (k.startswith(_prefix_of(modules, head)) and k.endswith("weight"))}
+    for info in tqdm(structure.linears, desc=f"quantizing ({recipe.scheme}, {recipe.method})", unit="layer"):
+        weight = modules[info.name].weight
+        qw = quantize_weight(weight, scheme.weights, weight_range)
+        del state[f"{info.name}.weight"]
+        for suffix, tensor in _compressed_tensors(qw, scheme).items():
+            state[f"{info.name}.{suffix}"] = tensor
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD)
+    total = 0
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+        total += (out / filename).stat().st_size
+    if split.is_sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(recipe)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return ExportResult(out, total, len(structure.linears))
+
+
+def _prefix_of(modules: dict, target) -> str:
+    for name, module in modules.items():
+        if module is target:
+            return name + "."
+    return "\0"
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def _quant_args(block: dict | None) -> QuantArgs | None:
+    if not block:
+        return None
+    return QuantArgs(
+        num_bits=block["num_bits"],
+        type=block["type"],
+        symmetric=block["symmetric"],
+        strategy=block["strategy"],
+        group_size=block.get("group_size"),
+        dynamic=bool(block.get("dynamic")),
+    )
+
+
+def load_for_eval(path: Path):
+    """Read a compressed-tensors checkpoint back from disk into a float32 transformers model whose linear layers
+    compute what the quantized kernels compute (dequantized weights, per-token activation quantization).
+
+    Evaluating this model evaluates the checkpoint as written, not the in-memory tensors that produced it.
+    """
+    from compressed_tensors.compressors import unpack_from_int32
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = json.loads((path / "config.json").read_text())
+    qcfg = config_dict.pop("quantization_config", None)
+    if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{path} is not a compressed-tensors checkpoint")
+    (group,) = qcfg["config_groups"].values()
+    w_args, a_args = _quant_args(group["weights"]), _quant_args(group.get("input_activations"))
+    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"}, model_type=config_dict["model_type"])
+    # Built on the CPU, not on meta: non-persistent buffers (rotary frequencies) must be real.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = _read_state(path)
+    quantized = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight_scale")})
+    modules = dict(model.named_modules())
+    for name in quantized:
+        scale = state.pop(f"{name}.weight_scale")
+        zp = state.pop(f"{name}.weight_zero_point", None)
+        if f"{name}.weight_packed" in state:
+            shape = torch.Size(state.pop(f"{name}.weight_shape").tolist())
+            codes = unpack_from_int32(state.pop(f"{name}.weight_packed"), w_args.num_bits, shape)
+            if zp is not None:
+                zp = unpack_from_int32(zp, w_args.num_bits, torch.Size([shape[0], zp.shape[1]]), packed_dim=0)
+        else:
+            codes = state.pop(f"{name}.weight")
+        weight = QuantizedWeight(codes, scale, zp, w_args).dequantize()
+        bias = state.pop(f"{name}.bias", None)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, FakeQuantLinear(weight, bias, a_args))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {unexpected[:3]}")
+    model.tie_weights()
+    missing = [m for m in missing if not any(m.startswith(q + ".") for q in quantized)]
+    if missing and not (config.tie_word_embeddings and all("lm_head" in m for m in missing)):
+        raise ValueError(f"{path}: tensors missing from the checkpoint: {missing[:3]}")
+    model.eval()
+    return model

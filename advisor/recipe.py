@@ -1,0 +1,56 @@
+"""A recipe says what was done to a model, in a versioned YAML that round-trips and rejects unknown keys.
+
+Recipes may come from the Hub, so they name schemes and methods by registry id only, never by import path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import yaml
+
+from advisor.errors import AdvisorError
+
+RECIPE_VERSION = 1
+METHODS = ("rtn",)
+
+
+@dataclass
+class Recipe:
+    """One uniform quantization of every linear layer except those in `ignore`."""
+
+    scheme: str
+    """Scheme id from advisor.schemes (e.g. w8a8-int8, w4a16)."""
+    target: str
+    """Target name from the catalog the recipe was made for."""
+    method: str = "rtn"
+    """How weights are rounded: `rtn` (round-to-nearest)."""
+    group_size: int | None = None
+    """Weights per scale for group-wise schemes; chosen per model so it divides every input dimension."""
+    weight_range: list[int] | None = None
+    """Integer code range of the weights when narrower than the type's (e.g. [-64, 63] for AVX2 int8 GEMMs)."""
+    ignore: list[str] = field(default_factory=list)
+    """Linear modules left dense (the output head)."""
+    targets: list[str] = field(default_factory=lambda: ["Linear"])
+    version: int = RECIPE_VERSION
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise AdvisorError("a recipe must be a YAML mapping")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdvisorError(f"unknown recipe keys: {', '.join(unknown)}", hint=f"known keys: {', '.join(sorted(known))}")
+        if data.get("version", RECIPE_VERSION) > RECIPE_VERSION:
+            raise AdvisorError(f"recipe version {data['version']} is newer than this hubc understands ({RECIPE_VERSION})",
+                               hint="upgrade hubc")
+        recipe = cls(**data)
+        if recipe.method not in METHODS:
+            raise AdvisorError(f"unknown method '{recipe.method}'", hint=f"known methods: {', '.join(METHODS)}")
+        return recipe

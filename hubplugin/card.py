@@ -1,0 +1,185 @@
+"""The variant's model card: huggingface_hub's ModelCard/ModelCardData filled from one run's measurements and
+rendered through the Jinja template in model_cards/. Nothing in it is typed by hand or guessed."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from importlib import resources
+
+from hubplugin.errors import HubcError
+
+TEMPLATE = "variant.md.j2"
+# Strings that must never reach the Hub in a rendered card.
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{%|%\}|\bNone\b|\bnan\b|\bTODO\b|\bTBD\b|<fill", re.IGNORECASE)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _quality_rows(result) -> list[dict]:
+    rows = []
+    for tr in result.quality:
+        pairs = [(tr.base, tr.variant)]
+        if tr.served_base is not None and tr.served_variant is not None:
+            pairs.append((tr.served_base, tr.served_variant))
+        for base, var in pairs:
+            rows.append(
+                {
+                    "text": tr.text,
+                    "engine": f"{base.engine} {base.engine_version}",
+                    "dtype": base.dtype,
+                    "tokens": var.tokens,
+                    "base_ppl": _f(base.perplexity),
+                    "variant_ppl": _f(var.perplexity),
+                    "delta": f"{var.perplexity / base.perplexity - 1:+.2%}",
+                    "kl": _f(var.kl, ".4f"),
+                    "top1": _f(var.top1_agreement, ".1%") if var.top1_agreement is not None else "—",
+                    "ece": f"{base.ece:.3f} → {var.ece:.3f}" if base.ece is not None and var.ece is not None else "—",
+                }
+            )
+    return rows
+
+
+def card_context(result) -> dict:
+    import torch
+    import transformers
+
+    from advisor.schemes import get_scheme
+    from hubplugin import __version__
+
+    recipe = result.recipe
+    scheme = get_scheme(recipe.scheme)
+    base_name = result.source.hub_id or result.source.path.name
+    served_name = result.push_url.split("/", 3)[-1] if result.push_url else str(result.out)
+    if result.push_url:
+        served_name = "/".join(result.push_url.rstrip("/").split("/")[-2:])
+    ctx = {
+        "title": f"{base_name.split('/')[-1]} · {recipe.scheme} for {result.target}",
+        "scheme": recipe.scheme,
+        "scheme_description": scheme.description,
+        "base_name": base_name,
+        "base_url": f"https://huggingface.co/{base_name}" if result.source.hub_id else base_name,
+        "base_revision": result.source.revision,
+        "target": result.target,
+        "target_description": result.target_description,
+        "source_note": result.source.note,
+        "source_kind_text": "a GGUF file" if result.source.kind in ("gguf", "demo") else "a local folder",
+        "size_before": _size(result.size_before),
+        "size_after": _size(result.size_after),
+        "size_ratio": f"{result.size_after / result.size_before:.0%}",
+        "quantized_modules": result.quantized_modules,
+        "method_text": {"rtn": "round-to-nearest"}.get(recipe.method, recipe.method)
+        + (f", group size {recipe.group_size}" if recipe.group_size else "")
+        + (f", int8 codes kept within [{recipe.weight_range[0]}, {recipe.weight_range[1]}] for this CPU's int8 kernels"
+           if recipe.weight_range else ""),
+        "ignore_text": ", ".join(f"`{m}`" for m in recipe.ignore) or "none",
+        "windows_text": _windows_text(result),
+        "quality_rows": _quality_rows(result),
+        "served_note": (
+            "The `vllm` rows are computed from the served checkpoint's own prompt logprobs (teacher-forced), so they "
+            "reflect the kernels users run; the `transformers` rows are hubc's evaluation of the same files. "
+            "KL needs full distributions, which only the transformers evaluation has."
+            if result.served else None
+        ),
+        "flags": list(result.flags),
+        "recipe_yaml": recipe.to_yaml(),
+        "serve_command": _serve_command(served_name, result),
+        "served_name": served_name,
+        "kernel_note": _kernel_note(result),
+        "hubc_version": __version__,
+        "made_on": datetime.date.today().isoformat(),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "latency_rows": [],
+        "not_served_note": result.not_served_reason or "",
+    }
+    if result.latency is not None:
+        lat = result.latency
+        s = lat.settings
+        ctx.update(
+            vllm_version=lat.vllm_version,
+            hardware=lat.hardware,
+            latency_settings=(
+                f"{s['requests']} sequential requests (concurrency 1) of {s['prompt_tokens']} prompt tokens and "
+                f"{s['output_tokens']} output tokens, dtype {s['dtype']}, enforce-eager, base and variant on the same settings"
+            ),
+            latency_rows=[
+                {
+                    "name": name,
+                    "ttft50": _f(m["ttft_ms_p50"], ".1f"),
+                    "ttft95": _f(m["ttft_ms_p95"], ".1f"),
+                    "tpot50": _f(m["tpot_ms_p50"], ".1f"),
+                    "tpot95": _f(m["tpot_ms_p95"], ".1f"),
+                    "tput": _f(m["throughput_tok_s"], ".1f"),
+                }
+                for name, m in ((f"base ({base_name})", lat.base), (f"this variant ({recipe.scheme})", lat.variant))
+            ],
+            speed_note=speed_note(result),
+        )
+    return ctx
+
+
+def speed_note(result) -> str:
+    lat = result.latency
+    ratio = lat.variant["tpot_ms_p50"] / lat.base["tpot_ms_p50"]
+    if ratio > 1.05:
+        return (f"On this hardware the variant is smaller but {ratio:.1f}× slower per output token than the base: "
+                "these int8/FP8 kernels cost more than the memory they save here. Its speed on a GPU target is not "
+                "measured here.")
+    if ratio < 0.95:
+        return f"On this hardware the variant is {1 / ratio:.1f}× faster per output token than the base."
+    return "On this hardware the variant runs at the base's speed per output token (within 5%)."
+
+
+def _windows_text(result) -> str:
+    tr = result.quality[0]
+    return f"{tr.variant.tokens} scored tokens"
+
+
+def _serve_command(name: str, result) -> str:
+    if result.target == "cpu":
+        return (
+            "VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api_server \\\n"
+            f"  --model {name} --dtype float32 --max-model-len 2048 --enforce-eager"
+        )
+    return f"vllm serve {name} --max-model-len 4096"
+
+
+def _kernel_note(result) -> str:
+    from advisor.targets import get_target
+
+    support = get_target(result.target).schemes[result.recipe.scheme]
+    return f"On {result.target}, vLLM runs this scheme with `{support.kernel}`. {support.note}".strip()
+
+
+def render_card(result) -> str:
+    """Render README.md for the variant; refuses to return a card with a placeholder or an unfilled field."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    tags = ["hubc", "compressed-tensors", result.recipe.scheme, f"target-{result.target}"]
+    data = ModelCardData(
+        base_model=result.source.hub_id,
+        base_model_relation="quantized" if result.source.hub_id else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+    )
+    template = resources.files("model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    card = ModelCard.from_template(data, template_str=template, **card_context(result))
+    text = str(card)
+    bad = _PLACEHOLDER.search(text)
+    if bad:
+        line = text[: bad.start()].count("\n") + 1
+        raise HubcError(f"the model card has an unfilled field at line {line} ({bad.group(0)!r})",
+                        hint="this is a hubc bug; please report it with report.json")
+    return text

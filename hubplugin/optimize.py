@@ -1,0 +1,291 @@
+"""The path of one run: model ref + target in, a validated, evaluated, served and carded checkpoint out.
+
+The CLI and the webhook worker both call `optimize`. Everything that can fail fast (target, scheme, output folder,
+push access, shapes) is checked before the first slow step, and the checkpoint is assembled in a staging folder that
+is moved into place only when complete, so a failed run writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from advisor.evaluate import EvalConfig, Measurement, TextResult
+from advisor.recipe import Recipe
+from hubplugin.errors import HubcError, OutputExistsError
+from hubplugin.source import ModelSource
+
+# A served perplexity further than this from hubc's own evaluation of the same checkpoint is flagged.
+SERVED_GAP = 0.02
+
+
+@dataclass
+class OptimizeConfig:
+    """Everything `hubc optimize` can be told, with the defaults a user gets."""
+
+    scheme: str | None = None
+    """Checkpoint scheme (w8a8-int8, w4a16, w8a16, fp8); default: the target's default."""
+    group_size: int | None = None
+    """Group size for group-wise schemes; default: the largest of 128/64/32 dividing every input dimension."""
+    out: Path | None = None
+    """Output folder; default ./<model>-<scheme>-<target>."""
+    overwrite: bool = False
+    """Replace an existing output folder (only once the new one is complete)."""
+    push: str | None = None
+    """Hub repo id to push the variant to, in one commit."""
+    private: bool = False
+    serve: bool = True
+    """Serve base and variant with vLLM and measure served quality and latency (targets this machine runs)."""
+    revision: str | None = None
+    token: str | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    latency_prompt_tokens: int = 128
+    latency_output_tokens: int = 32
+    latency_requests: int = 5
+
+
+@dataclass
+class LatencyPair:
+    """TTFT / per-token latency of the base and the variant, measured in one run on the same server settings."""
+
+    base: dict
+    variant: dict
+    hardware: str
+    vllm_version: str
+    settings: dict
+
+
+@dataclass
+class OptimizeResult:
+    source: ModelSource
+    target: str
+    target_description: str
+    recipe: Recipe
+    out: Path
+    size_before: int
+    size_after: int
+    quantized_modules: int
+    quality: list[TextResult]
+    latency: LatencyPair | None = None
+    served: bool = False
+    not_served_reason: str | None = None
+    flags: list[str] = field(default_factory=list)
+    push_url: str | None = None
+    push_commit: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["source"] = self.source.to_dict()
+        d["out"] = str(self.out)
+        d["recipe"] = asdict(self.recipe)
+        return d
+
+
+def default_out(source: ModelSource, scheme: str, target: str) -> Path:
+    name = (source.hub_id or source.path.name).split("/")[-1]
+    return Path.cwd() / f"{name}-{scheme}-{target}"
+
+
+def _weights_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Callable[[str], None] = lambda s: None) -> OptimizeResult:
+    """Run the whole path for one model and one target. Raises HubcError/AdvisorError/ServingError subclasses."""
+    from advisor.schemes import get_scheme
+    from advisor.targets import get_target
+
+    started = time.monotonic()
+    target = get_target(target_name)
+    scheme = get_scheme(config.scheme or target.default_scheme)
+    target.require_scheme(scheme.name)
+    if config.out is not None:
+        _check_out(config.out, config.overwrite)
+    if config.push:
+        from hubplugin import hub
+
+        hub.check_push_access(config.push, token=config.token)
+
+    progress("resolving the model")
+    from hubplugin import source as sources
+
+    source = sources.resolve(ref, revision=config.revision, token=config.token)
+    out = (config.out or default_out(source, scheme.name, target.name)).resolve()
+    _check_out(out, config.overwrite)
+
+    from advisor.model import inspect_structure
+    from advisor.validate import plan
+
+    structure = inspect_structure(source.path)
+    recipe = plan(structure, target, scheme.name, config.group_size)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        result = _build(source, target, recipe, structure, staging, out, config, progress)
+        _write_outputs(result, staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        result.out = out
+        (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    if config.push:
+        from hubplugin import hub
+
+        progress(f"pushing to {config.push}")
+        pushed = hub.push_folder(
+            out, config.push, token=config.token, private=config.private,
+            commit_message=f"hubc: {recipe.scheme} variant of {source.hub_id or source.ref} for {target.name}",
+        )
+        result.push_url, result.push_commit = pushed.url, pushed.commit_sha
+        (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {out} already exists", hint="pass --overwrite, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder", hint="choose another --out")
+
+
+def _build(source, target, recipe, structure, staging, out, config, progress) -> OptimizeResult:
+    import torch
+    from transformers import AutoTokenizer
+
+    from advisor import evaluate as ev
+    from advisor.export import load_for_eval, quantize_and_export
+    from advisor.model import load_model
+    from hubplugin.source import copy_tokenizer_files
+
+    progress("loading the model")
+    model = load_model(source.path)
+    progress(f"quantizing with {recipe.scheme} ({recipe.method})")
+    exported = quantize_and_export(model, structure, recipe, staging)
+    copy_tokenizer_files(source.path, staging)
+
+    progress("evaluating base and variant")
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    texts = []
+    for name in config.eval.texts:
+        label, text = ev.read_text(name)
+        texts.append(ev.EvalText(label, ev.make_windows(tokenizer, text, config.eval.seq_len, config.eval.windows)))
+    base_lp = {t.name: ev.logits_of(model, t.windows, f"base on {t.name}") for t in texts}
+    del model
+    variant = load_for_eval(staging)
+    quality = []
+    for t in texts:
+        var_lp = ev.logits_of(variant, t.windows, f"variant on {t.name}")
+        quality.append(
+            TextResult(
+                text=t.name,
+                base=ev.measure(base_lp[t.name], t.windows, t.name, "float32"),
+                variant=ev.measure(var_lp, t.windows, t.name, "float32", reference=base_lp[t.name],
+                                   note="hubc evaluation of the exported checkpoint (weights read back, activations quantized per token as the kernels do)"),
+            )
+        )
+    del variant
+    base_top1 = {t.name: [lp.argmax(-1).tolist() for lp in base_lp[t.name]] for t in texts}
+    del base_lp
+    torch.set_num_threads(torch.get_num_threads())
+
+    result = OptimizeResult(
+        source=source,
+        target=target.name,
+        target_description=target.description,
+        recipe=recipe,
+        out=out,
+        size_before=_weights_size(source.path),
+        size_after=exported.weight_bytes,
+        quantized_modules=exported.quantized_modules,
+        quality=quality,
+    )
+    if not config.serve:
+        result.not_served_reason = "serving was skipped (--no-serve)"
+    elif target.kind != "cpu":
+        result.not_served_reason = (
+            f"this checkpoint targets {target.description}; it was validated against the target's vLLM kernels "
+            f"but not served here (this machine has no such GPU)"
+        )
+    else:
+        _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress)
+    return result
+
+
+def _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress) -> None:
+    from serving.latency import LatencyConfig, measure_latency
+    from serving.quality import served_quality, served_token_logprobs
+    from serving.server import ServerConfig, VllmServer
+
+    from advisor.evaluate import hardware_name
+
+    max_len = max(config.eval.seq_len, config.latency_prompt_tokens + config.latency_output_tokens) + 16
+    server_config = ServerConfig(dtype=target.serve_dtype, max_model_len=max_len)
+    latency_config = LatencyConfig(
+        prompt_tokens=config.latency_prompt_tokens,
+        output_tokens=config.latency_output_tokens,
+        requests=config.latency_requests,
+    )
+    latency: dict[str, dict] = {}
+    vllm_version = ""
+    for role, path in (("base", source.path), ("variant", staging)):
+        progress(f"serving the {role} with vLLM")
+        with VllmServer(path, server_config, log_dir=staging.parent) as server:
+            vllm_version = server.vllm_version
+            for tr in result.quality:
+                t = next(x for x in texts if x.name == tr.text)
+                served = served_token_logprobs(server, t.windows)
+                sq = served_quality(t.windows, served, base_top1[t.name])
+                m = Measurement(
+                    engine="vllm",
+                    engine_version=sq.vllm_version,
+                    dtype=sq.dtype,
+                    hardware=hardware_name(),
+                    text=t.name,
+                    tokens=sq.tokens,
+                    perplexity=sq.perplexity,
+                    top1_agreement=sq.top1_agreement,
+                    note="vLLM prompt logprobs (teacher-forced) from the served checkpoint",
+                )
+                if role == "base":
+                    tr.served_base = m
+                else:
+                    tr.served_variant = m
+            latency[role] = asdict(measure_latency(server, latency_config))
+    result.served = True
+    result.latency = LatencyPair(
+        base=latency["base"],
+        variant=latency["variant"],
+        hardware=hardware_name(),
+        vllm_version=vllm_version,
+        settings={**asdict(server_config), **asdict(latency_config), "concurrency": 1},
+    )
+    for tr in result.quality:
+        sv, ev_ = tr.served_variant, tr.variant
+        gap = sv.perplexity / ev_.perplexity - 1.0
+        if abs(gap) > SERVED_GAP:
+            result.flags.append(
+                f"on {tr.text}, vLLM serves this checkpoint at perplexity {sv.perplexity:.3f} while hubc's evaluation of "
+                f"the same checkpoint gives {ev_.perplexity:.3f} ({gap:+.1%}); trust the served number"
+            )
+
+
+def _write_outputs(result: OptimizeResult, staging: Path) -> None:
+    from hubplugin.card import render_card
+
+    (staging / "recipe.yaml").write_text(result.recipe.to_yaml())
+    (staging / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    (staging / "README.md").write_text(render_card(result))
+
+
+__all__ = ["OptimizeConfig", "OptimizeResult", "optimize", "HubcError"]

@@ -159,7 +159,8 @@ def _kernel_note(result) -> str:
     from advisor.targets import get_target
 
     support = get_target(result.target).schemes[result.recipe.scheme]
-    return f"On {result.target}, vLLM runs this scheme with `{support.kernel}`. {support.note}".strip()
+    note = support.note.rstrip(".")
+    return f"On {result.target}, vLLM runs this scheme with `{support.kernel}`: {note}."
 
 
 def render_card(result) -> str:

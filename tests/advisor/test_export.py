@@ -1,0 +1,106 @@
+"""Checkpoints hubc writes are read the same way by compressed-tensors (through transformers) as by hubc's own
+evaluation, for every scheme; RTN respects each scheme's code range."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from advisor.errors import ShapeError, UnsupportedSchemeError
+from advisor.export import load_for_eval, quantization_config, quantize_and_export
+from advisor.model import inspect_structure, load_model
+from advisor.quantize.rtn import quantize_weight
+from advisor.recipe import Recipe
+from advisor.schemes import QuantArgs
+from advisor.targets import get_target
+from advisor.validate import check_group_size, choose_group_size, plan
+
+AVX2 = {"avx", "avx2", "fma"}
+AVX512_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+
+
+def test_rtn_int8_channel_error_is_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    qw = quantize_weight(w, QuantArgs(8, "int", True, "channel"))
+    assert qw.codes.dtype == torch.int8 and qw.scale.shape == (32, 1)
+    assert ((w - qw.dequantize()).abs() <= qw.scale / 2 + 1e-6).all()
+
+
+def test_rtn_narrowed_range_keeps_codes_inside_it():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * 3
+    qw = quantize_weight(w, QuantArgs(8, "int", True, "channel"), weight_range=(-64, 63))
+    assert qw.codes.min() >= -64 and qw.codes.max() <= 63
+    assert qw.codes.max() == 63 or qw.codes.min() == -64  # the range is used, not wasted
+
+
+def test_rtn_int4_group_codes_and_group_scales():
+    torch.manual_seed(0)
+    w = torch.randn(8, 128)
+    qw = quantize_weight(w, QuantArgs(4, "int", True, "group", group_size=32))
+    assert qw.scale.shape == (8, 4)
+    assert qw.codes.min() >= -8 and qw.codes.max() <= 7
+    with pytest.raises(ValueError):
+        quantize_weight(torch.randn(8, 96), QuantArgs(4, "int", True, "group", group_size=64))
+
+
+def test_group_size_is_chosen_per_model(tiny_llama_dir):
+    structure = inspect_structure(tiny_llama_dir)  # hidden 64, MLP 128: 128 cannot divide q/k/v
+    assert choose_group_size(structure) == 64
+    with pytest.raises(ShapeError, match=r"model\.layers\.0\.self_attn\.q_proj.*--group-size 64"):
+        check_group_size(structure, 128)
+
+
+def test_plan_rejects_a_scheme_the_target_cannot_serve(tiny_llama_dir):
+    structure = inspect_structure(tiny_llama_dir)
+    cpu_avx2 = get_target("cpu", flags=AVX2)
+    with pytest.raises(UnsupportedSchemeError, match="w4a16"):
+        plan(structure, cpu_avx2, "w4a16", None)
+    with pytest.raises(UnsupportedSchemeError, match="w8a16"):
+        plan(structure, get_target("cpu", flags=AVX512_VNNI), "w8a16", None)
+
+
+def test_plan_narrows_int8_weights_on_cpus_without_vnni(tiny_llama_dir):
+    structure = inspect_structure(tiny_llama_dir)
+    assert plan(structure, get_target("cpu", flags=AVX2), None, None).weight_range == [-64, 63]
+    assert plan(structure, get_target("cpu", flags=AVX512_VNNI), None, None).weight_range is None
+
+
+def test_recipe_round_trips_and_rejects_unknown_keys():
+    recipe = Recipe(scheme="w4a16", target="a10g", group_size=64, ignore=["lm_head"])
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    with pytest.raises(Exception, match="unknown recipe keys: module_path"):
+        Recipe.from_yaml(recipe.to_yaml() + "module_path: os.system\n")
+
+
+@pytest.mark.parametrize(
+    "scheme,target,atol",
+    [("w4a16", "a10g", 1e-4), ("w8a16", "a10g", 1e-4), ("fp8", "h100", 1e-3), ("w8a8-int8", "cpu", 0.05)],
+)
+def test_checkpoint_reads_the_same_in_compressed_tensors_and_hubc(tiny_llama_dir, tmp_path, scheme, target, atol):
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM
+
+    structure = inspect_structure(tiny_llama_dir)
+    recipe = plan(structure, get_target(target, flags=AVX512_VNNI), scheme, None)
+    model = load_model(tiny_llama_dir)
+    result = quantize_and_export(model, structure, recipe, tmp_path)
+    assert result.quantized_modules == len(structure.linears) == 14
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    assert qcfg["quant_method"] == "compressed-tensors" and qcfg["ignore"] == ["lm_head"]
+    QuantizationConfig.model_validate(qcfg)  # compressed-tensors' own parser accepts it
+    assert qcfg == quantization_config(recipe)
+
+    ours = load_for_eval(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b, base = ours(ids).logits, theirs(ids).logits, model(ids).logits
+    assert (a - b).abs().max().item() < atol
+    assert (a - base).abs().max().item() > 0  # quantization really happened
+

@@ -32,9 +32,8 @@ def _run(fn):
     except _user_errors() as exc:
         if os.environ.get("HUBC_DEBUG"):
             raise
-        click.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            click.echo(f"  fix: {exc.hint}", err=True)
+        line = exc.message if not exc.hint else f"{exc.message}; {exc.hint}"
+        click.echo(f"error: {' '.join(line.split())}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -120,6 +119,24 @@ def optimize(model, target, scheme, group_size, out, overwrite, push_repo, priva
             click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         else:
             summary(result)
+
+    _run(body)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="create the repo as private")
+@click.option("--message", default=None, help="commit message")
+def push(folder, repo_id, private, message) -> None:
+    """Push a checkpoint folder made by `hubc optimize` to REPO_ID on the Hub, in one commit."""
+
+    def body():
+        from hubplugin import hub
+
+        result = hub.push_folder(folder, repo_id, private=private,
+                                 commit_message=message or f"hubc: upload {folder.name}")
+        click.echo(result.url)
 
     _run(body)
 

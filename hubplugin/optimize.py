@@ -110,7 +110,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     if config.push:
         from hubplugin import hub
 
-        hub.check_push_access(config.push, token=config.token)
+        config.push = hub.check_push_access(config.push, token=config.token)
 
     progress("resolving the model")
     from hubplugin import source as sources
@@ -142,10 +142,15 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
         from hubplugin import hub
 
         progress(f"pushing to {config.push}")
-        pushed = hub.push_folder(
-            out, config.push, token=config.token, private=config.private,
-            commit_message=f"hubc: {recipe.scheme} variant of {source.hub_id or source.ref} for {target.name}",
-        )
+        try:
+            pushed = hub.push_folder(
+                out, config.push, token=config.token, private=config.private,
+                commit_message=f"hubc: {recipe.scheme} variant of {source.hub_id or source.ref} for {target.name}",
+            )
+        except HubcError as exc:
+            # The local checkpoint is complete and kept, so the push can be retried without redoing the work.
+            exc.hint = f"{exc.hint}; the checkpoint is complete at {out}: retry with `hubc push {out} {config.push}`"
+            raise
         result.push_url, result.push_commit = pushed.url, pushed.commit_sha
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     result.seconds = time.monotonic() - started

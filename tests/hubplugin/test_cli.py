@@ -1,0 +1,150 @@
+"""`hubc` as a user runs it: fast help, one-line errors that write nothing, and the optimize → push path against a
+fake Hub driven by the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from hubplugin.cli import main
+
+SMALL_EVAL = ["--no-serve", "--seq-len", "64", "--eval-windows", "2"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    # Progress chatter ("» step") may precede it; the error itself is exactly one line, and the last.
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.output
+
+
+def test_help_does_not_import_torch_or_vllm():
+    code = (
+        "import sys\nfrom hubplugin.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    assert "optimize" in out and "targets" in out
+
+
+def test_targets_lists_the_catalog_as_json():
+    result = run("targets", "--format", "json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert {"cpu", "t4", "a10g", "l4", "a100-80gb", "h100", "h200"} <= set(data)
+    assert data["a10g"]["default_scheme"] == "w4a16"
+
+
+def test_unknown_target_lists_the_valid_ones(tmp_path):
+    result = run("optimize", "demo", "--target", "tpu-v9", "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "unknown target 'tpu-v9'", "a10g", "h100")
+    assert not (tmp_path / "o").exists()
+
+
+def test_scheme_the_target_cannot_serve(tiny_llama_dir, tmp_path):
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--scheme", "w8a16", "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "w8a16", "w8a8-int8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    result = run("optimize", str(folder), "--target", "cpu", "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "no config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_folder_is_left_alone(tiny_llama_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--out", str(out))
+    assert_one_line_error(result, "already exists", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_unknown_repo_id(fake_hub, tmp_path):
+    result = run("optimize", "org/does-not-exist", "--target", "cpu", "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "org/does-not-exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_repo_that_needs_a_token(fake_hub, tiny_llama_dir, tmp_path):
+    fake_hub.add_repo("org/gated", tiny_llama_dir, gated=True)
+    result = run("optimize", "org/gated", "--target", "cpu", "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "HF_TOKEN")
+    assert not (tmp_path / "o").exists()
+
+
+def test_push_without_token_fails_before_any_work(fake_hub, tiny_llama_dir, tmp_path):
+    fake_hub.add_repo("org/tiny", tiny_llama_dir)
+    result = run("optimize", "org/tiny", "--target", "cpu", "--push", "org/tiny-w8", "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "token")
+    assert not (tmp_path / "o").exists()
+    assert not any(r.method == "POST" for r in fake_hub.requests)
+
+
+@pytest.mark.slow
+def test_optimize_downloads_compresses_and_pushes_one_commit(fake_hub, tiny_llama_dir, tmp_path, monkeypatch):
+    sha = fake_hub.add_repo("org/tiny", tiny_llama_dir)
+    monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    out = tmp_path / "variant"
+    result = run("optimize", "org/tiny", "--target", "cpu", "--push", "org/tiny-w8-cpu", "--out", str(out),
+                 "--format", "json", *SMALL_EVAL)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["source"]["revision"] == sha  # the exact commit that was compressed is recorded
+    assert {"README.md", "config.json", "model.safetensors", "recipe.yaml", "report.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    pushed = fake_hub.files("org/tiny-w8-cpu")
+    assert len([c for c in fake_hub.commits("org/tiny-w8-cpu") if c.message.startswith("hubc")]) == 1
+    card = pushed["README.md"].decode()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "org/tiny" and meta["base_model_relation"] == "quantized"
+    for tr in report["quality"]:  # this run's numbers, not anyone else's
+        assert f"{tr['variant']['perplexity']:.3f}" in card
+        assert f"{tr['base']['perplexity']:.3f}" in card
+    assert json.loads(pushed["config.json"])["quantization_config"]["format"] == "int-quantized"
+    assert report["push_url"].endswith("org/tiny-w8-cpu")
+
+
+@pytest.mark.slow
+def test_push_that_fails_midway_leaves_no_repo(fake_hub, tiny_llama_dir, tmp_path, monkeypatch):
+    fake_hub.add_repo("org/tiny", tiny_llama_dir)
+    monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    fake_hub.fail_next_commit = True
+    result = run("optimize", "org/tiny", "--target", "cpu", "--push", "org/tiny-w8-cpu", "--out",
+                 str(tmp_path / "variant"), *SMALL_EVAL)
+    assert_one_line_error(result, "org/tiny-w8-cpu", "hubc push")
+    assert "org/tiny-w8-cpu" not in fake_hub.repos
+
+
+def test_overwrite_replaces_only_a_complete_checkpoint(tiny_llama_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--out", str(out), "--overwrite", *SMALL_EVAL)
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert "old.txt" not in names and {"README.md", "config.json", "recipe.yaml", "report.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # no staging folder left behind

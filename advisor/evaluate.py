@@ -3,6 +3,7 @@ next-token distributions, top-1 agreement and expected calibration error."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 from dataclasses import asdict, dataclass, field
@@ -140,7 +141,7 @@ def expected_calibration_error(logprobs: list[torch.Tensor], windows: list[list[
     correct = torch.cat([(lp.argmax(-1) == torch.tensor(w[1:])).float() for lp, w in zip(logprobs, windows)])
     edges = torch.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         mask = (conf > lo) & (conf <= hi)
         if mask.any():
             ece += mask.float().mean().item() * abs(conf[mask].mean().item() - correct[mask].mean().item())

@@ -11,6 +11,7 @@ from hubplugin.errors import HubcError
 
 TEMPLATE = "variant.md.j2"
 # Strings that must never reach the Hub in a rendered card.
+_SAMPLE_SLOT = "\x00sample\x00"
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{%|%\}|\bNone\b|\bnan\b|\bTODO\b|\bTBD\b|<fill", re.IGNORECASE)
 
 
@@ -101,6 +102,8 @@ def card_context(result) -> dict:
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__.split("+")[0],
         "latency_rows": [],
+        # Model-generated text may contain anything (even "None"): it is filled in after the placeholder check.
+        "sample": {"prompt": result.sample["prompt"], "completion": _SAMPLE_SLOT} if result.sample else None,
         "not_served_note": result.not_served_reason or "",
     }
     if result.latency is not None:
@@ -183,4 +186,7 @@ def render_card(result) -> str:
         line = text[: bad.start()].count("\n") + 1
         raise HubcError(f"the model card has an unfilled field at line {line} ({bad.group(0)!r})",
                         hint="this is a hubc bug; please report it with report.json")
+    if result.sample:
+        completion = " ".join(result.sample["completion"].split()).replace("*", "\\*")
+        text = text.replace(_SAMPLE_SLOT, completion)
     return text

@@ -106,7 +106,8 @@ def optimize(model, target, scheme, group_size, out, overwrite, push_repo, priva
 
     def body():
         from advisor.evaluate import EvalConfig
-        from hubplugin.optimize import OptimizeConfig, optimize as run
+        from hubplugin.optimize import OptimizeConfig
+        from hubplugin.optimize import optimize as run
         from hubplugin.render import summary
 
         config = OptimizeConfig(

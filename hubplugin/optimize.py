@@ -11,9 +11,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from advisor.evaluate import EvalConfig, Measurement, TextResult
 from advisor.recipe import Recipe
@@ -73,6 +73,8 @@ class OptimizeResult:
     quality: list[TextResult]
     latency: LatencyPair | None = None
     served: bool = False
+    sample: dict | None = None
+    """A greedy text completion from the served variant: proof it generates text."""
     not_served_reason: str | None = None
     flags: list[str] = field(default_factory=list)
     push_url: str | None = None
@@ -228,11 +230,12 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
 
 
 def _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress) -> None:
+    from advisor.evaluate import hardware_name
+    from hubplugin.source import cache_dir
+    from serving.check import generate_text
     from serving.latency import LatencyConfig, measure_latency
     from serving.quality import served_quality, served_token_logprobs
     from serving.server import ServerConfig, VllmServer
-
-    from advisor.evaluate import hardware_name
 
     max_len = max(config.eval.seq_len, config.latency_prompt_tokens + config.latency_output_tokens) + 16
     server_config = ServerConfig(dtype=target.serve_dtype, max_model_len=max_len)
@@ -245,7 +248,7 @@ def _serve_and_measure(result, source, staging, texts, base_top1, target, config
     vllm_version = ""
     for role, path in (("base", source.path), ("variant", staging)):
         progress(f"serving the {role} with vLLM")
-        with VllmServer(path, server_config, log_dir=staging.parent) as server:
+        with VllmServer(path, server_config, log_dir=cache_dir() / "logs") as server:
             vllm_version = server.vllm_version
             for tr in result.quality:
                 t = next(x for x in texts if x.name == tr.text)
@@ -267,6 +270,9 @@ def _serve_and_measure(result, source, staging, texts, base_top1, target, config
                 else:
                     tr.served_variant = m
             latency[role] = asdict(measure_latency(server, latency_config))
+            if role == "variant":
+                prompt = "The capital of France is"
+                result.sample = {"prompt": prompt, "completion": generate_text(server, prompt)}
     result.served = True
     result.latency = LatencyPair(
         base=latency["base"],
@@ -293,4 +299,4 @@ def _write_outputs(result: OptimizeResult, staging: Path) -> None:
     (staging / "README.md").write_text(render_card(result))
 
 
-__all__ = ["OptimizeConfig", "OptimizeResult", "optimize", "HubcError"]
+__all__ = ["HubcError", "OptimizeConfig", "OptimizeResult", "optimize"]

@@ -10,6 +10,8 @@ def summary(result) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # piped or captured: keep each row on one line rather than wrap at 80 columns
+        console = Console(width=140)
     table = Table(title=f"{result.source.hub_id or result.source.ref} → {result.recipe.scheme} for {result.target}")
     table.add_column("measure")
     table.add_column("engine")
@@ -43,6 +45,9 @@ def summary(result) -> None:
         console.print(f"latency measured on {result.latency.hardware}")
     elif result.not_served_reason:
         console.print(result.not_served_reason)
+    if result.sample:
+        console.print(f"served variant completes {result.sample['prompt']!r} with {result.sample['completion']!r}",
+                      markup=False)
     for flag in result.flags:
         console.print(f"[bold yellow]warning:[/] {flag}")
     console.print(f"checkpoint: {result.out}")

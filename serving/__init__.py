@@ -1,1 +1,6 @@
-"""serving."""
+"""Serving: start and stop real vLLM servers, measure quality as served and latency.
+
+Public API: `VllmServer`, `ServerConfig` (server.py); `served_token_logprobs`, `served_quality` (quality.py);
+`measure_latency`, `LatencyConfig`, `LatencyReport` (latency.py); `generate_text` (check.py).
+vLLM itself is only ever run in a subprocess, so importing this package does not import vLLM.
+"""

@@ -1,0 +1,171 @@
+"""Quality where it is served: teacher-forced perplexity and top-1 agreement from vLLM's own prompt logprobs.
+
+Each token window goes to `/v1/completions` as a list of token ids with `prompt_logprobs` (a vLLM extension), so
+the numbers come from the kernels users will run (activation quantization, FP8 emulation, fused layers), not from
+transformers' emulation of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from serving.errors import ServingError
+from serving.server import VllmServer
+
+
+@dataclass
+class ServedWindow:
+    """What the server said about one window of n tokens, at positions 1..n-1 (position 0 has no context)."""
+
+    token_logprobs: list[float]
+    """Log-probability of the window's actual token at each position (vLLM clamps -inf to -9999.0)."""
+    top1: list[int]
+    """The served argmax token id at each position (the entry of rank 1)."""
+    vllm_version: str
+    """Version of the vLLM server that answered."""
+    dtype: str
+    """dtype the server ran in."""
+
+
+@dataclass
+class ServedQuality:
+    """Teacher-forced quality of a served checkpoint, with the provenance of the numbers."""
+
+    perplexity: float
+    """exp of the mean negative log-likelihood over every scored token."""
+    top1_agreement: float | None
+    """Share of positions where the served argmax equals the reference's argmax; None without a reference."""
+    tokens: int
+    """Scored tokens (n-1 per window)."""
+    engine: str = "vllm"
+    """Engine that produced the logprobs."""
+    vllm_version: str = ""
+    """vLLM version of the server."""
+    dtype: str = ""
+    """dtype the server ran in."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON reports."""
+        return asdict(self)
+
+
+def served_token_logprobs(
+    server: VllmServer, windows: Sequence[Sequence[int]], top_k: int = 1, concurrency: int = 1
+) -> list[ServedWindow]:
+    """Score each token window on the server: the logprob of every actual next token and the served top-1.
+
+    `top_k` is the number of top entries vLLM returns per position (at least 1, for the argmax). Windows must be
+    at least 2 tokens and at most `max_model_len - 1` (one token is generated). `concurrency` > 1 sends that many
+    windows at once, which lets vLLM batch them.
+    """
+    if top_k < 1:
+        raise ValueError("top_k must be >= 1: the served argmax is read from the rank-1 entry")
+    for i, window in enumerate(windows):
+        if len(window) < 2:
+            raise ValueError(f"window {i} has {len(window)} tokens; at least 2 are needed to score one")
+    url = f"{server.base_url}/v1/completions"
+    version, dtype = server.vllm_version, server.config.dtype
+    with httpx.Client(trust_env=False, timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+
+        def score(window: Sequence[int]) -> ServedWindow:
+            body = {
+                "model": server.model_name,
+                "prompt": [int(t) for t in window],
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "prompt_logprobs": top_k,
+            }
+            response = client.post(url, json=body)
+            if response.status_code != 200:
+                raise ServingError(
+                    f"vLLM refused a prompt_logprobs request ({response.status_code}): {_error_text(response)}",
+                    hint=f"server log: {server.log_path}",
+                )
+            logprobs, top1 = parse_prompt_logprobs(response.json()["choices"][0]["prompt_logprobs"], window)
+            return ServedWindow(token_logprobs=logprobs, top1=top1, vllm_version=version, dtype=dtype)
+
+        if concurrency <= 1:
+            return [score(w) for w in windows]
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(score, windows))
+
+
+def parse_prompt_logprobs(
+    prompt_logprobs: list[dict[str, dict] | None], window: Sequence[int]
+) -> tuple[list[float], list[int]]:
+    """Read vLLM's `prompt_logprobs` (one entry per prompt token; the first is null; each a dict keyed by the token
+    id as a string, of {"logprob", "rank", "decoded_token"}, holding the actual token and the top-k) into the
+    actual token's logprob and the rank-1 token id at positions 1..n-1."""
+    if len(prompt_logprobs) != len(window):
+        raise ServingError(
+            f"vLLM returned {len(prompt_logprobs)} prompt logprobs for a {len(window)}-token window"
+        )
+    logprobs: list[float] = []
+    top1: list[int] = []
+    for pos in range(1, len(window)):
+        entries = prompt_logprobs[pos]
+        actual = entries.get(str(window[pos])) if entries else None
+        if actual is None:
+            raise ServingError(f"vLLM returned no logprob for the prompt token at position {pos}")
+        logprobs.append(float(actual["logprob"]))
+        best = [int(tok) for tok, entry in entries.items() if entry.get("rank") == 1]
+        if not best:  # ranks are always filled for prompt logprobs; fall back to the highest logprob
+            best = [int(max(entries.items(), key=lambda item: item[1]["logprob"])[0])]
+        top1.append(best[0])
+    return logprobs, top1
+
+
+def served_quality(
+    windows: Sequence[Sequence[int]],
+    served: Sequence[ServedWindow],
+    reference_top1: Sequence[Sequence[int]] | None = None,
+) -> ServedQuality:
+    """Perplexity over all windows and, given the reference model's argmax for the same positions
+    (`reference_top1[w][j]` predicts token j+1 of window w, n-1 ids per window), the top-1 agreement."""
+    if len(windows) != len(served):
+        raise ValueError(f"{len(windows)} windows but {len(served)} served results")
+    nll = 0.0
+    tokens = 0
+    for window, result in zip(windows, served, strict=True):
+        if len(result.token_logprobs) != len(window) - 1:
+            raise ValueError("a served window does not match its token window (expected n-1 logprobs)")
+        nll -= sum(result.token_logprobs)
+        tokens += len(result.token_logprobs)
+    if tokens == 0:
+        raise ValueError("no tokens to score")
+    agreement = None
+    if reference_top1 is not None:
+        if len(reference_top1) != len(served):
+            raise ValueError(f"{len(reference_top1)} reference windows but {len(served)} served results")
+        same = 0
+        for ref, result in zip(reference_top1, served, strict=True):
+            if len(ref) != len(result.top1):
+                raise ValueError(
+                    f"reference top-1 has {len(ref)} positions, the served window {len(result.top1)}"
+                )
+            same += sum(int(a) == b for a, b in zip(ref, result.top1, strict=True))
+        agreement = same / tokens
+    first = served[0] if served else None
+    return ServedQuality(
+        perplexity=math.exp(nll / tokens),
+        top1_agreement=agreement,
+        tokens=tokens,
+        engine="vllm",
+        vllm_version=first.vllm_version if first else "",
+        dtype=first.dtype if first else "",
+    )
+
+
+def _error_text(response: httpx.Response) -> str:
+    """vLLM's error message from an OpenAI-style error body, on one line."""
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    return " ".join(str(message).split())[:400]

@@ -13,9 +13,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from advisor.errors import AdvisorError
+
 SHIPPED_TEXTS = {
     "wikitext2-test": "wikitext2-test.txt",
     "licenses": "licenses.txt",
+    "wikitext2-valid": "wikitext2-valid.txt",  # calibration text: never evaluate on it
 }
 CALIBRATION_TEXT = "wikitext2-valid.txt"
 
@@ -82,8 +85,14 @@ def read_text(name: str) -> tuple[str, str]:
     """A shipped text by name, or a user file; returns (label, content)."""
     if name in SHIPPED_TEXTS:
         return name, resources.files("advisor").joinpath("data", SHIPPED_TEXTS[name]).read_text(encoding="utf-8")
-    path = Path(name)
-    return path.name, path.read_text(encoding="utf-8")
+    path = Path(name).expanduser()
+    try:
+        return path.name, path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdvisorError(
+            f"cannot read text '{name}' ({exc.__class__.__name__})",
+            hint=f"use one of {', '.join(SHIPPED_TEXTS)} or a path to a UTF-8 text file",
+        ) from exc
 
 
 def make_windows(tokenizer, text: str, seq_len: int, windows: int) -> list[list[int]]:
@@ -101,7 +110,8 @@ def make_windows(tokenizer, text: str, seq_len: int, windows: int) -> list[list[
             break
         out.append(([bos] if bos is not None else []) + chunk)
     if not out:
-        raise ValueError(f"the text is shorter than one window of {seq_len} tokens")
+        raise AdvisorError(f"the text is shorter than one window of {seq_len} tokens",
+                           hint="use a longer text or a smaller --seq-len")
     return out
 
 

@@ -14,6 +14,7 @@ from advisor.errors import AdvisorError
 
 RECIPE_VERSION = 1
 METHODS = ("rtn",)
+SMOOTHING = ("none", "search")
 
 
 @dataclass
@@ -28,6 +29,11 @@ class Recipe:
     """How weights are rounded: `rtn` (round-to-nearest)."""
     group_size: int | None = None
     """Weights per scale for group-wise schemes; chosen per model so it divides every input dimension."""
+    smoothing: str = "none"
+    """Activation-outlier smoothing before quantization: `none`, or `search` (SmoothQuant with the migration
+    strength searched per layer group on calibration text)."""
+    calibration: dict | None = None
+    """Calibration text and amount, when a step needs it: {text, windows, seq_len}."""
     weight_range: list[int] | None = None
     """Integer code range of the weights when narrower than the type's (e.g. [-64, 63] for AVX2 int8 GEMMs)."""
     ignore: list[str] = field(default_factory=list)
@@ -51,6 +57,8 @@ class Recipe:
             raise AdvisorError(f"recipe version {data['version']} is newer than this hubc understands ({RECIPE_VERSION})",
                                hint="upgrade hubc")
         recipe = cls(**data)
+        if recipe.smoothing not in SMOOTHING:
+            raise AdvisorError(f"unknown smoothing '{recipe.smoothing}'", hint=f"known: {', '.join(SMOOTHING)}")
         if recipe.method not in METHODS:
             raise AdvisorError(f"unknown method '{recipe.method}'", hint=f"known methods: {', '.join(METHODS)}")
         return recipe

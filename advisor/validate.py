@@ -36,7 +36,8 @@ def check_group_size(structure: ModelStructure, group_size: int) -> None:
             )
 
 
-def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None) -> Recipe:
+def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
+         smoothing: str | None = None, calibration: dict | None = None) -> Recipe:
     """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix."""
     scheme = get_scheme(scheme_name or target.default_scheme)
     target.require_scheme(scheme.name)
@@ -53,8 +54,17 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
         lo, hi = target.int8_weight_range
         if (lo, hi) != (-128, 127):
             weight_range = [int(lo), int(hi)]
+    if smoothing is None:
+        # Per-token activation quantization is where W8A8/FP8 lose quality (outlier channels): smooth by default.
+        smoothing = "search" if scheme.input_activations is not None else "none"
+    if smoothing != "none" and scheme.input_activations is None:
+        raise ShapeError(f"smoothing only helps schemes that quantize activations; {scheme.name} does not",
+                         hint="drop --smoothing, or use w8a8-int8 / fp8")
     return Recipe(
         scheme=scheme.name,
+        smoothing=smoothing,
+        calibration=(calibration or {"text": "wikitext2-valid", "windows": 16, "seq_len": 512})
+        if smoothing != "none" else None,
         target=target.name,
         method="rtn",
         group_size=group_size if scheme.grouped else None,

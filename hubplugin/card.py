@@ -80,6 +80,10 @@ def card_context(result) -> dict:
         "size_ratio": f"{result.size_after / result.size_before:.0%}",
         "quantized_modules": result.quantized_modules,
         "method_text": {"rtn": "round-to-nearest"}.get(recipe.method, recipe.method)
+        + (f", activation outliers smoothed into the weights in {result.transforms.get('smoothed')} of "
+           f"{result.transforms.get('smoothing_groups')} layer groups (SmoothQuant, strength searched per group on "
+           f"{result.transforms.get('calibration_tokens')} calibration tokens of {recipe.calibration['text']})"
+           if recipe.smoothing != "none" else "")
         + (f", group size {recipe.group_size}" if recipe.group_size else "")
         + (f", int8 codes kept within [{recipe.weight_range[0]}, {recipe.weight_range[1]}] for this CPU's int8 kernels"
            if recipe.weight_range else ""),

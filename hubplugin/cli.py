@@ -89,6 +89,8 @@ def _target_dict(t) -> dict:
 @click.option("--target", "-t", required=True, help="hardware target from `hubc targets` (cpu, t4, a10g, l4, ...)")
 @click.option("--scheme", help="w8a8-int8, w4a16, w8a16 or fp8 (default: the target's default)")
 @click.option("--group-size", type=int, help="weights per scale for w4a16 (default: chosen per model)")
+@click.option("--smoothing", type=click.Choice(["search", "none"]),
+              help="activation-outlier smoothing before quantization (default: search for w8a8-int8 and fp8)")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder once the new one is complete")
 @click.option("--push", "push_repo", metavar="REPO_ID", help="push the variant to this Hub repo in one commit")
@@ -100,7 +102,7 @@ def _target_dict(t) -> dict:
 @click.option("--eval-windows", type=int, default=4, show_default=True, help="windows per text")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
-def optimize(model, target, scheme, group_size, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
+def optimize(model, target, scheme, group_size, smoothing, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
              eval_windows, seq_len, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
@@ -111,7 +113,7 @@ def optimize(model, target, scheme, group_size, out, overwrite, push_repo, priva
         from hubplugin.render import summary
 
         config = OptimizeConfig(
-            scheme=scheme, group_size=group_size, out=out, overwrite=overwrite, push=push_repo, private=private,
+            scheme=scheme, group_size=group_size, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
             serve=not no_serve, revision=revision,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
         )

@@ -32,6 +32,8 @@ class OptimizeConfig:
     """Checkpoint scheme (w8a8-int8, w4a16, w8a16, fp8); default: the target's default."""
     group_size: int | None = None
     """Group size for group-wise schemes; default: the largest of 128/64/32 dividing every input dimension."""
+    smoothing: str | None = None
+    """Activation-outlier smoothing: `search` or `none`; default: `search` for schemes that quantize activations."""
     out: Path | None = None
     """Output folder; default ./<model>-<scheme>-<target>."""
     overwrite: bool = False
@@ -71,6 +73,8 @@ class OptimizeResult:
     size_after: int
     quantized_modules: int
     quality: list[TextResult]
+    transforms: dict = field(default_factory=dict)
+    """What the pre-quantization transforms did (smoothing groups, chosen strengths, calibration tokens)."""
     latency: LatencyPair | None = None
     served: bool = False
     sample: dict | None = None
@@ -109,6 +113,10 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     target.require_scheme(scheme.name)
     if config.out is not None:
         _check_out(config.out, config.overwrite)
+    from advisor.evaluate import read_text
+
+    for name in config.eval.texts:
+        read_text(name)  # a missing evaluation file fails now, not after the model is compressed
     if config.push:
         from hubplugin import hub
 
@@ -125,7 +133,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     from advisor.validate import plan
 
     structure = inspect_structure(source.path)
-    recipe = plan(structure, target, scheme.name, config.group_size)
+    recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -175,20 +183,26 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     from advisor.model import load_model
     from hubplugin.source import copy_tokenizer_files
 
+    from advisor.compress import apply_transforms
+
     progress("loading the model")
     model = load_model(source.path)
-    progress(f"quantizing with {recipe.scheme} ({recipe.method})")
-    exported = quantize_and_export(model, structure, recipe, staging)
-    copy_tokenizer_files(source.path, staging)
-
-    progress("evaluating base and variant")
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     texts = []
     for name in config.eval.texts:
         label, text = ev.read_text(name)
         texts.append(ev.EvalText(label, ev.make_windows(tokenizer, text, config.eval.seq_len, config.eval.windows)))
+    progress("evaluating the base")
     base_lp = {t.name: ev.logits_of(model, t.windows, f"base on {t.name}") for t in texts}
+    if recipe.smoothing != "none":
+        progress(f"calibrating and smoothing activation outliers ({recipe.smoothing})")
+    transforms = apply_transforms(model, structure, recipe, tokenizer)
+    progress(f"quantizing with {recipe.scheme} ({recipe.method})")
+    exported = quantize_and_export(model, structure, recipe, staging)
+    copy_tokenizer_files(source.path, staging)
+
     del model
+    progress("evaluating the variant")
     variant = load_for_eval(staging)
     quality = []
     for t in texts:
@@ -216,6 +230,7 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
         size_after=exported.weight_bytes,
         quantized_modules=exported.quantized_modules,
         quality=quality,
+        transforms=asdict(transforms),
     )
     if not config.serve:
         result.not_served_reason = "serving was skipped (--no-serve)"

@@ -1,0 +1,74 @@
+"""Calibration: run text through the full-precision model and record what each linear layer sees.
+
+Per input channel absolute maxima (for outlier smoothing) and a fixed random sample of input rows (to score
+candidate transforms against the layer's real inputs) are kept per linear layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+
+@dataclass
+class CalibConfig:
+    """Which text calibrates, and how much of it."""
+
+    text: str = "wikitext2-valid"
+    """A shipped text name (wikitext2-valid) or a path to a UTF-8 file; never the evaluation text."""
+    windows: int = 16
+    seq_len: int = 512
+    sample_rows: int = 512
+    """Input rows kept per linear layer for scoring transforms."""
+
+
+@dataclass
+class LinearStats:
+    absmax: torch.Tensor
+    """Per input channel max |x| over every calibration token."""
+    sample: list[torch.Tensor] = field(default_factory=list)
+
+
+def calibration_windows(tokenizer, config: CalibConfig) -> list[list[int]]:
+    from advisor.evaluate import make_windows, read_text
+
+    _, text = read_text(config.text)
+    return make_windows(tokenizer, text, config.seq_len, config.windows)
+
+
+@torch.inference_mode()
+def collect(model, names: list[str], windows: list[list[int]], sample_rows: int, seed: int = 0) -> dict[str, LinearStats]:
+    """One forward pass per window with hooks on the named linear layers."""
+    modules = dict(model.named_modules())
+    stats: dict[str, LinearStats] = {}
+    per_window = max(1, sample_rows // max(1, len(windows)))
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            amax = x.abs().amax(0)
+            st = stats.get(name)
+            if st is None:
+                stats[name] = st = LinearStats(amax)
+            else:
+                torch.maximum(st.absmax, amax, out=st.absmax)
+            idx = torch.randint(0, x.shape[0], (min(per_window, x.shape[0]),), generator=gen)
+            st.sample.append(x[idx].clone())
+
+        return fn
+
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(hook(name)))
+    try:
+        for w in tqdm(windows, desc="calibrating", unit="window", leave=False):
+            model(torch.tensor([w]))
+    finally:
+        for h in handles:
+            h.remove()
+    for st in stats.values():
+        st.sample = [torch.cat(st.sample)]
+    return stats

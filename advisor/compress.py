@@ -1,0 +1,69 @@
+"""Apply a recipe's transforms to a full-precision model in place, before its weights are quantized and exported.
+
+Every transform here must leave the full-precision function unchanged (smoothing only moves scale between
+operations); that is checked on calibration tokens, and a model whose outputs moved is refused rather than shipped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from advisor.errors import AdvisorError
+from advisor.model import ModelStructure
+from advisor.recipe import Recipe
+
+# Largest allowed change of full-precision logits, relative to their scale, after folding the smoothing factors.
+EQUIVALENCE_TOL = 1e-3
+
+
+@dataclass
+class CompressReport:
+    """What the transforms did, for report.json and the card."""
+
+    smoothing_groups: int = 0
+    smoothed: int = 0
+    alphas: dict = field(default_factory=dict)
+    """Chosen migration strength → number of groups (`none`: left as is)."""
+    error_reduction: float | None = None
+    """Mean relative output error of the smoothed groups after / before smoothing (lower is better)."""
+    calibration_tokens: int = 0
+
+
+def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer) -> CompressReport:
+    report = CompressReport()
+    if recipe.smoothing == "none":
+        return report
+    from advisor.calibrate import CalibConfig, calibration_windows, collect
+    from advisor.export import scheme_of
+    from advisor.quantize import smooth
+
+    cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
+    windows = calibration_windows(tokenizer, cal)
+    report.calibration_tokens = sum(len(w) for w in windows)
+    names = [li.name for li in structure.linears]
+    probe = torch.tensor([windows[0][: min(128, len(windows[0]))]])
+    with torch.inference_mode():
+        before = model(probe).logits.float()
+    stats = collect(model, names, windows, cal.sample_rows)
+    groups = smooth.find_groups(model, names, windows[0][:64])
+    weight_range = tuple(recipe.weight_range) if recipe.weight_range else None
+    choices = smooth.search_and_apply(model, groups, stats, scheme_of(recipe), weight_range)
+    with torch.inference_mode():
+        after = model(probe).logits.float()
+    drift = ((after - before).abs().max() / before.abs().max().clamp_min(1e-6)).item()
+    if drift > EQUIVALENCE_TOL:
+        raise AdvisorError(
+            f"smoothing changed the full-precision model's outputs (relative drift {drift:.2e}); this architecture "
+            "feeds a norm's output to more than linear layers",
+            hint="run with --smoothing none",
+        )
+    report.smoothing_groups = len(choices)
+    report.smoothed = sum(c.alpha is not None for c in choices)
+    report.alphas = dict(sorted(Counter("none" if c.alpha is None else f"{c.alpha:.1f}" for c in choices).items()))
+    done = [c for c in choices if c.alpha is not None and c.error_before > 0]
+    if done:
+        report.error_reduction = sum(c.error_after / c.error_before for c in done) / len(done)
+    return report

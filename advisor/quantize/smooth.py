@@ -1,0 +1,183 @@
+"""Activation-outlier smoothing for W8A8 (SmoothQuant, Xiao et al. 2023), with the migration strength searched per
+layer group against the layer's real calibration inputs instead of one global alpha.
+
+Dividing a channel of the activations by s and multiplying the matching weight column by s leaves the
+full-precision output unchanged but moves range from activations (quantized per token, where one outlier channel
+ruins every other channel's resolution) to weights (quantized per output channel, which absorb it cheaply). The
+division is folded into the op that produces the activations: a norm's weight, `up_proj`'s rows (for `down_proj`),
+or `v_proj`'s rows (for `o_proj`). Groups are found by tracing which linears read which norm's output, so no module
+names are assumed beyond the common `up_proj/down_proj` and `v_proj/o_proj` pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from advisor.calibrate import LinearStats
+from advisor.quantize.rtn import fake_quantize_activations, quantize_weight
+from advisor.schemes import Scheme
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+@dataclass
+class SmoothGroup:
+    """Linears that read the same activations, and the op whose output those activations are."""
+
+    producer: str
+    kind: str
+    """`norm` (a norm's output), `rows` (a linear's output rows, elementwise into the consumer), `heads` (v → o)."""
+    consumers: list[str]
+    repeat: int = 1
+    """For `heads`: query heads per KV head (the consumer's channel c reads producer channel c mapped through GQA)."""
+    head_dim: int = 0
+
+
+@dataclass
+class SmoothChoice:
+    group: SmoothGroup
+    alpha: float | None
+    """None: smoothing did not reduce the error, the group is left as is."""
+    error_before: float
+    error_after: float
+
+
+def _norm_form(norm) -> str | None:
+    """`mul` when output ∝ weight, `offset` when output ∝ (1 + weight) (Gemma), None if neither (left alone)."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.nn.Parameter) or w.dim() != 1:
+        return None
+    x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = norm(x)
+        saved = w.detach().clone()
+        try:
+            w.mul_(2.0)
+            if torch.allclose(norm(x), 2 * ref, rtol=1e-4, atol=1e-5):
+                return "mul"
+            w.copy_((1 + saved) * 2 - 1)
+            if torch.allclose(norm(x), 2 * ref, rtol=1e-4, atol=1e-5):
+                return "offset"
+        finally:
+            w.copy_(saved)
+    return None
+
+
+@torch.inference_mode()
+def find_groups(model, linear_names: list[str], probe_ids: list[int]) -> list[SmoothGroup]:
+    """Trace one short forward pass: a linear whose input *is* a norm's output tensor consumes that norm."""
+    modules = dict(model.named_modules())
+    wanted = set(linear_names)
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    consumers: dict[str, list[str]] = {}
+    handles = []
+    for name, m in modules.items():
+        if name in wanted or not hasattr(m, "weight") or "norm" not in type(m).__name__.lower():
+            continue
+        handles.append(m.register_forward_hook(
+            lambda mod, args, out, name=name: produced.__setitem__(id(out), (name, out)) if torch.is_tensor(out) else None))
+    for name in linear_names:
+        def pre(mod, args, name=name):
+            hit = produced.get(id(args[0]))
+            if hit is not None:
+                consumers.setdefault(hit[0], []).append(name)
+        handles.append(modules[name].register_forward_pre_hook(pre))
+    try:
+        model(torch.tensor([probe_ids]))
+    finally:
+        for h in handles:
+            h.remove()
+
+    groups = [SmoothGroup(norm, "norm", names) for norm, names in consumers.items() if _norm_form(modules[norm])]
+    for name, m in modules.items():
+        children = dict(m.named_children())
+        if {"up_proj", "down_proj"} <= set(children) and f"{name}.down_proj" in wanted:
+            up, down = children["up_proj"], children["down_proj"]
+            if isinstance(up, torch.nn.Linear) and up.out_features == down.in_features:
+                groups.append(SmoothGroup(f"{name}.up_proj", "rows", [f"{name}.down_proj"]))
+        if {"v_proj", "o_proj"} <= set(children) and f"{name}.o_proj" in wanted:
+            v, o = children["v_proj"], children["o_proj"]
+            head_dim = getattr(m, "head_dim", None)
+            if isinstance(v, torch.nn.Linear) and head_dim and o.in_features % v.out_features == 0:
+                groups.append(SmoothGroup(f"{name}.v_proj", "heads", [f"{name}.o_proj"],
+                                          repeat=o.in_features // v.out_features, head_dim=head_dim))
+    return groups
+
+
+def _expand(s_producer: torch.Tensor, group: SmoothGroup) -> torch.Tensor:
+    """Map per-producer-channel factors to the consumer's input channels (GQA: KV head g feeds `repeat` heads)."""
+    if group.kind != "heads":
+        return s_producer
+    kv = s_producer.view(-1, group.head_dim)  # [kv_heads, head_dim]
+    return kv.repeat_interleave(group.repeat, dim=0).reshape(-1)
+
+
+def _producer_absmax(x_absmax: torch.Tensor, group: SmoothGroup) -> torch.Tensor:
+    if group.kind != "heads":
+        return x_absmax
+    heads = x_absmax.view(-1, group.repeat, group.head_dim)  # consumer channels grouped by the KV head they read
+    return heads.amax(1).reshape(-1)
+
+
+def _error(xs: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor | None,
+           scheme: Scheme, weight_range) -> float:
+    """Relative squared error of the quantized outputs against the full-precision ones, summed over consumers."""
+    err = 0.0
+    for w, ref in zip(weights, refs):
+        xq, wq = (xs, w) if s is None else (xs / s, w * s)
+        if scheme.input_activations is not None:
+            xq = fake_quantize_activations(xq, scheme.input_activations)
+        out = xq @ quantize_weight(wq, scheme.weights, weight_range).dequantize().T
+        err += ((out - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)).item()
+    return err
+
+
+@torch.inference_mode()
+def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearStats], scheme: Scheme,
+                     weight_range: tuple[int, int] | None) -> list[SmoothChoice]:
+    """For each group pick the alpha (or none) that minimises the quantized output error, then fold it in."""
+    modules = dict(model.named_modules())
+    choices = []
+    from tqdm import tqdm
+
+    for g in tqdm(groups, desc="smoothing activation outliers", unit="group", leave=False):
+        first = g.consumers[0]
+        x_absmax = stats[first].absmax
+        xs = stats[first].sample[0]
+        weights = [modules[c].weight.detach().float() for c in g.consumers]
+        w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+        p_x = _producer_absmax(x_absmax, g).clamp_min(1e-5)
+        p_w = _producer_absmax(w_absmax, g).clamp_min(1e-5)
+        refs = [xs @ w.T for w in weights]
+        base = _error(xs, weights, refs, None, scheme, weight_range)
+        best_alpha, best_err, best_s = None, base, None
+        for alpha in ALPHAS:
+            s = (p_x.pow(alpha) / p_w.pow(1 - alpha)).clamp(1e-4, 1e4)
+            err = _error(xs, weights, refs, _expand(s, g), scheme, weight_range)
+            if err < best_err:
+                best_alpha, best_err, best_s = alpha, err, s
+        if best_s is not None:
+            _fold(modules, g, best_s)
+        choices.append(SmoothChoice(g, best_alpha, base, best_err))
+    return choices
+
+
+def _fold(modules: dict, g: SmoothGroup, s: torch.Tensor) -> None:
+    producer = modules[g.producer]
+    if g.kind == "norm":
+        w = producer.weight.data
+        if _norm_form(producer) == "offset":
+            w.copy_((1 + w) / s.to(w.dtype) - 1)
+        else:
+            w.div_(s.to(w.dtype))
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.data.div_(s.to(producer.bias.dtype))
+    else:  # rows / heads: the producer's output channel c is divided by s[c]
+        producer.weight.data.div_(s.to(producer.weight.dtype)[:, None])
+        if producer.bias is not None:
+            producer.bias.data.div_(s.to(producer.bias.dtype))
+    s_in = _expand(s, g)
+    for c in g.consumers:
+        modules[c].weight.data.mul_(s_in.to(modules[c].weight.dtype)[None, :])

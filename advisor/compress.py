@@ -32,6 +32,24 @@ class CompressReport:
     calibration_tokens: int = 0
 
 
+def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, tokenizer):
+    """Weights quantized by a calibrated method (GPTQ), or None when the recipe rounds to nearest at export."""
+    if recipe.method == "rtn":
+        return None
+    from advisor.calibrate import CalibConfig, calibration_windows
+    from advisor.export import scheme_of
+    from advisor.quantize.gptq import gptq_quantize
+    from advisor.quantize.sequential import quantize_sequential
+
+    cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
+    windows = calibration_windows(tokenizer, cal)
+    args = scheme_of(recipe).weights
+    weight_range = tuple(recipe.weight_range) if recipe.weight_range else None
+    return quantize_sequential(
+        model, structure, windows, lambda name, w, h: gptq_quantize(w, h, args, weight_range)
+    )
+
+
 def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer) -> CompressReport:
     report = CompressReport()
     if recipe.smoothing == "none":

@@ -70,9 +70,12 @@ def _compressed_tensors(qw: QuantizedWeight, scheme: Scheme) -> dict[str, torch.
     return out
 
 
-def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: Path) -> ExportResult:
+def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: Path,
+                        quantized: dict[str, QuantizedWeight] | None = None) -> ExportResult:
     """Quantize every linear of `structure` under `recipe` and write a compressed-tensors checkpoint to `out`
-    (which must exist and be empty; the caller moves it into place once everything else is written)."""
+    (which must exist and be empty; the caller moves it into place once everything else is written).
+
+    `quantized` holds weights a calibrated method already quantized; the others are rounded to nearest here."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -85,8 +88,9 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
         # Tied heads share the embedding tensor; the checkpoint stores it once, as transformers does.
         state = {k: v for k, v in state.items() if not (k.startswith(_prefix_of(modules, head)) and k.endswith("weight"))}
     for info in tqdm(structure.linears, desc=f"quantizing ({recipe.scheme}, {recipe.method})", unit="layer"):
-        weight = modules[info.name].weight
-        qw = quantize_weight(weight, scheme.weights, weight_range)
+        qw = (quantized or {}).get(info.name)
+        if qw is None:
+            qw = quantize_weight(modules[info.name].weight, scheme.weights, weight_range)
         del state[f"{info.name}.weight"]
         for suffix, tensor in _compressed_tensors(qw, scheme).items():
             state[f"{info.name}.{suffix}"] = tensor

@@ -13,7 +13,7 @@ import yaml
 from advisor.errors import AdvisorError
 
 RECIPE_VERSION = 1
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 SMOOTHING = ("none", "search")
 
 
@@ -26,7 +26,8 @@ class Recipe:
     target: str
     """Target name from the catalog the recipe was made for."""
     method: str = "rtn"
-    """How weights are rounded: `rtn` (round-to-nearest)."""
+    """How weights are rounded: `rtn` (round-to-nearest) or `gptq` (Hessian-based error compensation, layer by
+    layer on calibration text, with activation order, dampening and clipping search)."""
     group_size: int | None = None
     """Weights per scale for group-wise schemes; chosen per model so it divides every input dimension."""
     smoothing: str = "none"

@@ -101,6 +101,8 @@ class SchemeSupport:
     """What that means in practice (e.g. weight-only, shape constraints)."""
     source: str
     """Where this comes from (vLLM source path, notes, measurement)."""
+    serve_dtype: str | None = None
+    """Activation dtype the kernel needs when it differs from the target's (e.g. bf16 for CPU int4 GEMMs)."""
 
 
 @dataclass(frozen=True)
@@ -462,14 +464,23 @@ def _parse_schemes(raw: Any, at: str) -> dict[str, SchemeSupport]:
     for scheme, entry in raw.items():
         if scheme not in KNOWN_SCHEMES:
             raise CatalogError(f"{at}: unknown scheme id {scheme!r}", hint=_known_hint())
-        e = _mapping(entry, f"{at}.{scheme}", required=_SCHEME_KEYS, allowed=_SCHEME_KEYS)
+        e = _mapping(entry, f"{at}.{scheme}", required=_SCHEME_KEYS, allowed=_SCHEME_KEYS | {"serve_dtype"})
         out[scheme] = SchemeSupport(
             name=scheme,
             kernel=_string(e["kernel"], f"{at}.{scheme}.kernel"),
             note=_string(e["note"], f"{at}.{scheme}.note"),
             source=_string(e["source"], f"{at}.{scheme}.source"),
+            serve_dtype=_serve_dtype(e.get("serve_dtype"), f"{at}.{scheme}.serve_dtype"),
         )
     return out
+
+
+def _serve_dtype(value: Any, at: str) -> str | None:
+    if value is None:
+        return None
+    if value not in SERVE_DTYPES:
+        raise CatalogError(f"{at}: {value!r} is not one of {', '.join(SERVE_DTYPES)}")
+    return value
 
 
 def _parse_peaks(raw: Any, at: str) -> dict[str, float]:

@@ -37,7 +37,7 @@ def check_group_size(structure: ModelStructure, group_size: int) -> None:
 
 
 def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
-         smoothing: str | None = None, calibration: dict | None = None) -> Recipe:
+         smoothing: str | None = None, calibration: dict | None = None, method: str = "rtn") -> Recipe:
     """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix."""
     scheme = get_scheme(scheme_name or target.default_scheme)
     target.require_scheme(scheme.name)
@@ -54,6 +54,12 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
         lo, hi = target.int8_weight_range
         if (lo, hi) != (-128, 127):
             weight_range = [int(lo), int(hi)]
+    from advisor.recipe import METHODS
+
+    if method not in METHODS:
+        raise ShapeError(f"unknown method '{method}'", hint=f"use one of {', '.join(METHODS)}")
+    if method == "gptq" and scheme.weights.type != "int":
+        raise ShapeError(f"GPTQ rounds integer weights; {scheme.name} stores FP8", hint="use --method rtn for fp8")
     if smoothing is None:
         # Per-token activation quantization is where W8A8/FP8 lose quality (outlier channels): smooth by default.
         smoothing = "search" if scheme.input_activations is not None else "none"
@@ -63,10 +69,11 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
     return Recipe(
         scheme=scheme.name,
         smoothing=smoothing,
-        calibration=(calibration or {"text": "wikitext2-valid", "windows": 16, "seq_len": 512})
-        if smoothing != "none" else None,
+        calibration=(calibration or {"text": "wikitext2-valid", "windows": 16 if method == "rtn" else 32,
+                                     "seq_len": 512})
+        if smoothing != "none" or method != "rtn" else None,
         target=target.name,
-        method="rtn",
+        method=method,
         group_size=group_size if scheme.grouped else None,
         weight_range=weight_range,
         ignore=list(structure.skipped),

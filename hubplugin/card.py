@@ -12,7 +12,7 @@ from hubplugin.errors import HubcError
 TEMPLATE = "variant.md.j2"
 # Strings that must never reach the Hub in a rendered card.
 _SAMPLE_SLOT = "\x00sample\x00"
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{%|%\}|\bNone\b|\bnan\b|\bTODO\b|\bTBD\b|<fill", re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{%|%\}|\bNone\b|\bnan\b|\bNaN\b|\binf\b|\bTODO\b|\bTBD\b|<fill")
 
 
 def _size(n: int) -> str:
@@ -79,7 +79,8 @@ def card_context(result) -> dict:
         "size_after": _size(result.size_after),
         "size_ratio": f"{result.size_after / result.size_before:.0%}",
         "quantized_modules": result.quantized_modules,
-        "method_text": {"rtn": "round-to-nearest"}.get(recipe.method, recipe.method)
+        "method_text": {"rtn": "round-to-nearest", "gptq": "GPTQ (layer by layer, activation order, clipping search)"}.get(
+            recipe.method, recipe.method)
         + (f", activation outliers smoothed into the weights in {result.transforms.get('smoothed')} of "
            f"{result.transforms.get('smoothing_groups')} layer groups (SmoothQuant, strength searched per group on "
            f"{result.transforms.get('calibration_tokens')} calibration tokens of {recipe.calibration['text']})"
@@ -157,9 +158,9 @@ def _serve_command(name: str, result) -> str:
     if result.target == "cpu":
         return (
             "VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api_server \\\n"
-            f"  --model {name} --dtype float32 --max-model-len 2048 --enforce-eager"
+            f"  --model {name} --dtype {result.serve_dtype} --max-model-len 2048 --enforce-eager"
         )
-    return f"vllm serve {name} --max-model-len 4096"
+    return f"vllm serve {name} --dtype {result.serve_dtype} --max-model-len 4096"
 
 
 def _kernel_note(result) -> str:

@@ -89,6 +89,8 @@ def _target_dict(t) -> dict:
 @click.option("--target", "-t", required=True, help="hardware target from `hubc targets` (cpu, t4, a10g, l4, ...)")
 @click.option("--scheme", help="w8a8-int8, w4a16, w8a16 or fp8 (default: the target's default)")
 @click.option("--group-size", type=int, help="weights per scale for w4a16 (default: chosen per model)")
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
+              help="weight rounding: round-to-nearest, or GPTQ calibrated layer by layer on wikitext-2 valid")
 @click.option("--smoothing", type=click.Choice(["search", "none"]),
               help="activation-outlier smoothing before quantization (default: search for w8a8-int8 and fp8)")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
@@ -102,7 +104,7 @@ def _target_dict(t) -> dict:
 @click.option("--eval-windows", type=int, default=4, show_default=True, help="windows per text")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
-def optimize(model, target, scheme, group_size, smoothing, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
+def optimize(model, target, scheme, group_size, method, smoothing, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
              eval_windows, seq_len, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
@@ -113,7 +115,7 @@ def optimize(model, target, scheme, group_size, smoothing, out, overwrite, push_
         from hubplugin.render import summary
 
         config = OptimizeConfig(
-            scheme=scheme, group_size=group_size, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
+            scheme=scheme, group_size=group_size, method=method, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
             serve=not no_serve, revision=revision,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
         )
@@ -142,6 +144,211 @@ def push(folder, repo_id, private, message) -> None:
         click.echo(result.url)
 
     _run(body)
+
+
+# -- serving benchmarks and picking (serving.bench, serving.pick) ----------------------------------------------
+
+
+def _checkpoints(refs, revision=None) -> list:
+    """Each reference (local folder, Hub repo id, .gguf file or `demo`) as a local checkpoint with its provenance;
+    repo ids are pulled through the Hub client (hubplugin.source -> hubplugin.hub.download)."""
+    from hubplugin.source import resolve
+    from serving.store import describe
+
+    out = []
+    for ref in refs:
+        source = resolve(ref, revision=revision)
+        out.append(describe(source.path, model_id=source.hub_id, revision=source.revision))
+    return out
+
+
+def _bench_config(traffic, num_prompts, min_rounds, max_rounds, max_spread, dtype, layout, log_dir):
+    from serving.bench import BenchConfig, Traffic
+
+    try:
+        parsed = Traffic.parse(traffic)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--traffic") from None
+    return BenchConfig(traffic=parsed, num_prompts=num_prompts, min_rounds=min_rounds, max_rounds=max_rounds,
+                       max_spread=max_spread, dtype=dtype, layout=layout, log_dir=log_dir)
+
+
+def _bench_options(fn):
+    """The measurement options `hubc bench` and `hubc pick` share."""
+    options = [
+        click.option("--base", help="base model to measure with them (folder, Hub repo id or `demo`)"),
+        click.option("--traffic", default="in=512,out=128,concurrency=8", show_default=True,
+                     help="random prompts of `in` tokens, `out` generated tokens, `concurrency` requests in flight"),
+        click.option("--num-prompts", type=int, help="requests per benchmark run (default max(4 x concurrency, 8))"),
+        click.option("--min-rounds", type=int, default=2, show_default=True, help="interleaved rounds always run"),
+        click.option("--max-rounds", type=int, default=5, show_default=True,
+                     help="rounds at most, added while the TPOT spread is above --max-spread"),
+        click.option("--max-spread", type=float, default=0.05, show_default=True,
+                     help="target relative range of TPOT p50 across rounds"),
+        click.option("--dtype", default="bfloat16", show_default=True,
+                     type=click.Choice(["bfloat16", "float16", "float32", "auto"]),
+                     help="dtype every checkpoint is served in (W4A16 on CPU needs 16-bit activations)"),
+        click.option("--layout", default="frozen", show_default=True, type=click.Choice(["frozen", "one-at-a-time"]),
+                     help="frozen: all servers start once, all but the measured one SIGSTOPped; one-at-a-time: "
+                          "each server runs only for its turn"),
+        click.option("--store", "store_path", type=click.Path(path_type=Path),
+                     help="results store (default $HUBC_CACHE/results.sqlite or ~/.cache/hubc/results.sqlite)"),
+        click.option("--log-dir", type=click.Path(path_type=Path), help="keep server and benchmark logs here"),
+        click.option("--revision", help="Hub revision for repo ids (branch, tag or commit)"),
+        click.option("--format", "fmt", type=FORMATS, default="human", help="human table or JSON on stdout"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, required=True)
+@_bench_options
+def bench(checkpoints, base, traffic, num_prompts, min_rounds, max_rounds, max_spread, dtype, layout, store_path,
+          log_dir, revision, fmt) -> None:
+    """Measure TTFT, TPOT, ITL (p50/p95), throughput and peak memory of CHECKPOINTS (and --base) with vLLM's own
+    `vllm bench serve`, interleaved in one run, and store the numbers."""
+
+    def body():
+        from serving.bench import bench as run
+        from serving.store import ResultsStore
+
+        config = _bench_config(traffic, num_prompts, min_rounds, max_rounds, max_spread, dtype, layout, log_dir)
+        infos = _checkpoints(checkpoints, revision)
+        base_info = _checkpoints([base], revision)[0] if base else None
+        store = ResultsStore(store_path)
+        report = run(infos, config, base=base_info, store=store,
+                     progress=lambda s: click.echo(f"» {s}", err=True))
+        if fmt == "json":
+            click.echo(json.dumps({**report.to_dict(), "store": str(store.path)}, indent=2, default=str))
+        else:
+            _render_bench(report, store.path)
+
+    _run(body)
+
+
+def _percent(ctx, param, value):
+    """`5`, `5%` and `+5%` all mean a 5% increase."""
+    if value is None:
+        return None
+    try:
+        return float(str(value).strip().rstrip("%")) / 100
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a percentage (e.g. 5 or 5%)") from None
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--max-tpot-ms", type=float, required=True, help="largest acceptable time per output token (ms)")
+@click.option("--max-ppl-increase", callback=_percent, required=True,
+              help="largest acceptable served-perplexity increase over the base, in percent (5 or 5%)")
+@click.option("--tpot-percentile", type=click.Choice(["50", "95"]), default="50", show_default=True,
+              help="the TPOT percentile the SLO is on")
+@click.option("--eval-text", default="wikitext2-test", show_default=True,
+              help="text for served perplexity: wikitext2-test, licenses or a file path")
+@click.option("--eval-windows", type=int, default=2, show_default=True, help="windows of that text")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per window")
+@click.option("--plot", type=click.Path(path_type=Path), default=Path("hubc-pick-pareto.png"), show_default=True,
+              help="where to write the Pareto plot (PNG)")
+@click.option("--remeasure", is_flag=True, help="measure again even what the store already holds")
+@_bench_options
+def pick(checkpoints, max_tpot_ms, max_ppl_increase, tpot_percentile, eval_text, eval_windows, seq_len, plot,
+         remeasure, base, traffic, num_prompts, min_rounds, max_rounds, max_spread, dtype, layout, store_path,
+         log_dir, revision, fmt) -> None:
+    """Rank CHECKPOINTS (folders or Hub repo ids) and the base by TPOT at the traffic profile and by served
+    perplexity, and name the best that meets both SLOs; measures whatever the results store lacks."""
+
+    def body():
+        from serving.pick import SLO, PickConfig, PickError, QualityConfig, base_ref
+        from serving.pick import pick as run
+        from serving.store import ResultsStore
+
+        config = PickConfig(
+            slo=SLO(max_tpot_ms=max_tpot_ms, max_ppl_increase=max_ppl_increase,
+                    tpot_percentile=int(tpot_percentile)),
+            bench=_bench_config(traffic, num_prompts, min_rounds, max_rounds, max_spread, dtype, layout, log_dir),
+            quality=QualityConfig(text=eval_text, seq_len=seq_len, windows=eval_windows),
+            remeasure=remeasure,
+            plot=plot,
+        )
+        infos = _checkpoints(checkpoints, revision)
+        base_model = base or base_ref(infos)
+        if base_model is None:
+            raise PickError("no base model to compare perplexity with: none of the checkpoints has hubc's "
+                            "report.json", hint="name it with --base MODEL")
+        store = ResultsStore(store_path)
+        result = run(infos, _checkpoints([base_model])[0], config, store=store,
+                     progress=lambda s: click.echo(f"» {s}", err=True))
+        if fmt == "json":
+            click.echo(json.dumps({**result.to_dict(), "store": str(store.path)}, indent=2, default=str))
+        else:
+            _render_pick(result, store.path)
+        if result.choice is None:
+            sys.exit(1)
+
+    _run(body)
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)  # piped: one line per row
+
+
+def _render_bench(report, store_path) -> None:
+    from rich.table import Table
+
+    base = report.base
+    table = Table(title=f"vllm bench serve, {report.traffic}: median of {report.rounds} interleaved rounds")
+    for col in ("checkpoint", "TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p50", "ITL p95", "tok/s",
+                "peak mem", "TPOT vs base", "TPOT spread"):
+        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for r in report.results:
+        s = r.summary
+        vs = "" if base is None or r is base else f"{s['tpot_ms_p50'] / base.summary['tpot_ms_p50'] - 1:+.0%}"
+        table.add_row(
+            r.checkpoint.label + (" (base)" if r.role == "base" else ""),
+            *(f"{s[k]:.1f} ms" for k in ("ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50", "tpot_ms_p95",
+                                         "itl_ms_p50", "itl_ms_p95")),
+            f"{s['output_throughput_tok_s']:.1f}", f"{s['peak_memory_mib'] / 1024:.2f} GiB", vs,
+            f"{r.spread:.1%}",
+        )
+    console = _console()
+    console.print(table)
+    server, bench_settings = report.settings["server"], report.settings["benchmark"]
+    console.print(f"vLLM {report.vllm_version} on {report.hardware}; {server['dtype']}, eager, prefix caching off, "
+                  f"{bench_settings['num_prompts']} prompts per run ({bench_settings['warmups']} warm-up), "
+                  f"layout {bench_settings['layout']}; stored in {store_path}", highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+def _render_pick(result, store_path) -> None:
+    from rich.table import Table
+
+    pct = result.slo.tpot_percentile
+    table = Table(title=f"hubc pick: {result.traffic}, served perplexity on {result.quality_text}")
+    for col in ("rank", "checkpoint", f"TPOT p{pct}", "TTFT p50", "tok/s", "perplexity", "vs base", "size",
+                "meets SLO", "Pareto", "measured"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "measured") else "right")
+    for c in result.candidates:
+        table.add_row(
+            str(c.rank or "—"), c.label + (" (base)" if c.role == "base" else ""), f"{c.tpot(pct):.1f} ms",
+            f"{c.ttft_ms_p50:.1f} ms", f"{c.throughput_tok_s:.1f}",
+            f"{c.perplexity:.3f}" if c.perplexity is not None else "—",
+            f"{c.ppl_increase:+.2%}" if c.ppl_increase is not None else "—",
+            f"{c.checkpoint.size_bytes / 1e6:.0f} MB", "yes" if c.meets_slo else "no", "yes" if c.pareto else "",
+            ", ".join(c.measured_now) + " now" if c.measured_now else "stored",
+        )
+    console = _console()
+    console.print(table)
+    console.print(f"vLLM {result.vllm_version} on {result.hardware}, {result.dtype}; results store {store_path}",
+                  highlight=False)
+    if result.plot is not None:
+        console.print(f"Pareto plot: {result.plot}", highlight=False)
+    console.print(("best: " if result.choice else "no choice: ") + result.reason, highlight=False)
 
 
 if __name__ == "__main__":

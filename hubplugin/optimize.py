@@ -32,6 +32,8 @@ class OptimizeConfig:
     """Checkpoint scheme (w8a8-int8, w4a16, w8a16, fp8); default: the target's default."""
     group_size: int | None = None
     """Group size for group-wise schemes; default: the largest of 128/64/32 dividing every input dimension."""
+    method: str = "rtn"
+    """How weights are rounded: `rtn` or `gptq` (calibrated on wikitext-2 valid, layer by layer)."""
     smoothing: str | None = None
     """Activation-outlier smoothing: `search` or `none`; default: `search` for schemes that quantize activations."""
     out: Path | None = None
@@ -67,6 +69,8 @@ class OptimizeResult:
     source: ModelSource
     target: str
     target_description: str
+    serve_dtype: str
+    """The activation dtype vLLM serves this checkpoint in on the target."""
     recipe: Recipe
     out: Path
     size_before: int
@@ -133,7 +137,8 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     from advisor.validate import plan
 
     structure = inspect_structure(source.path)
-    recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing)
+    recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing,
+                  method=config.method)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -183,7 +188,7 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     from advisor.model import load_model
     from hubplugin.source import copy_tokenizer_files
 
-    from advisor.compress import apply_transforms
+    from advisor.compress import apply_transforms, calibrated_quantization
 
     progress("loading the model")
     model = load_model(source.path)
@@ -198,7 +203,8 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
         progress(f"calibrating and smoothing activation outliers ({recipe.smoothing})")
     transforms = apply_transforms(model, structure, recipe, tokenizer)
     progress(f"quantizing with {recipe.scheme} ({recipe.method})")
-    exported = quantize_and_export(model, structure, recipe, staging)
+    quantized = calibrated_quantization(model, structure, recipe, tokenizer)
+    exported = quantize_and_export(model, structure, recipe, staging, quantized)
     copy_tokenizer_files(source.path, staging)
 
     del model
@@ -224,6 +230,7 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
         source=source,
         target=target.name,
         target_description=target.description,
+        serve_dtype=target.schemes[recipe.scheme].serve_dtype or target.serve_dtype,
         recipe=recipe,
         out=out,
         size_before=_weights_size(source.path),
@@ -253,7 +260,8 @@ def _serve_and_measure(result, source, staging, texts, base_top1, target, config
     from serving.server import ServerConfig, VllmServer
 
     max_len = max(config.eval.seq_len, config.latency_prompt_tokens + config.latency_output_tokens) + 16
-    server_config = ServerConfig(dtype=target.serve_dtype, max_model_len=max_len)
+    support = target.schemes[result.recipe.scheme]
+    server_config = ServerConfig(dtype=support.serve_dtype or target.serve_dtype, max_model_len=max_len)
     latency_config = LatencyConfig(
         prompt_tokens=config.latency_prompt_tokens,
         output_tokens=config.latency_output_tokens,

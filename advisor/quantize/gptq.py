@@ -47,7 +47,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, weigh
     if args.type != "int" or not args.symmetric:
         raise ValueError("GPTQ here quantizes symmetric integer weights")
     w = w.detach().float().clone()
-    out, k = w.shape
+    k = w.shape[1]
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0

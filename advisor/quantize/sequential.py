@@ -8,7 +8,7 @@ architecture-specific keywords need no per-architecture code.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -77,9 +77,9 @@ def quantize_sequential(
         hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in names.items()}
         counts = dict.fromkeys(names, 0)
 
-        def accumulate(name):
-            def hook(module, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
+        def accumulate(name, hessians=hessians, counts=counts):
+            def hook(module, hook_args):
+                x = hook_args[0].reshape(-1, hook_args[0].shape[-1]).float()
                 hessians[name].addmm_(x.T, x)
                 counts[name] += x.shape[0]
             return hook

@@ -12,11 +12,17 @@ from advisor.schemes import get_scheme
 
 
 def _model(kind: str):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=512, head_dim=32)
+    common = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "vocab_size": 512, "head_dim": 32}
     cls, cfg = {
         "llama": (LlamaForCausalLM, LlamaConfig),
         "qwen3": (Qwen3ForCausalLM, Qwen3Config),  # q/k norms inside attention
@@ -26,7 +32,7 @@ def _model(kind: str):
     model = cls(cfg(**common)).eval()
     with torch.no_grad():  # give a few input channels outliers, as trained LLMs have
         for name, p in model.named_parameters():
-            if name.endswith("input_layernorm.weight") or name.endswith("post_attention_layernorm.weight"):
+            if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
                 p[:3] += 20.0
     return model
 

@@ -322,7 +322,8 @@ def _render_bench(report, store_path) -> None:
     server, bench_settings = report.settings["server"], report.settings["benchmark"]
     console.print(f"vLLM {report.vllm_version} on {report.hardware}; {server['dtype']}, eager, prefix caching off, "
                   f"{bench_settings['num_prompts']} prompts per run ({bench_settings['warmups']} warm-up), "
-                  f"layout {bench_settings['layout']}; stored in {store_path}", highlight=False)
+                  f"layout {bench_settings['layout']}; stored in {store_path}; logs in {report.log_dir}",
+                  highlight=False)
     for note in report.notes:
         console.print(f"note: {note}", highlight=False)
 

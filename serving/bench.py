@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import statistics
-import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ from serving._bench_procs import (
     signals_raise,
 )
 from serving.server import ServerConfig, VllmServer, cpu_list
-from serving.store import LATENCY, CheckpointInfo, Measurement, ResultsStore, hardware
+from serving.store import LATENCY, CheckpointInfo, Measurement, ResultsStore, default_path, hardware
 
 PERCENTILE_METRICS = ("ttft", "tpot", "itl")
 # Every scheme vLLM serves on CPU runs with 16-bit activations (W4A16's cpu_gemm_wna16 has no float32 kernel), and
@@ -130,7 +129,8 @@ class BenchConfig:
     job_timeout_s: float = 3600.0
     """Longest one `vllm bench serve` run may take."""
     log_dir: Path | None = None
-    """Where server logs, the client log and vLLM's result files go; default a new temporary folder."""
+    """Where server logs, the client log and vLLM's result files go; default `logs/bench-<run id>` in hubc's cache
+    (next to the results store)."""
 
     def prompts(self) -> int:
         """Requests per benchmark."""
@@ -235,6 +235,8 @@ class BenchReport:
     """Whether every checkpoint's TPOT p50 spread ended at or below `max_spread`."""
     run_id: str
     notes: list[str] = field(default_factory=list)
+    log_dir: Path | None = None
+    """Server logs, the client's log and vLLM's result files of this run."""
 
     @property
     def base(self) -> CheckpointResult | None:
@@ -253,6 +255,7 @@ class BenchReport:
             "converged": self.converged,
             "run_id": self.run_id,
             "notes": self.notes,
+            "log_dir": str(self.log_dir) if self.log_dir else None,
             "results": [r.to_dict() for r in self.results],
         }
 
@@ -292,9 +295,9 @@ def bench(
             )
         seen[info.fingerprint] = info.path
     server_config = config.server_config()
-    log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="hubc-bench-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
+    log_dir = Path(config.log_dir or default_path().parent / "logs" / f"bench-{run_id}")
+    log_dir.mkdir(parents=True, exist_ok=True)
     results = [CheckpointResult(checkpoint=info, role=role) for info, role in entries]
     notes: list[str] = []
     vllm_version = ""
@@ -361,6 +364,7 @@ def bench(
         converged=converged,
         run_id=run_id,
         notes=notes,
+        log_dir=log_dir,
     )
     if store is not None:
         for result in results:

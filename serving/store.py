@@ -50,8 +50,15 @@ CREATE TABLE IF NOT EXISTS measurements (
     settings TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS measurements_lookup ON measurements (fingerprint, kind, traffic, hardware);
 """
+_INDEX = (
+    "CREATE INDEX IF NOT EXISTS measurements_lookup ON measurements (fingerprint, kind, traffic, hardware)"
+)
+_COLUMNS = {
+    line.split()[0]
+    for line in _SCHEMA.split("CREATE TABLE IF NOT EXISTS measurements (")[1].split(");")[0].splitlines()
+    if line.strip()
+}
 
 
 class StoreError(ServingError):
@@ -211,28 +218,42 @@ class ResultsStore:
         self.path = Path(path) if path is not None else default_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                db.executescript(_SCHEMA)
-                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"the results store {self.path} has schema version {row[0]}; this hubc reads "
-                        f"up to {SCHEMA_VERSION}",
-                        hint="upgrade hubc, or point HUBC_CACHE at another folder",
-                    )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the results store {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot create the folder of the results store {self.path}: {exc}") from exc
+        with self._connect() as db:  # sqlite3 errors (e.g. not a database) become one-line StoreErrors
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the results store {self.path} has schema version {row[0]}; this hubc reads "
+                    f"up to {SCHEMA_VERSION}",
+                    hint="upgrade hubc, or point HUBC_CACHE at another folder",
+                )
+            # Checked now, so a benchmark never runs only to find it cannot store its numbers.
+            columns = {r[1] for r in db.execute("PRAGMA table_info(measurements)")}
+            if missing := sorted(_COLUMNS - columns):
+                raise StoreError(
+                    f"the results store {self.path} lacks the columns {', '.join(missing)}",
+                    hint="it was written by another hubc: move the file away to start a new store",
+                )
+            db.execute(_INDEX)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0)
         try:
-            with db:  # commits, or rolls back on error
-                yield db
-        finally:
-            db.close()
+            db = sqlite3.connect(self.path, timeout=30.0)
+            try:
+                with db:  # commits, or rolls back on error
+                    yield db
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"the results store {self.path} failed: {exc}",
+                hint="move the file away to start a new store, or point HUBC_CACHE at another folder",
+            ) from exc
 
     def add(self, measurement: Measurement) -> Measurement:
         """Store a measurement; returns it with `id` and `created_at` filled in."""

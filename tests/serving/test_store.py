@@ -133,6 +133,17 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         ResultsStore(path)
 
 
+def test_a_store_of_another_layout_is_refused_before_any_measurement(tmp_path: Path) -> None:
+    path = tmp_path / "results.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE measurements (id INTEGER PRIMARY KEY, kind TEXT)")
+    with pytest.raises(StoreError, match="lacks the columns"):
+        ResultsStore(path)
+    path.write_text("not a database")
+    with pytest.raises(StoreError, match="is not a database"):
+        ResultsStore(path)
+
+
 def test_hardware_names_cpu_threads_and_isa() -> None:
     name = hardware()
     assert f"{len(os.sched_getaffinity(0))} threads" in name

@@ -61,9 +61,8 @@ def card_context(result) -> dict:
     recipe = result.recipe
     scheme = get_scheme(recipe.scheme)
     base_name = result.source.hub_id or result.source.path.name
-    served_name = result.push_url.split("/", 3)[-1] if result.push_url else str(result.out)
-    if result.push_url:
-        served_name = "/".join(result.push_url.rstrip("/").split("/")[-2:])
+    # The name users serve it by: the pushed repo id, else the local folder.
+    served_name = "/".join(result.push_url.rstrip("/").split("/")[-2:]) if result.push_url else str(result.out)
     ctx = {
         "title": f"{base_name.split('/')[-1]} · {recipe.scheme} for {result.target}",
         "scheme": recipe.scheme,

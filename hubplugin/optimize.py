@@ -180,7 +180,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _build(source, target, recipe, structure, staging, out, config, progress) -> OptimizeResult:
-    import torch
     from transformers import AutoTokenizer
 
     from advisor import evaluate as ev
@@ -223,7 +222,6 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     del variant
     base_top1 = {t.name: [lp.argmax(-1).tolist() for lp in base_lp[t.name]] for t in texts}
     del base_lp
-    torch.set_num_threads(torch.get_num_threads())
 
     result = OptimizeResult(
         source=source,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fakehub import FakeHub  # tests/ is on sys.path: pytest inserts the rootdir conftest's folder
+from helpers import build_tiny_llama
 
 # huggingface_hub reads these when it is imported (progress bars, telemetry, Xet), possibly before any fixture
 # runs, so they are set for the whole test process here; the autouse fixture below sets them again per test.
@@ -94,56 +95,9 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
         yield hub
 
 
-def _tiny_tokenizer(vocab_size: int):
-    """A word-level tokenizer built in code (no downloads): special tokens, the words of a small text, then letters,
-    letter pairs and w<N> words until it has exactly `vocab_size` entries, so every id the model can emit decodes to text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    text = (
-        "the quick brown fox jumps over the lazy dog . a model is compressed to run on a small gpu , "
-        "and its quality is measured before it is pushed to the hub ! what is the capital of france ? "
-        "paris is the capital of france . one two three four five six seven eight nine ten"
-    )
-    words = list(dict.fromkeys(text.split()))
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    fillers = letters + [a + b for a in letters for b in letters] + [f"w{i}" for i in range(vocab_size)]
-    tokens = list(dict.fromkeys(specials + words + fillers))[:vocab_size]
-    assert len(tokens) == vocab_size
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete, loadable LlamaForCausalLM folder (random weights, seed 0, safetensors, tokenizer), under 1 MB."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=1024,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)  # safetensors is the only format transformers 5 writes
-    _tiny_tokenizer(config.vocab_size).save_pretrained(folder)
-    return folder
+    """A complete LlamaForCausalLM folder that transformers loads and vLLM serves (`helpers.build_tiny_llama`), with
+    transformers' default init (std 0.02): the quantization tolerances of tests/advisor are set for weights that
+    small."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), initializer_range=0.02)

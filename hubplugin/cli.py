@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from advisor.recipe import METHODS
 from hubplugin import __version__
 
 FORMATS = click.Choice(["human", "json"])
@@ -89,10 +90,13 @@ def _target_dict(t) -> dict:
 @click.option("--target", "-t", required=True, help="hardware target from `hubc targets` (cpu, t4, a10g, l4, ...)")
 @click.option("--scheme", help="w8a8-int8, w4a16, w8a16 or fp8 (default: the target's default)")
 @click.option("--group-size", type=int, help="weights per scale for w4a16 (default: chosen per model)")
-@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
-              help="weight rounding: round-to-nearest, or GPTQ calibrated layer by layer on wikitext-2 valid")
+@click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True,
+              help="weight rounding: round-to-nearest, GPTQ, or autoround (rounding learned block by block); "
+                   "calibrated methods use wikitext-2 valid")
+@click.option("--iterations", type=click.IntRange(min=1), help="learning steps per decoder block for --method autoround")
 @click.option("--smoothing", type=click.Choice(["search", "none"]),
-              help="activation-outlier smoothing before quantization (default: search for w8a8-int8 and fp8)")
+              help="per-channel scaling searched on calibration text: SmoothQuant for w8a8-int8/fp8 (their default), "
+                   "activation-aware (AWQ-style) for weight-only schemes")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder once the new one is complete")
 @click.option("--push", "push_repo", metavar="REPO_ID", help="push the variant to this Hub repo in one commit")
@@ -104,7 +108,7 @@ def _target_dict(t) -> dict:
 @click.option("--eval-windows", type=int, default=4, show_default=True, help="windows per text")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
-def optimize(model, target, scheme, group_size, method, smoothing, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
+def optimize(model, target, scheme, group_size, method, iterations, smoothing, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
              eval_windows, seq_len, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
@@ -115,7 +119,7 @@ def optimize(model, target, scheme, group_size, method, smoothing, out, overwrit
         from hubplugin.render import summary
 
         config = OptimizeConfig(
-            scheme=scheme, group_size=group_size, method=method, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
+            scheme=scheme, group_size=group_size, method=method, iterations=iterations, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
             serve=not no_serve, revision=revision,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
         )
@@ -225,7 +229,9 @@ def bench(checkpoints, base, traffic, num_prompts, min_rounds, max_rounds, max_s
         if fmt == "json":
             click.echo(json.dumps({**report.to_dict(), "store": str(store.path)}, indent=2, default=str))
         else:
-            _render_bench(report, store.path)
+            from hubplugin.render import bench_table
+
+            bench_table(report, store.path)
 
     _run(body)
 
@@ -285,73 +291,13 @@ def pick(checkpoints, max_tpot_ms, max_ppl_increase, tpot_percentile, eval_text,
         if fmt == "json":
             click.echo(json.dumps({**result.to_dict(), "store": str(store.path)}, indent=2, default=str))
         else:
-            _render_pick(result, store.path)
+            from hubplugin.render import pick_table
+
+            pick_table(result, store.path)
         if result.choice is None:
             sys.exit(1)
 
     _run(body)
-
-
-def _console():
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=160)  # piped: one line per row
-
-
-def _render_bench(report, store_path) -> None:
-    from rich.table import Table
-
-    base = report.base
-    table = Table(title=f"vllm bench serve, {report.traffic}: median of {report.rounds} interleaved rounds")
-    for col in ("checkpoint", "TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p50", "ITL p95", "tok/s",
-                "peak mem", "TPOT vs base", "TPOT spread"):
-        table.add_column(col, justify="left" if col == "checkpoint" else "right")
-    for r in report.results:
-        s = r.summary
-        vs = "" if base is None or r is base else f"{s['tpot_ms_p50'] / base.summary['tpot_ms_p50'] - 1:+.0%}"
-        table.add_row(
-            r.checkpoint.label + (" (base)" if r.role == "base" else ""),
-            *(f"{s[k]:.1f} ms" for k in ("ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50", "tpot_ms_p95",
-                                         "itl_ms_p50", "itl_ms_p95")),
-            f"{s['output_throughput_tok_s']:.1f}", f"{s['peak_memory_mib'] / 1024:.2f} GiB", vs,
-            f"{r.spread:.1%}" if len(r.rounds) > 1 else "—",
-        )
-    console = _console()
-    console.print(table)
-    server, bench_settings = report.settings["server"], report.settings["benchmark"]
-    console.print(f"vLLM {report.vllm_version} on {report.hardware}; {server['dtype']}, eager, prefix caching off, "
-                  f"{bench_settings['num_prompts']} prompts per run ({bench_settings['warmups']} warm-up), "
-                  f"layout {bench_settings['layout']}; stored in {store_path}; logs in {report.log_dir}",
-                  highlight=False)
-    for note in report.notes:
-        console.print(f"note: {note}", highlight=False)
-
-
-def _render_pick(result, store_path) -> None:
-    from rich.table import Table
-
-    pct = result.slo.tpot_percentile
-    table = Table(title=f"hubc pick: {result.traffic}, served perplexity on {result.quality_text}")
-    for col in ("rank", "checkpoint", f"TPOT p{pct}", "TTFT p50", "tok/s", "perplexity", "vs base", "size",
-                "meets SLO", "Pareto", "measured"):
-        table.add_column(col, justify="left" if col in ("checkpoint", "measured") else "right")
-    for c in result.candidates:
-        table.add_row(
-            str(c.rank or "—"), c.label + (" (base)" if c.role == "base" else ""), f"{c.tpot(pct):.1f} ms",
-            f"{c.ttft_ms_p50:.1f} ms", f"{c.throughput_tok_s:.1f}",
-            f"{c.perplexity:.3f}" if c.perplexity is not None else "—",
-            f"{c.ppl_increase:+.2%}" if c.ppl_increase is not None else "—",
-            f"{c.checkpoint.size_bytes / 1e6:.0f} MB", "yes" if c.meets_slo else "no", "yes" if c.pareto else "",
-            ", ".join(c.measured_now) + " now" if c.measured_now else "stored",
-        )
-    console = _console()
-    console.print(table)
-    console.print(f"vLLM {result.vllm_version} on {result.hardware}, {result.dtype}; results store {store_path}",
-                  highlight=False)
-    if result.plot is not None:
-        console.print(f"Pareto plot: {result.plot}", highlight=False)
-    console.print(("best: " if result.choice else "no choice: ") + result.reason, highlight=False)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,68 @@ def summary(result) -> None:
     console.print(f"checkpoint: {result.out}")
     if result.push_url:
         console.print(f"pushed: {result.push_url}")
+
+
+def _console():
+    """A console for tables: as wide as the terminal, or 160 columns when piped (one line per row)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)  # piped: one line per row
+
+
+def bench_table(report, store_path) -> None:
+    """`hubc bench`: one row per checkpoint (base first), then the settings, the store and any notes."""
+    from rich.table import Table
+
+    base = report.base
+    table = Table(title=f"vllm bench serve, {report.traffic}: median of {report.rounds} interleaved rounds")
+    for col in ("checkpoint", "TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p50", "ITL p95", "tok/s",
+                "peak mem", "TPOT vs base", "TPOT spread"):
+        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for r in report.results:
+        s = r.summary
+        vs = "" if base is None or r is base else f"{s['tpot_ms_p50'] / base.summary['tpot_ms_p50'] - 1:+.0%}"
+        table.add_row(
+            r.checkpoint.label + (" (base)" if r.role == "base" else ""),
+            *(f"{s[k]:.1f} ms" for k in ("ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50", "tpot_ms_p95",
+                                         "itl_ms_p50", "itl_ms_p95")),
+            f"{s['output_throughput_tok_s']:.1f}", f"{s['peak_memory_mib'] / 1024:.2f} GiB", vs,
+            f"{r.spread:.1%}" if len(r.rounds) > 1 else "—",
+        )
+    console = _console()
+    console.print(table)
+    server, bench_settings = report.settings["server"], report.settings["benchmark"]
+    console.print(f"vLLM {report.vllm_version} on {report.hardware}; {server['dtype']}, eager, prefix caching off, "
+                  f"{bench_settings['num_prompts']} prompts per run ({bench_settings['warmups']} warm-up), "
+                  f"layout {bench_settings['layout']}; stored in {store_path}; logs in {report.log_dir}",
+                  highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+def pick_table(result, store_path) -> None:
+    """`hubc pick`: the candidates in rank order, the settings, the plot and the choice with its reason."""
+    from rich.table import Table
+
+    pct = result.slo.tpot_percentile
+    table = Table(title=f"hubc pick: {result.traffic}, served perplexity on {result.quality_text}")
+    for col in ("rank", "checkpoint", f"TPOT p{pct}", "TTFT p50", "tok/s", "perplexity", "vs base", "size",
+                "meets SLO", "Pareto", "measured"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "measured") else "right")
+    for c in result.candidates:
+        table.add_row(
+            str(c.rank or "—"), c.label + (" (base)" if c.role == "base" else ""), f"{c.tpot(pct):.1f} ms",
+            f"{c.ttft_ms_p50:.1f} ms", f"{c.throughput_tok_s:.1f}",
+            f"{c.perplexity:.3f}" if c.perplexity is not None else "—",
+            f"{c.ppl_increase:+.2%}" if c.ppl_increase is not None else "—",
+            f"{c.checkpoint.size_bytes / 1e6:.0f} MB", "yes" if c.meets_slo else "no", "yes" if c.pareto else "",
+            ", ".join(c.measured_now) + " now" if c.measured_now else "stored",
+        )
+    console = _console()
+    console.print(table)
+    console.print(f"vLLM {result.vllm_version} on {result.hardware}, {result.dtype}; results store {store_path}",
+                  highlight=False)
+    if result.plot is not None:
+        console.print(f"Pareto plot: {result.plot}", highlight=False)
+    console.print(("best: " if result.choice else "no choice: ") + result.reason, highlight=False)

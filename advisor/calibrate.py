@@ -1,6 +1,6 @@
 """Calibration: run text through the full-precision model and record what each linear layer sees.
 
-Per input channel absolute maxima (for outlier smoothing) and a fixed random sample of input rows (to score
+Per input channel absolute maxima (for outlier smoothing), mean magnitudes (for activation-aware scaling) and a fixed random sample of input rows (to score
 candidate transforms against the layer's real inputs) are kept per linear layer.
 """
 
@@ -28,6 +28,9 @@ class CalibConfig:
 class LinearStats:
     absmax: torch.Tensor
     """Per input channel max |x| over every calibration token."""
+    abssum: torch.Tensor
+    """Per input channel sum of |x| over every calibration token (with `rows`: the mean magnitude AWQ scales by)."""
+    rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -50,12 +53,15 @@ def collect(model, names: list[str], windows: list[list[int]], sample_rows: int,
     def hook(name):
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            amax = x.abs().amax(0)
+            ax = x.abs()
+            amax, asum = ax.amax(0), ax.sum(0)
             st = stats.get(name)
             if st is None:
-                stats[name] = st = LinearStats(amax)
+                stats[name] = st = LinearStats(amax, asum)
             else:
                 torch.maximum(st.absmax, amax, out=st.absmax)
+                st.abssum += asum
+            st.rows += x.shape[0]
             idx = torch.randint(0, x.shape[0], (min(per_window, x.shape[0]),), generator=gen)
             st.sample.append(x[idx].clone())
 

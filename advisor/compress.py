@@ -30,21 +30,38 @@ class CompressReport:
     error_reduction: float | None = None
     """Mean relative output error of the smoothed groups after / before smoothing (lower is better)."""
     calibration_tokens: int = 0
+    block_error: dict | None = None
+    """Learned rounding: mean relative output error of a decoder block with plain rounding and learned rounding."""
 
 
-def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, tokenizer):
-    """Weights quantized by a calibrated method (GPTQ), or None when the recipe rounds to nearest at export."""
+def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, tokenizer,
+                            report: CompressReport | None = None):
+    """Weights quantized by a calibrated method (GPTQ, learned rounding), or None when the recipe rounds to nearest
+    at export."""
     if recipe.method == "rtn":
         return None
     from advisor.calibrate import CalibConfig, calibration_windows
     from advisor.export import scheme_of
-    from advisor.quantize.gptq import gptq_quantize
-    from advisor.quantize.sequential import quantize_sequential
 
     cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
     windows = calibration_windows(tokenizer, cal)
+    report = report if report is not None else CompressReport()
+    report.calibration_tokens = max(report.calibration_tokens, sum(len(w) for w in windows))
     args = scheme_of(recipe).weights
     weight_range = tuple(recipe.weight_range) if recipe.weight_range else None
+    if recipe.method == "autoround":
+        from advisor.quantize.autoround import RoundConfig, autoround_sequential
+
+        config = RoundConfig(iterations=recipe.iterations) if recipe.iterations else RoundConfig()
+        quantized, errors = autoround_sequential(model, structure, windows, args, weight_range, config)
+        report.block_error = {
+            "rounding": sum(e[0] for e in errors) / len(errors),
+            "learned": sum(e[1] for e in errors) / len(errors),
+        }
+        return quantized
+    from advisor.quantize.gptq import gptq_quantize
+    from advisor.quantize.sequential import quantize_sequential
+
     return quantize_sequential(
         model, structure, windows, lambda name, w, h: gptq_quantize(w, h, args, weight_range)
     )

@@ -13,7 +13,7 @@ import yaml
 from advisor.errors import AdvisorError
 
 RECIPE_VERSION = 1
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "autoround")
 SMOOTHING = ("none", "search")
 
 
@@ -27,12 +27,16 @@ class Recipe:
     """Target name from the catalog the recipe was made for."""
     method: str = "rtn"
     """How weights are rounded: `rtn` (round-to-nearest) or `gptq` (Hessian-based error compensation, layer by
-    layer on calibration text, with activation order, dampening and clipping search)."""
+    layer on calibration text, with activation order, dampening and clipping search) or `autoround` (rounding
+    offsets and clipping learned per decoder block by signed gradient descent against the full-precision block)."""
+    iterations: int | None = None
+    """Learning steps per decoder block for `autoround`."""
     group_size: int | None = None
     """Weights per scale for group-wise schemes; chosen per model so it divides every input dimension."""
     smoothing: str = "none"
-    """Activation-outlier smoothing before quantization: `none`, or `search` (SmoothQuant with the migration
-    strength searched per layer group on calibration text)."""
+    """Per-channel scaling before quantization, folded into the preceding op: `none`, or `search` (the strength
+    searched per layer group on calibration text: SmoothQuant for schemes that quantize activations, AWQ-style
+    activation-aware scaling for weight-only schemes)."""
     calibration: dict | None = None
     """Calibration text and amount, when a step needs it: {text, windows, seq_len}."""
     weight_range: list[int] | None = None

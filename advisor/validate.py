@@ -37,7 +37,8 @@ def check_group_size(structure: ModelStructure, group_size: int) -> None:
 
 
 def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
-         smoothing: str | None = None, calibration: dict | None = None, method: str = "rtn") -> Recipe:
+         smoothing: str | None = None, calibration: dict | None = None, method: str = "rtn",
+         iterations: int | None = None) -> Recipe:
     """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix."""
     scheme = get_scheme(scheme_name or target.default_scheme)
     target.require_scheme(scheme.name)
@@ -58,14 +59,14 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
 
     if method not in METHODS:
         raise ShapeError(f"unknown method '{method}'", hint=f"use one of {', '.join(METHODS)}")
-    if method == "gptq" and scheme.weights.type != "int":
-        raise ShapeError(f"GPTQ rounds integer weights; {scheme.name} stores FP8", hint="use --method rtn for fp8")
+    if method != "rtn" and scheme.weights.type != "int":
+        raise ShapeError(f"{method} rounds integer weights; {scheme.name} stores FP8", hint="use --method rtn for fp8")
+    if iterations is not None and (method != "autoround" or iterations < 1):
+        raise ShapeError("--iterations sets the learning steps of --method autoround (a positive number)",
+                         hint="drop --iterations, or use --method autoround with --iterations ≥ 1")
     if smoothing is None:
         # Per-token activation quantization is where W8A8/FP8 lose quality (outlier channels): smooth by default.
         smoothing = "search" if scheme.input_activations is not None else "none"
-    if smoothing != "none" and scheme.input_activations is None:
-        raise ShapeError(f"smoothing only helps schemes that quantize activations; {scheme.name} does not",
-                         hint="drop --smoothing, or use w8a8-int8 / fp8")
     return Recipe(
         scheme=scheme.name,
         smoothing=smoothing,
@@ -74,6 +75,7 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
         if smoothing != "none" or method != "rtn" else None,
         target=target.name,
         method=method,
+        iterations=iterations,
         group_size=group_size if scheme.grouped else None,
         weight_range=weight_range,
         ignore=list(structure.skipped),

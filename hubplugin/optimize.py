@@ -33,9 +33,11 @@ class OptimizeConfig:
     group_size: int | None = None
     """Group size for group-wise schemes; default: the largest of 128/64/32 dividing every input dimension."""
     method: str = "rtn"
-    """How weights are rounded: `rtn` or `gptq` (calibrated on wikitext-2 valid, layer by layer)."""
+    """How weights are rounded: `rtn`, `gptq` or `autoround` (calibrated on wikitext-2 valid, layer by layer)."""
+    iterations: int | None = None
+    """Learning steps per decoder block for `autoround` (default 50)."""
     smoothing: str | None = None
-    """Activation-outlier smoothing: `search` or `none`; default: `search` for schemes that quantize activations."""
+    """Per-channel scaling: `search` or `none`; default: `search` for schemes that quantize activations."""
     out: Path | None = None
     """Output folder; default ./<model>-<scheme>-<target>."""
     overwrite: bool = False
@@ -138,7 +140,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
 
     structure = inspect_structure(source.path)
     recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing,
-                  method=config.method)
+                  method=config.method, iterations=config.iterations)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -186,6 +188,7 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     from advisor.compress import apply_transforms, calibrated_quantization
     from advisor.export import load_for_eval, quantize_and_export
     from advisor.model import load_model
+    from advisor.schemes import get_scheme
     from hubplugin.source import copy_tokenizer_files
 
     progress("loading the model")
@@ -198,10 +201,11 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     progress("evaluating the base")
     base_lp = {t.name: ev.logits_of(model, t.windows, f"base on {t.name}") for t in texts}
     if recipe.smoothing != "none":
-        progress(f"calibrating and smoothing activation outliers ({recipe.smoothing})")
+        what = "smoothing activation outliers" if get_scheme(recipe.scheme).input_activations else "activation-aware scaling"
+        progress(f"calibrating and searching per-channel scales ({what})")
     transforms = apply_transforms(model, structure, recipe, tokenizer)
     progress(f"quantizing with {recipe.scheme} ({recipe.method})")
-    quantized = calibrated_quantization(model, structure, recipe, tokenizer)
+    quantized = calibrated_quantization(model, structure, recipe, tokenizer, transforms)
     exported = quantize_and_export(model, structure, recipe, staging, quantized)
     copy_tokenizer_files(source.path, staging)
 

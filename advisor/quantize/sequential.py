@@ -34,7 +34,7 @@ def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
 
 
 @torch.inference_mode()
-def _layer_inputs(model, layers, windows: list[list[int]]) -> list[tuple[tuple, dict]]:
+def layer_inputs(model, layers, windows: list[list[int]]) -> list[tuple[tuple, dict]]:
     captured = []
 
     def grab(module, args, kwargs):
@@ -53,7 +53,7 @@ def _layer_inputs(model, layers, windows: list[list[int]]) -> list[tuple[tuple, 
     return captured
 
 
-def _out(result):
+def layer_output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
@@ -68,7 +68,7 @@ def quantize_sequential(
     decoder stack are left to the caller. Each quantized weight is written back (dequantized) so later layers see
     the quantized model's activations."""
     prefix, layers = decoder_layers(model)
-    inputs = _layer_inputs(model, layers, windows)
+    inputs = layer_inputs(model, layers, windows)
     wanted = {li.name for li in structure.linears}
     results: dict[str, QuantizedWeight] = {}
     for i, layer in enumerate(tqdm(layers, desc="quantizing layer by layer", unit="layer", leave=False)):
@@ -96,5 +96,5 @@ def quantize_sequential(
             qw = quantize(name, module.weight, h)
             module.weight.data.copy_(qw.dequantize().to(module.weight.dtype))
             results[name] = qw
-        inputs = [((_out(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        inputs = [((layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
     return results

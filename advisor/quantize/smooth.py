@@ -1,10 +1,12 @@
-"""Activation-outlier smoothing for W8A8 (SmoothQuant, Xiao et al. 2023), with the migration strength searched per
-layer group against the layer's real calibration inputs instead of one global alpha.
+"""Per-channel scaling before quantization, searched per layer group against the layer's real calibration inputs
+instead of one global strength: activation-outlier smoothing for W8A8/FP8 (SmoothQuant, Xiao et al. 2023), and
+activation-aware weight scaling for weight-only schemes (AWQ, Lin et al. 2024).
 
 Dividing a channel of the activations by s and multiplying the matching weight column by s leaves the
 full-precision output unchanged but moves range from activations (quantized per token, where one outlier channel
-ruins every other channel's resolution) to weights (quantized per output channel, which absorb it cheaply). The
-division is folded into the op that produces the activations: a norm's weight, `up_proj`'s rows (for `down_proj`),
+ruins every other channel's resolution) to weights (quantized per output channel, which absorb it cheaply); for
+weight-only schemes it enlarges the weight columns that meet large activations, so their rounding error shrinks
+relative to their contribution. The division is folded into the op that produces the activations: a norm's weight, `up_proj`'s rows (for `down_proj`),
 or `v_proj`'s rows (for `o_proj`). Groups are found by tracing which linears read which norm's output, so no module
 names are assumed beyond the common `up_proj/down_proj` and `v_proj/o_proj` pairs.
 """
@@ -20,6 +22,8 @@ from advisor.quantize.rtn import fake_quantize_activations, quantize_weight
 from advisor.schemes import Scheme
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+# Activation-aware scaling (weight-only schemes) searches its exponent on a finer grid, from 0 (no scaling) up.
+AWQ_ALPHAS = tuple(i / 20 for i in range(1, 20))
 
 
 @dataclass
@@ -134,6 +138,26 @@ def _error(xs: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tenso
     return err
 
 
+def _candidates(g: SmoothGroup, st: LinearStats, weights: list[torch.Tensor], scheme: Scheme):
+    """(alpha, per-producer-channel factors) to try for one group.
+
+    With quantized activations (SmoothQuant) the factors balance each channel's activation and weight maxima,
+    s = max|x|^α / max|w|^(1-α). Weight-only (AWQ, Lin et al. 2024) the activations stay exact, so the factors only
+    enlarge the weight columns that meet large activations, s = mean|x|^α, protecting them from rounding error.
+    """
+    if scheme.input_activations is not None:
+        w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+        p_x = _producer_absmax(st.absmax, g).clamp_min(1e-5)
+        p_w = _producer_absmax(w_absmax, g).clamp_min(1e-5)
+        for alpha in ALPHAS:
+            yield alpha, (p_x.pow(alpha) / p_w.pow(1 - alpha)).clamp(1e-4, 1e4)
+        return
+    mean = _producer_absmax(st.abssum / max(st.rows, 1), g).clamp_min(1e-5)
+    for alpha in AWQ_ALPHAS:
+        s = mean.pow(alpha)
+        yield alpha, (s / (s.max() * s.min()).sqrt()).clamp(1e-4, 1e4)
+
+
 @torch.inference_mode()
 def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearStats], scheme: Scheme,
                      weight_range: tuple[int, int] | None) -> list[SmoothChoice]:
@@ -143,18 +167,13 @@ def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearSt
     from tqdm import tqdm
 
     for g in tqdm(groups, desc="smoothing activation outliers", unit="group", leave=False):
-        first = g.consumers[0]
-        x_absmax = stats[first].absmax
-        xs = stats[first].sample[0]
+        st = stats[g.consumers[0]]
+        xs = st.sample[0]
         weights = [modules[c].weight.detach().float() for c in g.consumers]
-        w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-        p_x = _producer_absmax(x_absmax, g).clamp_min(1e-5)
-        p_w = _producer_absmax(w_absmax, g).clamp_min(1e-5)
         refs = [xs @ w.T for w in weights]
         base = _error(xs, weights, refs, None, scheme, weight_range)
         best_alpha, best_err, best_s = None, base, None
-        for alpha in ALPHAS:
-            s = (p_x.pow(alpha) / p_w.pow(1 - alpha)).clamp(1e-4, 1e4)
+        for alpha, s in _candidates(g, st, weights, scheme):
             err = _error(xs, weights, refs, _expand(s, g), scheme, weight_range)
             if err < best_err:
                 best_alpha, best_err, best_s = alpha, err, s

@@ -60,3 +60,24 @@ def test_smoothing_keeps_the_model_and_reduces_quantization_error(kind):
     smoothed = [c for c in choices if c.alpha is not None]
     assert smoothed and all(c.error_after < c.error_before for c in smoothed)
     assert any(c.group.kind == "norm" for c in smoothed)  # the outlier channels were moved
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_activation_aware_scaling_protects_weight_only_quantization(kind):
+    """Weight-only schemes get AWQ-style scaling: the full-precision model is unchanged and the 4-bit error of the
+    layers reading outlier channels drops."""
+    model = _model(kind)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    gen = torch.Generator().manual_seed(1)
+    windows = [torch.randint(0, 512, (64,), generator=gen).tolist() for _ in range(4)]
+    probe = torch.tensor([windows[0]])
+    with torch.inference_mode():
+        before = model(probe).logits
+    groups = smooth.find_groups(model, names, windows[0][:16])
+    stats = collect(model, names, windows, 128)
+    choices = smooth.search_and_apply(model, groups, stats, get_scheme("w4a16").with_group_size(32), None)
+    with torch.inference_mode():
+        after = model(probe).logits
+    assert (after - before).abs().max() / before.abs().max() < 1e-4
+    norm_groups = [c for c in choices if c.group.kind == "norm"]
+    assert all(c.alpha is not None and c.error_after < 0.9 * c.error_before for c in norm_groups)

@@ -1,0 +1,199 @@
+"""Rounding optimization (AutoRound-style; Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent"):
+for every weight, learn an offset in [-0.5, 0.5] added before rounding, and for every group a clipping factor of its
+scale, by signed gradient descent on the decoder block's output error against the full-precision block.
+
+Why it generalises where GPTQ overfits: GPTQ rewrites the unquantized columns to cancel the calibration text's error
+exactly, while here each weight moves by at most half a code step, so the result stays close to round-to-nearest
+and only the rounding *direction* is learned from the calibration text.
+
+Block by block, like the reference method: block i learns on the outputs of the already-quantized blocks before it,
+and its target is the full-precision block's output on full-precision inputs, so errors of earlier blocks are
+corrected rather than copied. Memory: two activation streams (quantized and full precision) of one block's width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from advisor.model import ModelStructure
+from advisor.quantize.rtn import QuantizedWeight, int_range
+from advisor.quantize.sequential import decoder_layers, layer_inputs, layer_output
+from advisor.schemes import QuantArgs
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    iterations: int = 50
+    """Signed-gradient steps per decoder block."""
+    batch: int = 8
+    """Calibration windows per step."""
+    min_clip: float = 0.5
+    """Smallest fraction of a group's absolute maximum its scale may be clipped to."""
+    seed: int = 0
+    bf16: bool | None = None
+    """Run the block in bfloat16 while learning (targets and the final weights stay fp32). None: where the CPU
+    has native bf16 arithmetic (AVX512-BF16 or AMX), where it is about 3× faster per step than fp32."""
+
+
+def native_bf16() -> bool:
+    from advisor.targets import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+class _LearnedRounding:
+    """One linear's weight with its learnable rounding offsets and per-group clipping factors."""
+
+    def __init__(self, weight: torch.Tensor, args: QuantArgs, weight_range) -> None:
+        if args.type != "int" or not args.symmetric:
+            raise ValueError("rounding optimization here quantizes symmetric integer weights")
+        self.args = args
+        self.weight = weight.detach().float()
+        out, k = self.weight.shape
+        g = args.group_size if args.strategy == "group" else k
+        self.shape = (out, k // g, g)
+        self.lo, self.hi = int_range(args.num_bits, weight_range)
+        self.absmax = self.weight.view(self.shape).abs().amax(-1).clamp_min(1e-12)
+        self.offset = torch.zeros(self.shape, requires_grad=True)
+        self.clip = torch.ones(self.shape[:2], requires_grad=True)
+
+    def _scale(self) -> torch.Tensor:
+        return (self.absmax * self.clip / ((self.hi - self.lo) / 2)).clamp_min(1e-12)
+
+    def fake_quantized(self) -> torch.Tensor:
+        scale = self._scale().unsqueeze(-1)
+        q = torch.clamp(_round_ste(self.weight.view(self.shape) / scale + self.offset), self.lo, self.hi)
+        return (q * scale).view_as(self.weight)
+
+    @torch.no_grad()
+    def quantized(self) -> QuantizedWeight:
+        scale = self._scale()
+        codes = torch.clamp(torch.round(self.weight.view(self.shape) / scale.unsqueeze(-1) + self.offset),
+                            self.lo, self.hi)
+        return QuantizedWeight(codes.view_as(self.weight).to(torch.int8), scale, None, self.args)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.offset, self.clip]
+
+    @torch.no_grad()
+    def project(self, min_clip: float) -> None:
+        self.offset.clamp_(-0.5, 0.5)
+        self.clip.clamp_(min_clip, 1.0)
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.offset.detach().clone(), self.clip.detach().clone()
+
+    @torch.no_grad()
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.offset.copy_(state[0])
+        self.clip.copy_(state[1])
+
+
+def _trainable(tree):
+    """Copies of captured tensors usable by autograd (inputs captured under inference mode cannot be)."""
+    if torch.is_tensor(tree):
+        return tree.detach().clone()
+    if isinstance(tree, tuple):
+        return tuple(_trainable(t) for t in tree)
+    if isinstance(tree, list):
+        return [_trainable(t) for t in tree]
+    if isinstance(tree, dict):
+        return {k: _trainable(v) for k, v in tree.items()}
+    return tree
+
+
+def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding], q_inputs: list, targets: list,
+                   config: RoundConfig) -> tuple[float, float]:
+    """Learn the block's rounding by signed gradient descent; returns the output error (relative MSE) of plain
+    rounding and of the learned rounding, both on all calibration windows."""
+    from torch.func import functional_call
+
+    def run(i, bf16=False):
+        args, kwargs = q_inputs[i]
+        weights = {f"{n}.weight": lr.fake_quantized() for n, lr in linears.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return layer_output(functional_call(layer, weights, args, kwargs)).float()
+
+    def error() -> float:
+        with torch.no_grad():
+            num = sum((run(i) - targets[i]).pow(2).sum().item() for i in range(len(targets)))
+        return num / sum(t.pow(2).sum().item() for t in targets)
+
+    bf16 = native_bf16() if config.bf16 is None else config.bf16
+    params = [p for lr in linears.values() for p in lr.params()]
+    gen = torch.Generator().manual_seed(config.seed)
+    lr0 = 1.0 / config.iterations
+    best_loss, best = float("inf"), None
+    frozen = [p for p in layer.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        before = error()
+        for step in range(config.iterations):
+            picks = torch.randperm(len(targets), generator=gen)[: config.batch].tolist()
+            loss_sum = 0.0
+            for i in picks:
+                loss = torch.nn.functional.mse_loss(run(i, bf16), targets[i]) / len(picks)
+                loss.backward()
+                loss_sum += loss.item()
+            if loss_sum < best_loss:
+                # The parameters that produced this loss are the ones before this step's update.
+                best_loss, best = loss_sum, {n: lr.snapshot() for n, lr in linears.items()}
+            step_size = lr0 * (1.0 - step / config.iterations)  # linear decay to zero
+            with torch.no_grad():
+                for p in params:
+                    p.sub_(step_size * torch.sign(p.grad))
+                    p.grad = None
+            for lr in linears.values():
+                lr.project(config.min_clip)
+        candidate = {n: lr.snapshot() for n, lr in linears.items()}
+        after = error()
+        if best is not None:
+            for n, lr in linears.items():
+                lr.restore(best[n])
+            best_err = error()
+            if best_err > after:
+                for n, lr in linears.items():
+                    lr.restore(candidate[n])
+            else:
+                after = best_err
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return before, after
+
+
+def autoround_sequential(model, structure: ModelStructure, windows: list[list[int]], args: QuantArgs,
+                         weight_range=None, config: RoundConfig = RoundConfig()) -> tuple[dict[str, QuantizedWeight], list]:
+    """Quantize every decoder linear with learned rounding, block by block. Returns the quantized weights and the
+    per-block (error of plain rounding, error after learning)."""
+    prefix, layers = decoder_layers(model)
+    wanted = {li.name for li in structure.linears}
+    captured = [_trainable(c) for c in layer_inputs(model, layers, windows)]
+    fp_inputs = captured
+    q_inputs = captured
+    results: dict[str, QuantizedWeight] = {}
+    errors = []
+    for i, layer in enumerate(tqdm(layers, desc="learning rounding block by block", unit="block", leave=False)):
+        names = {n: m for n, m in layer.named_modules()
+                 if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
+        with torch.no_grad():
+            targets = [layer_output(layer(*a, **k)) for a, k in fp_inputs]
+        learned = {n: _LearnedRounding(m.weight, args, weight_range) for n, m in names.items()}
+        errors.append(optimize_block(layer, learned, q_inputs, targets, config))
+        for n, m in names.items():
+            qw = learned[n].quantized()
+            m.weight.data.copy_(qw.dequantize().to(m.weight.dtype))
+            results[f"{prefix}.{i}.{n}"] = qw
+        with torch.no_grad():
+            q_inputs = [((layer_output(layer(*a, **k)),) + tuple(a[1:]), k) for a, k in q_inputs]
+        fp_inputs = [((t,) + tuple(a[1:]), k) for t, (a, k) in zip(targets, fp_inputs)]
+    return results, errors

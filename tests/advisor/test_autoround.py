@@ -1,0 +1,64 @@
+"""Learned rounding (AutoRound-style) lowers every decoder block's output error below round-to-nearest, moves each
+weight by at most one code step from its nearest rounding, and exports a checkpoint transformers reads identically."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advisor.errors import AdvisorError
+from advisor.quantize.autoround import RoundConfig, autoround_sequential
+from advisor.quantize.rtn import quantize_weight
+
+
+def _windows(n: int, length: int = 64) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 1024, (length,), generator=gen).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_learned_rounding_beats_rounding_to_nearest_and_exports(tiny_llama_dir, tmp_path, bf16):
+    from transformers import AutoModelForCausalLM
+
+    from advisor.export import load_for_eval, quantize_and_export, scheme_of
+    from advisor.model import inspect_structure, load_model
+    from advisor.targets import get_target
+    from advisor.validate import plan
+
+    structure = inspect_structure(tiny_llama_dir)
+    recipe = plan(structure, get_target("a10g"), "w4a16", None, method="autoround", iterations=20)
+    model = load_model(tiny_llama_dir)
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    args = scheme_of(recipe).weights
+    quantized, errors = autoround_sequential(model, structure, _windows(8), args,
+                                             config=RoundConfig(iterations=20, batch=4, bf16=bf16))
+    assert set(quantized) == {li.name for li in structure.linears}
+    assert all(after < 0.9 * before for before, after in errors)
+    for name, qw in quantized.items():
+        nearest = quantize_weight(original[name], args)
+        assert qw.codes.min() >= -8 and qw.codes.max() <= 7
+        assert torch.all(qw.scale <= nearest.scale * (1 + 1e-6))  # clipping only shrinks a group's range
+        # Each code is within one step of nearest rounding at the learned scale.
+        g = args.group_size
+        exact = original[name].view(qw.codes.shape[0], -1, g) / qw.scale.unsqueeze(-1)
+        drift = (qw.codes.float().view_as(exact) - exact.clamp(-8, 7)).abs()
+        assert drift.max() <= 1.0 + 1e-4
+
+    quantize_and_export(model, structure, recipe, tmp_path, quantized)
+    ids = torch.tensor([_windows(1)[0]])
+    with torch.inference_mode():
+        ours = load_for_eval(tmp_path)(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_plan_refuses_learned_rounding_where_it_cannot_apply(tiny_llama_dir):
+    from advisor.model import inspect_structure
+    from advisor.targets import get_target
+    from advisor.validate import plan
+
+    structure = inspect_structure(tiny_llama_dir)
+    with pytest.raises(AdvisorError, match="FP8"):
+        plan(structure, get_target("h100"), "fp8", None, method="autoround")
+    with pytest.raises(AdvisorError, match="iterations"):
+        plan(structure, get_target("a10g"), "w4a16", None, method="gptq", iterations=10)

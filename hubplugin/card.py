@@ -78,15 +78,7 @@ def card_context(result) -> dict:
         "size_after": _size(result.size_after),
         "size_ratio": f"{result.size_after / result.size_before:.0%}",
         "quantized_modules": result.quantized_modules,
-        "method_text": {"rtn": "round-to-nearest", "gptq": "GPTQ (layer by layer, activation order, clipping search)"}.get(
-            recipe.method, recipe.method)
-        + (f", activation outliers smoothed into the weights in {result.transforms.get('smoothed')} of "
-           f"{result.transforms.get('smoothing_groups')} layer groups (SmoothQuant, strength searched per group on "
-           f"{result.transforms.get('calibration_tokens')} calibration tokens of {recipe.calibration['text']})"
-           if recipe.smoothing != "none" else "")
-        + (f", group size {recipe.group_size}" if recipe.group_size else "")
-        + (f", int8 codes kept within [{recipe.weight_range[0]}, {recipe.weight_range[1]}] for this CPU's int8 kernels"
-           if recipe.weight_range else ""),
+        "method_text": _method_text(result),
         "ignore_text": ", ".join(f"`{m}`" for m in recipe.ignore) or "none",
         "windows_text": _windows_text(result),
         "quality_rows": _quality_rows(result),
@@ -146,6 +138,32 @@ def speed_note(result) -> str:
     if ratio < 0.95:
         return f"On this hardware the variant is {1 / ratio:.1f}× faster per output token than the base."
     return "On this hardware the variant runs at the base's speed per output token (within 5%)."
+
+
+def _method_text(result) -> str:
+    recipe, t = result.recipe, result.transforms
+    parts = [{
+        "rtn": "round-to-nearest",
+        "gptq": "GPTQ (layer by layer, activation order, clipping search)",
+        "autoround": f"rounding and clipping learned block by block ({recipe.iterations or 50} signed-gradient steps "
+                     "per decoder block against the full-precision block, AutoRound-style)",
+    }.get(recipe.method, recipe.method)]
+    if recipe.smoothing != "none":
+        from advisor.schemes import get_scheme
+
+        kind = ("activation outliers smoothed into the weights (SmoothQuant"
+                if get_scheme(recipe.scheme).input_activations is not None
+                else "activation-aware weight scaling (AWQ-style")
+        parts.append(f"{kind}, strength searched per group) in {t.get('smoothed')} of {t.get('smoothing_groups')} "
+                     "layer groups")
+    if recipe.calibration:
+        parts.append(f"calibrated on {t.get('calibration_tokens')} tokens of {recipe.calibration['text']}")
+    if recipe.group_size:
+        parts.append(f"group size {recipe.group_size}")
+    if recipe.weight_range:
+        parts.append(f"int8 codes kept within [{recipe.weight_range[0]}, {recipe.weight_range[1]}] for this CPU's "
+                     "int8 kernels")
+    return ", ".join(parts)
 
 
 def _windows_text(result) -> str:

@@ -68,10 +68,12 @@ def bench_table(report, store_path) -> None:
     from rich.table import Table
 
     base = report.base
-    table = Table(title=f"vllm bench serve, {report.traffic}: median of {report.rounds} interleaved rounds")
-    for col in ("checkpoint", "TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p50", "ITL p95", "tok/s",
-                "peak mem", "TPOT vs base", "TPOT spread"):
-        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    table = Table(title=f"vllm bench serve, {report.traffic}: {report.rounds} interleaved rounds")
+    for col in ("checkpoint", "TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p50", "ITL p95",
+                "tok/s p50/p95", "req/s p50/p95", "peak mem", "TPOT vs base", "TPOT spread"):
+        # A long checkpoint name folds onto a second line rather than losing its end (the scheme and target).
+        table.add_column(col, justify="left" if col == "checkpoint" else "right",
+                         overflow="fold" if col == "checkpoint" else "ellipsis")
     for r in report.results:
         s = r.summary
         vs = "" if base is None or r is base else f"{s['tpot_ms_p50'] / base.summary['tpot_ms_p50'] - 1:+.0%}"
@@ -79,11 +81,15 @@ def bench_table(report, store_path) -> None:
             r.checkpoint.label + (" (base)" if r.role == "base" else ""),
             *(f"{s[k]:.1f} ms" for k in ("ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50", "tpot_ms_p95",
                                          "itl_ms_p50", "itl_ms_p95")),
-            f"{s['output_throughput_tok_s']:.1f}", f"{s['peak_memory_mib'] / 1024:.2f} GiB", vs,
-            f"{r.spread:.1%}" if len(r.rounds) > 1 else "—",
+            f"{s['output_throughput_tok_s_p50']:.1f} / {s['output_throughput_tok_s_p95']:.1f}",
+            f"{s['request_throughput_rps_p50']:.2f} / {s['request_throughput_rps_p95']:.2f}",
+            f"{s['peak_memory_mib'] / 1024:.2f} GiB", vs, f"{r.spread:.1%}" if len(r.rounds) > 1 else "—",
         )
     console = _console()
     console.print(table)
+    console.print(f"TTFT, TPOT, ITL: vLLM's percentiles over the requests of a run, median of the rounds; output "
+                  f"tokens/s and requests/s: p50 and p95 across the {report.rounds} rounds (p95: the rate 95% of "
+                  f"rounds reached); peak memory: the largest of the rounds", highlight=False)
     server, bench_settings = report.settings["server"], report.settings["benchmark"]
     console.print(f"vLLM {report.vllm_version} on {report.hardware}; {server['dtype']}, eager, prefix caching off, "
                   f"{bench_settings['num_prompts']} prompts per run ({bench_settings['warmups']} warm-up), "
@@ -99,13 +105,14 @@ def pick_table(result, store_path) -> None:
 
     pct = result.slo.tpot_percentile
     table = Table(title=f"hubc pick: {result.traffic}, served perplexity on {result.quality_text}")
-    for col in ("rank", "checkpoint", f"TPOT p{pct}", "TTFT p50", "tok/s", "perplexity", "vs base", "size",
-                "meets SLO", "Pareto", "measured"):
+    for col in ("rank", "checkpoint", f"TPOT p{pct}", "TTFT p50", "tok/s p50/p95", "perplexity", "vs base",
+                "size", "meets SLO", "Pareto", "measured"):
         table.add_column(col, justify="left" if col in ("checkpoint", "measured") else "right")
     for c in result.candidates:
+        tok_s_p95 = "—" if c.throughput_tok_s_p95 is None else f"{c.throughput_tok_s_p95:.1f}"  # an older record
         table.add_row(
             str(c.rank or "—"), c.label + (" (base)" if c.role == "base" else ""), f"{c.tpot(pct):.1f} ms",
-            f"{c.ttft_ms_p50:.1f} ms", f"{c.throughput_tok_s:.1f}",
+            f"{c.ttft_ms_p50:.1f} ms", f"{c.throughput_tok_s:.1f} / {tok_s_p95}",
             f"{c.perplexity:.3f}" if c.perplexity is not None else "—",
             f"{c.ppl_increase:+.2%}" if c.ppl_increase is not None else "—",
             f"{c.checkpoint.size_bytes / 1e6:.0f} MB", "yes" if c.meets_slo else "no", "yes" if c.pareto else "",

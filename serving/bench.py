@@ -18,8 +18,10 @@ How a run goes (`bench`):
    (SIGKILL), so they can act on the SIGTERM hubc's death sends them. "one-at-a-time" starts each server for its
    turn only (for models too big to keep every server in memory; costs a server start per turn).
 4. After `min_rounds`, rounds are added (up to `max_rounds`) while any checkpoint's TPOT p50 varies across rounds
-   by more than `max_spread` (max - min over median). Reported numbers are medians over rounds; peak memory is the
-   maximum.
+   by more than `max_spread` (max - min over median). TTFT, TPOT and ITL p50/p95 are vLLM's percentiles over the
+   requests of a run, reported as the median over rounds. Throughput (output tokens/s and requests/s, one number
+   per run as vLLM reports it) is reported as p50 and p95 across rounds, p95 being the slow tail as for latency:
+   the rate 95% of rounds reached. Peak memory is the maximum.
 5. One `latency` record per checkpoint goes to the results store, with every round's numbers and the settings.
 """
 
@@ -48,6 +50,8 @@ from serving.server import ServerConfig, VllmServer, cpu_list
 from serving.store import LATENCY, CheckpointInfo, Measurement, ResultsStore, default_path, hardware
 
 PERCENTILE_METRICS = ("ttft", "tpot", "itl")
+THROUGHPUT_METRICS = ("output_throughput_tok_s", "request_throughput_rps")
+"""Per-run throughputs (vLLM's `output_throughput` and `request_throughput`), summarised as p50/p95 across rounds."""
 # Every scheme vLLM serves on CPU runs with 16-bit activations (W4A16's cpu_gemm_wna16 has no float32 kernel), and
 # bf16 is what vLLM's CPU backend is usually served in; one dtype for every checkpoint keeps the comparison fair.
 DEFAULT_DTYPE = "bfloat16"
@@ -176,6 +180,39 @@ class RoundMetrics:
 _MEDIAN_METRICS = [f.name for f in dataclasses.fields(RoundMetrics)][1:9]
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0-100) of `values`, interpolated linearly between the closest ranks (numpy's default
+    method): the median for q=50, the smallest value for q=0."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def throughput_percentiles(values: Sequence[float], name: str) -> dict[str, float]:
+    """`{name}_p50` and `{name}_p95` of one throughput's per-round values. Higher is better, so p95 is the slow
+    tail, the rate 95% of rounds reached (the 5th percentile of the values), as latency p95 is the slow tail."""
+    return {f"{name}_p50": percentile(values, 50), f"{name}_p95": percentile(values, 5)}
+
+
+def stored_throughput(metrics: dict[str, Any]) -> dict[str, float]:
+    """Throughput p50/p95 of a stored latency record (`CheckpointResult.metrics`). Records written before these
+    were stored have their per-round values, from which they are computed the same way; {} when neither is there."""
+    keys = [f"{name}_{p}" for name in THROUGHPUT_METRICS for p in ("p50", "p95")]
+    if all(isinstance(metrics.get(key), int | float) for key in keys):
+        return {key: float(metrics[key]) for key in keys}
+    rounds = metrics.get("rounds") or []
+    out: dict[str, float] = {}
+    for name in THROUGHPUT_METRICS:
+        values = [float(r[name]) for r in rounds if isinstance(r, dict) and isinstance(r.get(name), int | float)]
+        if values and len(values) == len(rounds):
+            out |= throughput_percentiles(values, name)
+    return out
+
+
 @dataclass
 class CheckpointResult:
     """Every round of one checkpoint, and the numbers that summarise them."""
@@ -189,8 +226,13 @@ class CheckpointResult:
 
     @property
     def summary(self) -> dict[str, float]:
-        """Median over rounds of each latency/throughput number; peak memory is the maximum over rounds."""
+        """Median over rounds of each latency/throughput number (`output_throughput_tok_s` and
+        `request_throughput_rps` are these medians, the names older stores have); throughput p50/p95 across
+        rounds (`output_throughput_tok_s_p50`, `..._p95`, `request_throughput_rps_p50`, `..._p95`); peak memory,
+        the maximum over rounds."""
         out = {name: statistics.median(getattr(r, name) for r in self.rounds) for name in _MEDIAN_METRICS}
+        for name in THROUGHPUT_METRICS:
+            out |= throughput_percentiles([getattr(r, name) for r in self.rounds], name)
         out["peak_memory_mib"] = max(r.peak_memory_mib for r in self.rounds)
         return out
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from serving.bench import BenchConfig, bench
+from serving.bench import BenchConfig, bench, stored_throughput
 from serving.errors import ServingError
 from serving.server import ServerConfig, VllmServer, installed_vllm_version
 from serving.store import LATENCY, QUALITY, CheckpointInfo, Measurement, ResultsStore, hardware
@@ -93,6 +93,7 @@ class Candidate:
     ttft_ms_p50: float
     ttft_ms_p95: float
     throughput_tok_s: float
+    """Output tokens/s, p50 across the rounds of the latency measurement."""
     peak_memory_mib: float
     tpot_spread: float
     """Round-to-round relative range of TPOT p50 in the latency measurement."""
@@ -107,6 +108,8 @@ class Candidate:
     pareto: bool = False
     rank: int | None = None
     """1 = the choice; None for checkpoints that miss the SLO."""
+    throughput_tok_s_p95: float | None = None
+    """Output tokens/s that 95% of the rounds reached (p95, the slow tail); None for a record without rounds."""
 
     @property
     def label(self) -> str:
@@ -412,6 +415,7 @@ def _candidate(
 ) -> Candidate:
     assert latency is not None and quality is not None
     m = latency.metrics
+    throughput = stored_throughput(m)
     ppl = float(quality.metrics["perplexity"])
     comparable = quality.settings.get("windows_sha") == base_quality.settings.get("windows_sha")
     return Candidate(
@@ -421,7 +425,8 @@ def _candidate(
         tpot_ms_p95=float(m["tpot_ms_p95"]),
         ttft_ms_p50=float(m["ttft_ms_p50"]),
         ttft_ms_p95=float(m["ttft_ms_p95"]),
-        throughput_tok_s=float(m["output_throughput_tok_s"]),
+        throughput_tok_s=float(throughput.get("output_throughput_tok_s_p50", m["output_throughput_tok_s"])),
+        throughput_tok_s_p95=throughput.get("output_throughput_tok_s_p95"),
         peak_memory_mib=float(m.get("peak_memory_mib", 0.0)),
         tpot_spread=float(m.get("tpot_ms_p50_spread") or 0.0),  # None: one round, spread unknown
         perplexity=ppl,

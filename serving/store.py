@@ -187,8 +187,11 @@ class Measurement:
     checkpoint: CheckpointInfo
     """The checkpoint measured."""
     metrics: dict[str, Any]
-    """The numbers: for latency ttft/tpot/itl p50/p95 (ms), throughput (tok/s), peak memory (MiB), per-round
-    values and their spread; for quality perplexity and scored tokens."""
+    """The numbers: for latency ttft/tpot/itl p50/p95 (ms, median over rounds), output and request throughput
+    (tok/s, req/s: the median, and p50/p95 across rounds; older records lack the p50/p95 keys, and
+    `serving.bench.stored_throughput` computes them from their rounds), peak memory (MiB), per-round values and
+    their spread; for quality perplexity and scored tokens. Keys are only ever added to this JSON object, so older
+    stores stay readable."""
     hardware: str
     """Hardware actually used (`hardware()` for CPU servers)."""
     engine_version: str

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from helpers import build_tiny_llama, leftovers, perturbed_copy, tree_of  # tests/ is on sys.path
 
-from serving.bench import BenchConfig, CheckpointResult, RoundMetrics, Traffic
+from serving.bench import BenchConfig, BenchReport, CheckpointResult, RoundMetrics, Traffic, stored_throughput
 from serving.server import installed_vllm_version
-from serving.store import LATENCY, ResultsStore, describe
+from serving.store import LATENCY, CheckpointInfo, ResultsStore, describe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--traffic", "in=32,out=8,concurrency=2", "--num-prompts", "8"]
@@ -54,6 +54,54 @@ def test_summary_is_the_median_over_rounds_and_spread_its_range() -> None:
     result.rounds = [metrics(1, 20.0, 900), metrics(2, 22.0, 950), metrics(3, 21.0, 920)]
     assert result.summary["tpot_ms_p50"] == 21.0 and result.summary["peak_memory_mib"] == 950
     assert result.spread == pytest.approx(2.0 / 21.0)
+
+
+def _round(round_no: int, tok_s: float, req_s: float, tpot: float = 20.0) -> RoundMetrics:
+    return RoundMetrics(round_no, 10, 12, tpot, tpot + 1, tpot, tpot + 2, tok_s, req_s, 900, 1.0, 8, 0)
+
+
+def test_throughput_is_reported_as_p50_and_p95_across_rounds() -> None:
+    result = CheckpointResult(checkpoint=None, role="variant")  # type: ignore[arg-type]
+    result.rounds = [_round(i + 1, tok, req) for i, (tok, req) in
+                     enumerate([(100, 2.0), (130, 2.5), (120, 1.5), (110, 3.0), (140, 2.2)])]  # fmt: skip
+    summary = result.summary
+    # p50 is the median; p95 is the slow tail, the rate 95% of rounds reached: 100 + 0.2 x (110 - 100).
+    assert summary["output_throughput_tok_s_p50"] == 120 and summary["output_throughput_tok_s"] == 120
+    assert summary["output_throughput_tok_s_p95"] == pytest.approx(102.0)
+    assert summary["request_throughput_rps_p50"] == 2.2
+    assert summary["request_throughput_rps_p95"] == pytest.approx(1.6)
+
+    stored = result.metrics()
+    expected = {k: summary[k] for k in ("output_throughput_tok_s_p50", "output_throughput_tok_s_p95",
+                                        "request_throughput_rps_p50", "request_throughput_rps_p95")}  # fmt: skip
+    assert stored_throughput(stored) == expected
+    # A record from a store written before these were kept has only the rounds: the same numbers come from them.
+    old = {k: v for k, v in stored.items() if k not in expected}
+    assert stored_throughput(old) == pytest.approx(expected)
+    assert stored_throughput({"output_throughput_tok_s": 120.0}) == {}  # no rounds: nothing to compute
+
+    result.rounds = result.rounds[:1]  # one round: both percentiles are that round's number
+    assert result.summary["output_throughput_tok_s_p50"] == result.summary["output_throughput_tok_s_p95"] == 100
+
+
+def test_bench_table_shows_throughput_p50_and_p95(capsys: pytest.CaptureFixture[str]) -> None:
+    from hubplugin.render import bench_table
+
+    base = CheckpointResult(CheckpointInfo("/m/tiny-base", "f1", 10), "base",
+                            [_round(1, 100.0, 12.0, tpot=20.0), _round(2, 110.0, 14.0, tpot=21.0)])
+    variant = CheckpointResult(CheckpointInfo("/m/tiny-variant", "f2", 5), "variant",
+                               [_round(1, 130.0, 16.25, tpot=15.0), _round(2, 150.0, 18.75, tpot=15.5)])  # fmt: skip
+    settings = {"server": {"dtype": "bfloat16"}, "benchmark": {"num_prompts": 8, "warmups": 2, "layout": "frozen"}}
+    report = BenchReport(traffic=Traffic(32, 8, 2), results=[base, variant], hardware="a CPU", vllm_version="0.32.0",
+                         settings=settings, rounds=2, converged=False, run_id="r", log_dir=Path("/logs"))  # fmt: skip
+    bench_table(report, Path("/store.sqlite"))
+    out = capsys.readouterr().out
+    assert "tok/s p50/p95" in out and "req/s p50/p95" in out
+    rows = {line.split()[1]: line for line in out.splitlines() if "tiny-" in line}
+    # base: p50 105, p95 100 + 0.05 x 10 (the slow tail); variant: p50 140, p95 130 + 0.05 x 20.
+    assert " 105.0 / 100.5 " in rows["tiny-base"] and " 13.00 / 12.10 " in rows["tiny-base"]
+    assert " 140.0 / 131.0 " in rows["tiny-variant"] and " 17.50 / 16.38 " in rows["tiny-variant"]
+    assert "p50 and p95 across the 2 rounds" in out
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +174,10 @@ def test_hubc_bench_measures_base_and_variant_interleaved_and_stores_them(tiny, 
     order = [line.split(": vllm bench serve on ")[1].split(" ")[0] for line in stderr.splitlines()
              if ": vllm bench serve on " in line]  # fmt: skip
     assert order == ["tiny-base", "tiny-variant", "tiny-base", "tiny-variant"]  # round-robin, base first
-    for column in ("TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p50", "tok/s", "peak mem"):
+    for column in ("TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p50", "tok/s p50/p95",
+                   "req/s p50/p95", "peak mem"):  # fmt: skip
         assert column in stdout
-    assert (
-        "tiny-base (base)" in stdout
-        and "tiny-variant" in stdout
-        and "median of 2 interleaved rounds" in stdout
-    )
+    assert "tiny-base (base)" in stdout and "tiny-variant" in stdout and "2 interleaved rounds" in stdout
 
     records = ResultsStore().records(kind=LATENCY, traffic="in=32,out=8,concurrency=2")
     assert [r.checkpoint.fingerprint for r in records] == [
@@ -141,7 +186,12 @@ def test_hubc_bench_measures_base_and_variant_interleaved_and_stores_them(tiny, 
     assert len({r.settings["run_id"] for r in records}) == 1
     for record in records:
         assert len(record.metrics["rounds"]) == 2
-        assert record.metrics["ttft_ms_p50"] > 0 and record.metrics["output_throughput_tok_s"] > 0
+        m = record.metrics
+        assert m["ttft_ms_p50"] > 0 and m["output_throughput_tok_s"] > 0
+        for name in ("output_throughput_tok_s", "request_throughput_rps"):
+            per_round = sorted(r[name] for r in m["rounds"])
+            assert m[f"{name}_p50"] == pytest.approx(sum(per_round) / 2)  # two rounds: their mean
+            assert per_round[0] <= m[f"{name}_p95"] < m[f"{name}_p50"] or per_round[0] == per_round[1]
         assert record.metrics["peak_memory_mib"] > 100  # a vLLM server tree is hundreds of MiB at least
         assert (
             record.settings["benchmark"]["num_prompts"] == 8

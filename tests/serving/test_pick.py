@@ -53,12 +53,18 @@ def stored(tmp_path: Path) -> tuple[ResultsStore, dict[str, Path]]:
         base = folders.get("base")
         folders[label] = folder = fake_checkpoint(tmp_path / label, size, base=base)
         info = describe(folder)
+        tok_s = 4000 / tpot
+        metrics = {"tpot_ms_p50": tpot, "tpot_ms_p95": tpot * 1.2, "ttft_ms_p50": 5 * tpot, "ttft_ms_p95": 6 * tpot,
+                   "output_throughput_tok_s": tok_s, "peak_memory_mib": 900.0, "tpot_ms_p50_spread": spread}
+        if label == "base":  # as stores written before throughput p50/p95 were kept: only the rounds have them
+            metrics["rounds"] = [{"output_throughput_tok_s": tok_s + d, "request_throughput_rps": (tok_s + d) / 8}
+                                 for d in (10.0, -10.0)]
+        elif label != "slow":  # as `bench` writes them now ("slow": neither, like a hand-written record)
+            metrics |= {"output_throughput_tok_s_p50": tok_s, "output_throughput_tok_s_p95": 0.9 * tok_s,
+                        "request_throughput_rps_p50": tok_s / 8, "request_throughput_rps_p95": 0.9 * tok_s / 8}
         store.add(Measurement(
             kind=LATENCY, checkpoint=info, traffic=TRAFFIC, hardware=hardware(), engine_version=version,
-            metrics={"tpot_ms_p50": tpot, "tpot_ms_p95": tpot * 1.2, "ttft_ms_p50": 5 * tpot,
-                     "ttft_ms_p95": 6 * tpot, "output_throughput_tok_s": 4000 / tpot, "peak_memory_mib": 900.0,
-                     "tpot_ms_p50_spread": spread},
-            settings={"server": {"dtype": "bfloat16"}},
+            metrics=metrics, settings={"server": {"dtype": "bfloat16"}},
         ))  # fmt: skip
         store.add(Measurement(
             kind=QUALITY, checkpoint=info, hardware=hardware(), engine_version=version,
@@ -87,6 +93,13 @@ def test_pick_returns_the_known_best_from_stored_measurements(stored, tmp_path: 
     assert all(c.measured_now == [] for c in result.candidates)
     by_label = {c.label: c for c in result.candidates}
     assert by_label["good"].ppl_increase == pytest.approx(0.03)
+    assert by_label["good"].throughput_tok_s == pytest.approx(4000 / 14)
+    assert by_label["good"].throughput_tok_s_p95 == pytest.approx(0.9 * 4000 / 14)
+    # An older record: p50/p95 from its two rounds (210 and 190 tok/s); one without rounds has no p95.
+    assert by_label["base"].throughput_tok_s == pytest.approx(200.0)
+    assert by_label["base"].throughput_tok_s_p95 == pytest.approx(191.0)
+    assert by_label["slow"].throughput_tok_s == pytest.approx(4000 / 30)
+    assert by_label["slow"].throughput_tok_s_p95 is None
     assert {label for label, c in by_label.items() if c.pareto} == {
         "fast-but-bad",
         "good",
@@ -122,12 +135,18 @@ def test_hubc_pick_cli_finds_the_base_from_report_json(stored, tmp_path: Path, m
     human = CliRunner().invoke(main, args, catch_exceptions=False)
     assert human.exit_code == 0, human.output
     assert "best: good has the lowest TPOT p50" in human.stdout
+    assert "tok/s p50/p95" in human.stdout
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in human.stdout.splitlines() if line.startswith("│")]
+    tok_s = {row[1]: row[4] for row in cells}  # rank, checkpoint, TPOT, TTFT, tok/s p50/p95, ...
+    assert tok_s["good"] == "285.7 / 257.1"  # 4000 / 14, and 90% of it
+    assert tok_s["slow"] == "133.3 / —"  # a record with neither p95 nor rounds
     assert (tmp_path / "hubc-pick-pareto.png").is_file()
 
     as_json = CliRunner().invoke(main, [*args, "--format", "json", "--plot", "p.png"], catch_exceptions=False)
     data = json.loads(as_json.stdout)
     assert data["choice"] == "good" and data["choice_path"] == str(folders["good"].resolve())
     assert [c["label"] for c in data["candidates"]][:3] == ["good", "good-but-larger", "base"]
+    assert data["candidates"][0]["throughput_tok_s_p95"] == pytest.approx(0.9 * 4000 / 14)
 
     missed = CliRunner().invoke(
         main, [*args[:-4], "--max-tpot-ms", "1", "--max-ppl-increase", "5", *args[-2:]]

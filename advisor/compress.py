@@ -40,20 +40,19 @@ def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, to
     at export."""
     if recipe.method == "rtn":
         return None
+    from advisor.assignment import quantized_weights
     from advisor.calibrate import CalibConfig, calibration_windows
-    from advisor.export import scheme_of
 
     cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
     windows = calibration_windows(tokenizer, cal)
     report = report if report is not None else CompressReport()
     report.calibration_tokens = max(report.calibration_tokens, sum(len(w) for w in windows))
-    args = scheme_of(recipe).weights
-    weight_range = tuple(recipe.weight_range) if recipe.weight_range else None
+    wanted = quantized_weights(recipe, structure)
     if recipe.method == "autoround":
         from advisor.quantize.autoround import RoundConfig, autoround_sequential
 
         config = RoundConfig(iterations=recipe.iterations) if recipe.iterations else RoundConfig()
-        quantized, errors = autoround_sequential(model, structure, windows, args, weight_range, config)
+        quantized, errors = autoround_sequential(model, wanted, windows, config)
         report.block_error = {
             "rounding": sum(e[0] for e in errors) / len(errors),
             "learned": sum(e[1] for e in errors) / len(errors),
@@ -62,30 +61,28 @@ def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, to
     from advisor.quantize.gptq import gptq_quantize
     from advisor.quantize.sequential import quantize_sequential
 
-    return quantize_sequential(
-        model, structure, windows, lambda name, w, h: gptq_quantize(w, h, args, weight_range)
-    )
+    return quantize_sequential(model, wanted, windows, lambda name, w, h: gptq_quantize(w, h, *wanted[name]))
 
 
 def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer) -> CompressReport:
     report = CompressReport()
     if recipe.smoothing == "none":
         return report
+    from advisor.assignment import module_schemes
     from advisor.calibrate import CalibConfig, calibration_windows, collect
-    from advisor.export import scheme_of
     from advisor.quantize import smooth
 
     cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
     windows = calibration_windows(tokenizer, cal)
     report.calibration_tokens = sum(len(w) for w in windows)
-    names = [li.name for li in structure.linears]
+    chosen = module_schemes(recipe, structure)
+    names = list(chosen)  # dense linears too: those reading a scaled activation must absorb the factors
     probe = torch.tensor([windows[0][: min(128, len(windows[0]))]])
     with torch.inference_mode():
         before = model(probe).logits.float()
     stats = collect(model, names, windows, cal.sample_rows)
     groups = smooth.find_groups(model, names, windows[0][:64])
-    weight_range = tuple(recipe.weight_range) if recipe.weight_range else None
-    choices = smooth.search_and_apply(model, groups, stats, scheme_of(recipe), weight_range)
+    choices = smooth.search_and_apply(model, groups, stats, chosen, recipe.weight_range)
     with torch.inference_mode():
         after = model(probe).logits.float()
     drift = ((after - before).abs().max() / before.abs().max().clamp_min(1e-6)).item()
@@ -97,7 +94,7 @@ def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer
         )
     report.smoothing_groups = len(choices)
     report.smoothed = sum(c.alpha is not None for c in choices)
-    report.alphas = dict(sorted(Counter("none" if c.alpha is None else f"{c.alpha:.1f}" for c in choices).items()))
+    report.alphas = dict(sorted(Counter("none" if c.alpha is None else f"{c.alpha:.2f}" for c in choices).items()))
     done = [c for c in choices if c.alpha is not None and c.error_before > 0]
     if done:
         report.error_reduction = sum(c.error_after / c.error_before for c in done) / len(done)

@@ -34,21 +34,44 @@ def scheme_of(recipe: Recipe) -> Scheme:
     return get_scheme(recipe.scheme).with_group_size(recipe.group_size)
 
 
-def quantization_config(recipe: Recipe) -> dict:
-    """The `quantization_config` block vLLM's compressed-tensors loader detects, validated by compressed-tensors."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    scheme = scheme_of(recipe)
-    group = {"targets": list(recipe.targets), "weights": scheme.weights.to_ct()}
+def _group(scheme: Scheme, targets: list[str], with_format: bool) -> dict:
+    group = {"targets": targets, "weights": scheme.weights.to_ct()}
     if scheme.input_activations is not None:
         group["input_activations"] = scheme.input_activations.to_ct()
+    if with_format:
+        group["format"] = scheme.ct_format
+    return group
+
+
+def quantization_config(recipe: Recipe, chosen: dict[str, Scheme | None] | None = None) -> dict:
+    """The `quantization_config` block vLLM's compressed-tensors loader detects, validated by compressed-tensors.
+
+    A uniform recipe is one config group targeting every `Linear`; a mixed one has a group per scheme naming its
+    modules exactly, each with its own format, and lists the dense modules in `ignore`."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    ignore = list(recipe.ignore)
+    if not recipe.overrides or chosen is None:
+        scheme = scheme_of(recipe)
+        groups, fmt = {"group_0": _group(scheme, list(recipe.targets), False)}, scheme.ct_format
+    else:
+        from advisor.assignment import used_schemes
+
+        schemes = used_schemes(chosen)
+        groups = {
+            f"group_{i}": _group(s, [n for n, c in chosen.items() if c is not None and c.name == s.name], True)
+            for i, s in enumerate(schemes)
+        }
+        formats = {s.ct_format for s in schemes}
+        fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
+        ignore += [n for n, c in chosen.items() if c is None]
     config = QuantizationConfig.model_validate(
         {
-            "config_groups": {"group_0": group},
-            "format": scheme.ct_format,
+            "config_groups": groups,
+            "format": fmt,
             "quant_method": "compressed-tensors",
             "quantization_status": "compressed",
-            "ignore": list(recipe.ignore),
+            "ignore": ignore,
         }
     )
     return config.model_dump(exclude_none=False, mode="json")
@@ -79,7 +102,9 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    scheme = scheme_of(recipe)
+    from advisor.assignment import code_range, module_schemes
+
+    chosen = module_schemes(recipe, structure)
     weight_range = tuple(recipe.weight_range) if recipe.weight_range else None
     modules = dict(model.named_modules())
     state = {k: v for k, v in model.state_dict().items()}
@@ -88,9 +113,12 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
         # Tied heads share the embedding tensor; the checkpoint stores it once, as transformers does.
         state = {k: v for k, v in state.items() if not (k.startswith(_prefix_of(modules, head)) and k.endswith("weight"))}
     for info in tqdm(structure.linears, desc=f"quantizing ({recipe.scheme}, {recipe.method})", unit="layer"):
+        scheme = chosen[info.name]
+        if scheme is None:
+            continue
         qw = (quantized or {}).get(info.name)
         if qw is None:
-            qw = quantize_weight(modules[info.name].weight, scheme.weights, weight_range)
+            qw = quantize_weight(modules[info.name].weight, scheme.weights, code_range(scheme, weight_range))
         del state[f"{info.name}.weight"]
         for suffix, tensor in _compressed_tensors(qw, scheme).items():
             state[f"{info.name}.{suffix}"] = tensor
@@ -106,9 +134,9 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(recipe)
+    config["quantization_config"] = quantization_config(recipe, chosen)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return ExportResult(out, total, len(structure.linears))
+    return ExportResult(out, total, sum(c is not None for c in chosen.values()))
 
 
 def _prefix_of(modules: dict, target) -> str:
@@ -140,6 +168,20 @@ def _quant_args(block: dict | None) -> QuantArgs | None:
     )
 
 
+def _group_of(name: str, class_name: str, groups: list[dict]) -> dict:
+    """The config group a module belongs to, matched as vLLM matches: by name (exact or `re:`), then by class."""
+    import re
+
+    def hit(target: str, value: str) -> bool:
+        return re.fullmatch(target[3:], value) is not None if target.startswith("re:") else target == value
+
+    for value in (name, class_name):
+        for group in groups:
+            if any(hit(t, value) for t in group["targets"]):
+                return group
+    raise ValueError(f"no quantization config group targets {name}")
+
+
 def load_for_eval(path: Path):
     """Read a compressed-tensors checkpoint back from disk into a float32 transformers model whose linear layers
     compute what the quantized kernels compute (dequantized weights, per-token activation quantization).
@@ -153,8 +195,7 @@ def load_for_eval(path: Path):
     qcfg = config_dict.pop("quantization_config", None)
     if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{path} is not a compressed-tensors checkpoint")
-    (group,) = qcfg["config_groups"].values()
-    w_args, a_args = _quant_args(group["weights"]), _quant_args(group.get("input_activations"))
+    groups = list(qcfg["config_groups"].values())
     config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"}, model_type=config_dict["model_type"])
     # Built on the CPU, not on meta: non-persistent buffers (rotary frequencies) must be real.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -162,6 +203,8 @@ def load_for_eval(path: Path):
     quantized = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight_scale")})
     modules = dict(model.named_modules())
     for name in quantized:
+        group = _group_of(name, type(modules[name]).__name__, groups)
+        w_args, a_args = _quant_args(group["weights"]), _quant_args(group.get("input_activations"))
         scale = state.pop(f"{name}.weight_scale")
         zp = state.pop(f"{name}.weight_zero_point", None)
         if f"{name}.weight_packed" in state:

@@ -19,7 +19,7 @@ SMOOTHING = ("none", "search")
 
 @dataclass
 class Recipe:
-    """One uniform quantization of every linear layer except those in `ignore`."""
+    """How every linear layer is quantized: one scheme, with per-module overrides (mixed precision)."""
 
     scheme: str
     """Scheme id from advisor.schemes (e.g. w8a8-int8, w4a16)."""
@@ -41,8 +41,11 @@ class Recipe:
     """Calibration text and amount, when a step needs it: {text, windows, seq_len}."""
     weight_range: list[int] | None = None
     """Integer code range of the weights when narrower than the type's (e.g. [-64, 63] for AVX2 int8 GEMMs)."""
+    overrides: dict[str, str] = field(default_factory=dict)
+    """Mixed precision: module name (or `re:` regex) → scheme id, or `dense` to leave it unquantized; every other
+    linear gets `scheme`. Linears vLLM fuses (q/k/v, gate/up) must share one scheme."""
     ignore: list[str] = field(default_factory=list)
-    """Linear modules left dense (the output head)."""
+    """Linear modules left dense whatever the overrides say (the output head)."""
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     version: int = RECIPE_VERSION
 
@@ -64,6 +67,9 @@ class Recipe:
         recipe = cls(**data)
         if recipe.smoothing not in SMOOTHING:
             raise AdvisorError(f"unknown smoothing '{recipe.smoothing}'", hint=f"known: {', '.join(SMOOTHING)}")
+        if not isinstance(recipe.overrides, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in recipe.overrides.items()):
+            raise AdvisorError("recipe `overrides` must map module names (or `re:` regexes) to scheme ids or `dense`")
         if recipe.method not in METHODS:
             raise AdvisorError(f"unknown method '{recipe.method}'", hint=f"known methods: {', '.join(METHODS)}")
         return recipe

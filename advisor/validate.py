@@ -1,35 +1,37 @@
-"""Checks made before any long work: the scheme is served on the target, and every shape fits the scheme."""
+"""Checks made before any long work: every scheme is served on the target, and every shape fits its scheme."""
 
 from __future__ import annotations
 
 from advisor.errors import ShapeError
-from advisor.model import ModelStructure
-from advisor.recipe import Recipe
+from advisor.model import LinearInfo, ModelStructure
+from advisor.recipe import METHODS, Recipe
 from advisor.schemes import get_scheme
 
 # Group sizes vLLM's GPU kernels (Marlin) take, largest first; 128 is the usual default when it divides.
 GROUP_SIZES = (128, 64, 32)
 
 
-def choose_group_size(structure: ModelStructure) -> int:
+def choose_group_size(structure: ModelStructure, linears: list[LinearInfo] | None = None) -> int:
     """The largest kernel-supported group size dividing every quantized input dimension."""
-    dims = {li.in_features for li in structure.linears}
+    linears = list(structure.linears) if linears is None else linears
+    dims = {li.in_features for li in linears}
     for g in GROUP_SIZES:
         if all(d % g == 0 for d in dims):
             return g
-    worst = min(structure.linears, key=lambda li: max((g for g in GROUP_SIZES if li.in_features % g == 0), default=0))
+    worst = min(linears, key=lambda li: max((g for g in GROUP_SIZES if li.in_features % g == 0), default=0))
     raise ShapeError(
         f"no group size in {GROUP_SIZES} divides {worst.name} (input dimension {worst.in_features})",
         hint="use a per-channel scheme such as w8a8-int8 or w8a16",
     )
 
 
-def check_group_size(structure: ModelStructure, group_size: int) -> None:
+def check_group_size(structure: ModelStructure, group_size: int, linears: list[LinearInfo] | None = None) -> None:
+    linears = list(structure.linears) if linears is None else linears
     if group_size not in GROUP_SIZES:
         raise ShapeError(f"group size {group_size} has no vLLM kernel", hint=f"use one of {', '.join(map(str, GROUP_SIZES))}")
-    for li in structure.linears:
+    for li in linears:
         if li.in_features % group_size:
-            ok = [g for g in GROUP_SIZES if all(x.in_features % g == 0 for x in structure.linears)]
+            ok = [g for g in GROUP_SIZES if all(x.in_features % g == 0 for x in linears)]
             fix = f"use --group-size {ok[0]}" if ok else "use a per-channel scheme such as w8a8-int8"
             raise ShapeError(
                 f"group size {group_size} does not divide {li.name} (input dimension {li.in_features})", hint=fix
@@ -38,36 +40,15 @@ def check_group_size(structure: ModelStructure, group_size: int) -> None:
 
 def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
          smoothing: str | None = None, calibration: dict | None = None, method: str = "rtn",
-         iterations: int | None = None) -> Recipe:
+         iterations: int | None = None, overrides: dict[str, str] | None = None) -> Recipe:
     """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix."""
     scheme = get_scheme(scheme_name or target.default_scheme)
-    target.require_scheme(scheme.name)
-    if scheme.grouped:
-        if group_size is None:
-            group_size = choose_group_size(structure)
-        else:
-            check_group_size(structure, group_size)
-    elif group_size is not None:
-        raise ShapeError(f"scheme {scheme.name} quantizes per channel; --group-size does not apply",
-                         hint="drop --group-size, or use w4a16")
-    weight_range = None
-    if scheme.weights.type == "int" and scheme.weights.num_bits == 8 and scheme.input_activations is not None:
-        lo, hi = target.int8_weight_range
-        if (lo, hi) != (-128, 127):
-            weight_range = [int(lo), int(hi)]
-    from advisor.recipe import METHODS
-
     if method not in METHODS:
         raise ShapeError(f"unknown method '{method}'", hint=f"use one of {', '.join(METHODS)}")
-    if method != "rtn" and scheme.weights.type != "int":
-        raise ShapeError(f"{method} rounds integer weights; {scheme.name} stores FP8", hint="use --method rtn for fp8")
-    if iterations is not None and (method != "autoround" or iterations < 1):
-        raise ShapeError("--iterations sets the learning steps of --method autoround (a positive number)",
-                         hint="drop --iterations, or use --method autoround with --iterations ≥ 1")
     if smoothing is None:
         # Per-token activation quantization is where W8A8/FP8 lose quality (outlier channels): smooth by default.
         smoothing = "search" if scheme.input_activations is not None else "none"
-    return Recipe(
+    recipe = Recipe(
         scheme=scheme.name,
         smoothing=smoothing,
         calibration=(calibration or {"text": "wikitext2-valid", "windows": 16 if method == "rtn" else 32,
@@ -76,7 +57,46 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
         target=target.name,
         method=method,
         iterations=iterations,
-        group_size=group_size if scheme.grouped else None,
-        weight_range=weight_range,
+        group_size=group_size,
+        overrides=dict(overrides or {}),
         ignore=list(structure.skipped),
     )
+    return check_recipe(recipe, structure, target)
+
+
+def check_recipe(recipe: Recipe, structure: ModelStructure, target) -> Recipe:
+    """Validate a recipe (planned here or read from a file) against the model and the target, filling in what is
+    chosen per model (group size, this target's int8 code range). Raises with the module and the fix."""
+    from dataclasses import replace
+
+    from advisor.assignment import check_fused, module_schemes, used_schemes
+
+    if recipe.method not in METHODS:
+        raise ShapeError(f"unknown method '{recipe.method}'", hint=f"use one of {', '.join(METHODS)}")
+    chosen = module_schemes(replace(recipe, group_size=None), structure)
+    check_fused(chosen)
+    schemes = used_schemes(chosen)
+    for scheme in schemes:
+        target.require_scheme(scheme.name)
+        if recipe.method != "rtn" and scheme.weights.type != "int":
+            raise ShapeError(f"{recipe.method} rounds integer weights; {scheme.name} stores FP8",
+                             hint="use --method rtn for fp8")
+    grouped = [li for li in structure.linears if chosen[li.name] is not None and chosen[li.name].grouped]
+    group_size = recipe.group_size
+    if grouped:
+        if group_size is None:
+            group_size = choose_group_size(structure, grouped)
+        else:
+            check_group_size(structure, group_size, grouped)
+    elif group_size is not None:
+        raise ShapeError(f"scheme {recipe.scheme} quantizes per channel; --group-size does not apply",
+                         hint="drop --group-size, or use w4a16")
+    if recipe.iterations is not None and (recipe.method != "autoround" or recipe.iterations < 1):
+        raise ShapeError("--iterations sets the learning steps of --method autoround (a positive number)",
+                         hint="drop --iterations, or use --method autoround with --iterations ≥ 1")
+    weight_range = None
+    if any(s.weights.type == "int" and s.weights.num_bits == 8 and s.input_activations is not None for s in schemes):
+        lo, hi = target.int8_weight_range
+        if (lo, hi) != (-128, 127):
+            weight_range = [int(lo), int(hi)]
+    return replace(recipe, target=target.name, group_size=group_size, weight_range=weight_range)

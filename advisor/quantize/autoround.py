@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from advisor.model import ModelStructure
 from advisor.quantize.rtn import QuantizedWeight, int_range
 from advisor.quantize.sequential import decoder_layers, layer_inputs, layer_output
 from advisor.schemes import QuantArgs
@@ -171,12 +170,11 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
     return before, after
 
 
-def autoround_sequential(model, structure: ModelStructure, windows: list[list[int]], args: QuantArgs,
-                         weight_range=None, config: RoundConfig = RoundConfig()) -> tuple[dict[str, QuantizedWeight], list]:
-    """Quantize every decoder linear with learned rounding, block by block. Returns the quantized weights and the
-    per-block (error of plain rounding, error after learning)."""
+def autoround_sequential(model, wanted: dict[str, tuple[QuantArgs, tuple[int, int] | None]], windows: list[list[int]],
+                         config: RoundConfig = RoundConfig()) -> tuple[dict[str, QuantizedWeight], list]:
+    """Quantize the `wanted` decoder linears (name → weight args, integer code range) with learned rounding, block
+    by block. Returns the quantized weights and the per-block (error of plain rounding, error after learning)."""
     prefix, layers = decoder_layers(model)
-    wanted = {li.name for li in structure.linears}
     captured = [_trainable(c) for c in layer_inputs(model, layers, windows)]
     fp_inputs = captured
     q_inputs = captured
@@ -187,7 +185,7 @@ def autoround_sequential(model, structure: ModelStructure, windows: list[list[in
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
         with torch.no_grad():
             targets = [layer_output(layer(*a, **k)) for a, k in fp_inputs]
-        learned = {n: _LearnedRounding(m.weight, args, weight_range) for n, m in names.items()}
+        learned = {n: _LearnedRounding(m.weight, *wanted[f"{prefix}.{i}.{n}"]) for n, m in names.items()}
         errors.append(optimize_block(layer, learned, q_inputs, targets, config))
         for n, m in names.items():
             qw = learned[n].quantized()

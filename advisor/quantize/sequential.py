@@ -14,7 +14,6 @@ import torch
 from tqdm import tqdm
 
 from advisor.errors import UnsupportedArchitectureError
-from advisor.model import ModelStructure
 from advisor.quantize.rtn import QuantizedWeight
 
 
@@ -60,16 +59,15 @@ def layer_output(result):
 @torch.inference_mode()
 def quantize_sequential(
     model,
-    structure: ModelStructure,
+    wanted: set[str] | dict,
     windows: list[list[int]],
     quantize: Callable[[str, torch.Tensor, torch.Tensor], QuantizedWeight],
 ) -> dict[str, QuantizedWeight]:
-    """Quantize every linear of every decoder layer with `quantize(name, weight, hessian)`; linears outside the
-    decoder stack are left to the caller. Each quantized weight is written back (dequantized) so later layers see
-    the quantized model's activations."""
+    """Quantize the `wanted` linears of every decoder layer with `quantize(name, weight, hessian)`; linears outside
+    the decoder stack are left to the caller. Each quantized weight is written back (dequantized) so later layers
+    see the quantized model's activations."""
     prefix, layers = decoder_layers(model)
     inputs = layer_inputs(model, layers, windows)
-    wanted = {li.name for li in structure.linears}
     results: dict[str, QuantizedWeight] = {}
     for i, layer in enumerate(tqdm(layers, desc="quantizing layer by layer", unit="layer", leave=False)):
         names = {f"{prefix}.{i}.{n}": m for n, m in layer.named_modules()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from advisor.assignment import code_range
 from advisor.calibrate import LinearStats
 from advisor.quantize.rtn import fake_quantize_activations, quantize_weight
 from advisor.schemes import Scheme
@@ -126,26 +127,26 @@ def _producer_absmax(x_absmax: torch.Tensor, group: SmoothGroup) -> torch.Tensor
 
 
 def _error(xs: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor | None,
-           scheme: Scheme, weight_range) -> float:
+           schemes: list[Scheme], weight_range) -> float:
     """Relative squared error of the quantized outputs against the full-precision ones, summed over consumers."""
     err = 0.0
-    for w, ref in zip(weights, refs):
+    for w, ref, scheme in zip(weights, refs, schemes):
         xq, wq = (xs, w) if s is None else (xs / s, w * s)
         if scheme.input_activations is not None:
             xq = fake_quantize_activations(xq, scheme.input_activations)
-        out = xq @ quantize_weight(wq, scheme.weights, weight_range).dequantize().T
+        out = xq @ quantize_weight(wq, scheme.weights, code_range(scheme, weight_range)).dequantize().T
         err += ((out - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)).item()
     return err
 
 
-def _candidates(g: SmoothGroup, st: LinearStats, weights: list[torch.Tensor], scheme: Scheme):
+def _candidates(g: SmoothGroup, st: LinearStats, weights: list[torch.Tensor], quantized_activations: bool):
     """(alpha, per-producer-channel factors) to try for one group.
 
     With quantized activations (SmoothQuant) the factors balance each channel's activation and weight maxima,
     s = max|x|^α / max|w|^(1-α). Weight-only (AWQ, Lin et al. 2024) the activations stay exact, so the factors only
     enlarge the weight columns that meet large activations, s = mean|x|^α, protecting them from rounding error.
     """
-    if scheme.input_activations is not None:
+    if quantized_activations:
         w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
         p_x = _producer_absmax(st.absmax, g).clamp_min(1e-5)
         p_w = _producer_absmax(w_absmax, g).clamp_min(1e-5)
@@ -159,22 +160,28 @@ def _candidates(g: SmoothGroup, st: LinearStats, weights: list[torch.Tensor], sc
 
 
 @torch.inference_mode()
-def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearStats], scheme: Scheme,
-                     weight_range: tuple[int, int] | None) -> list[SmoothChoice]:
-    """For each group pick the alpha (or none) that minimises the quantized output error, then fold it in."""
+def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearStats],
+                     schemes: dict[str, Scheme | None], weight_range) -> list[SmoothChoice]:
+    """For each group pick the alpha (or none) that minimises the quantized output error of its consumers (each
+    under its own scheme; dense consumers only absorb the factors), then fold it in."""
     modules = dict(model.named_modules())
     choices = []
     from tqdm import tqdm
 
-    for g in tqdm(groups, desc="smoothing activation outliers", unit="group", leave=False):
-        st = stats[g.consumers[0]]
+    for g in tqdm(groups, desc="searching per-channel scales", unit="group", leave=False):
+        quantized = [c for c in g.consumers if schemes.get(c) is not None]
+        if not quantized:
+            continue
+        st = stats[quantized[0]]
         xs = st.sample[0]
-        weights = [modules[c].weight.detach().float() for c in g.consumers]
+        weights = [modules[c].weight.detach().float() for c in quantized]
+        consumer_schemes = [schemes[c] for c in quantized]
         refs = [xs @ w.T for w in weights]
-        base = _error(xs, weights, refs, None, scheme, weight_range)
+        base = _error(xs, weights, refs, None, consumer_schemes, weight_range)
         best_alpha, best_err, best_s = None, base, None
-        for alpha, s in _candidates(g, st, weights, scheme):
-            err = _error(xs, weights, refs, _expand(s, g), scheme, weight_range)
+        acts = any(sc.input_activations is not None for sc in consumer_schemes)
+        for alpha, s in _candidates(g, st, weights, acts):
+            err = _error(xs, weights, refs, _expand(s, g), consumer_schemes, weight_range)
             if err < best_err:
                 best_alpha, best_err, best_s = alpha, err, s
         if best_s is not None:

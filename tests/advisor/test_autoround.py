@@ -30,8 +30,8 @@ def test_learned_rounding_beats_rounding_to_nearest_and_exports(tiny_llama_dir, 
     model = load_model(tiny_llama_dir)
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     args = scheme_of(recipe).weights
-    quantized, errors = autoround_sequential(model, structure, _windows(8), args,
-                                             config=RoundConfig(iterations=20, batch=4, bf16=bf16))
+    wanted = {li.name: (args, None) for li in structure.linears}
+    quantized, errors = autoround_sequential(model, wanted, _windows(8), RoundConfig(iterations=20, batch=4, bf16=bf16))
     assert set(quantized) == {li.name for li in structure.linears}
     assert all(after < 0.9 * before for before, after in errors)
     for name, qw in quantized.items():

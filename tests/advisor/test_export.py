@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from advisor.errors import ShapeError, UnsupportedSchemeError
+from advisor.errors import AdvisorError, ShapeError, UnsupportedSchemeError
 from advisor.export import load_for_eval, quantization_config, quantize_and_export
 from advisor.model import inspect_structure, load_model
 from advisor.quantize.rtn import quantize_weight
@@ -104,3 +104,91 @@ def test_checkpoint_reads_the_same_in_compressed_tensors_and_hubc(tiny_llama_dir
     assert (a - b).abs().max().item() < atol
     assert (a - base).abs().max().item() > 0  # quantization really happened
 
+
+
+VLLM_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+@pytest.fixture(scope="module")
+def vllm_scheme_of(tiny_llama_dir):
+    """vLLM's own compressed-tensors scheme selection for a layer (as its model loader calls it), runnable without
+    the GPU the scheme targets."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    with set_current_vllm_config(VllmConfig(model_config=ModelConfig(model=str(tiny_llama_dir), dtype="bfloat16"))):
+        def select(qcfg: dict, layer: str) -> str | None:
+            config = CompressedTensorsConfig.from_config(qcfg)
+            config.packed_modules_mapping = VLLM_FUSED
+            scheme = config.get_scheme(torch.nn.Linear(8, 8), layer)
+            return None if scheme is None else type(scheme).__name__
+
+        yield select
+
+
+@pytest.mark.parametrize("scheme,target,expected", [
+    ("w4a16", "a10g", "CompressedTensorsWNA16"), ("w8a16", "t4", "CompressedTensorsWNA16"),
+    ("fp8", "h100", "CompressedTensorsW8A8Fp8"), ("w8a8-int8", "l4", "CompressedTensorsW8A8Int8"),
+])
+def test_vllm_selects_the_intended_kernel_scheme_for_gpu_targets(tiny_llama_dir, vllm_scheme_of, scheme, target, expected):
+    recipe = plan(inspect_structure(tiny_llama_dir), get_target(target), scheme, None)
+    qcfg = quantization_config(recipe)
+    assert vllm_scheme_of(qcfg, "model.layers.0.self_attn.qkv_proj") == expected
+    assert vllm_scheme_of(qcfg, "model.layers.1.mlp.down_proj") == expected
+    assert vllm_scheme_of(qcfg, "lm_head") is None
+
+
+def test_mixed_precision_recipe_exports_config_groups_every_reader_agrees_on(tiny_llama_dir, tmp_path, vllm_scheme_of):
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM
+
+    structure = inspect_structure(tiny_llama_dir)
+    overrides = {
+        r"re:.*\.mlp\.down_proj": "w8a8-int8",
+        "model.layers.0.mlp.gate_proj": "w8a16",
+        "model.layers.0.mlp.up_proj": "w8a16",
+        "model.layers.1.self_attn.o_proj": "dense",
+    }
+    recipe = plan(structure, get_target("h100"), "w4a16", None, overrides=overrides)
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    model = load_model(tiny_llama_dir)
+    dense_weight = model.model.layers[1].self_attn.o_proj.weight.detach().clone()
+    result = quantize_and_export(model, structure, recipe, tmp_path)
+    assert result.quantized_modules == len(structure.linears) - 1
+
+    qcfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(qcfg)
+    assert qcfg["format"] == "mixed-precision" and len(qcfg["config_groups"]) == 3
+    assert set(qcfg["ignore"]) == {"lm_head", "model.layers.1.self_attn.o_proj"}
+    expect = {
+        "model.layers.0.self_attn.qkv_proj": "CompressedTensorsWNA16",
+        "model.layers.0.mlp.gate_up_proj": "CompressedTensorsWNA16",
+        "model.layers.1.mlp.gate_up_proj": "CompressedTensorsWNA16",
+        "model.layers.0.mlp.down_proj": "CompressedTensorsW8A8Int8",
+        "model.layers.1.self_attn.o_proj": None,
+    }
+    assert {layer: vllm_scheme_of(qcfg, layer) for layer in expect} == expect
+
+    ours = load_for_eval(tmp_path)
+    assert torch.equal(ours.model.layers[1].self_attn.o_proj.weight, dense_weight)
+    assert ours.model.layers[0].mlp.down_proj.act_args is not None  # int8 activations where W8A8
+    assert ours.model.layers[0].mlp.gate_proj.act_args is None
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert (a - b).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.layers.0.self_attn.q_proj": "w8a16"}, "vLLM fuses q_proj/k_proj/v_proj"),
+    ({"model.layers.0.mlp.gate_proj": "dense"}, "vLLM fuses gate_proj/up_proj"),
+    ({"model.layers.9.mlp.down_proj": "w8a16"}, "matches no quantizable linear"),
+    ({"re:.*down_proj": "int3"}, "unknown scheme 'int3'"),
+])
+def test_mixed_precision_recipe_errors_name_the_module_and_fix(tiny_llama_dir, overrides, match):
+    structure = inspect_structure(tiny_llama_dir)
+    with pytest.raises(AdvisorError, match=match):
+        plan(structure, get_target("h100"), "w4a16", None, overrides=overrides)

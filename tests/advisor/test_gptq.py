@@ -51,7 +51,8 @@ def test_sequential_gptq_exports_a_readable_checkpoint(tiny_llama_dir, tmp_path)
     gen = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, 1024, (64,), generator=gen).tolist() for _ in range(4)]
     args = scheme_of(recipe).weights
-    quantized = quantize_sequential(model, structure, windows, lambda n, w, h: gptq_quantize(w, h, args))
+    wanted = {li.name for li in structure.linears}
+    quantized = quantize_sequential(model, wanted, windows, lambda n, w, h: gptq_quantize(w, h, args))
     assert set(quantized) == {li.name for li in structure.linears}
     quantize_and_export(model, structure, recipe, tmp_path, quantized)
     ids = torch.tensor([windows[0]])

@@ -53,7 +53,7 @@ def test_smoothing_keeps_the_model_and_reduces_quantization_error(kind):
     assert sorted(c.rsplit(".", 1)[-1] for c in qkv.consumers) == ["k_proj", "q_proj", "v_proj"]
 
     stats = collect(model, names, windows, 128)
-    choices = smooth.search_and_apply(model, groups, stats, get_scheme("w8a8-int8"), None)
+    choices = smooth.search_and_apply(model, groups, stats, dict.fromkeys(names, get_scheme("w8a8-int8")), None)
     with torch.inference_mode():
         after = model(probe).logits
     assert (after - before).abs().max() / before.abs().max() < 1e-4
@@ -75,7 +75,8 @@ def test_activation_aware_scaling_protects_weight_only_quantization(kind):
         before = model(probe).logits
     groups = smooth.find_groups(model, names, windows[0][:16])
     stats = collect(model, names, windows, 128)
-    choices = smooth.search_and_apply(model, groups, stats, get_scheme("w4a16").with_group_size(32), None)
+    choices = smooth.search_and_apply(model, groups, stats, dict.fromkeys(names, get_scheme("w4a16").with_group_size(32)),
+                                      None)
     with torch.inference_mode():
         after = model(probe).logits
     assert (after - before).abs().max() / before.abs().max() < 1e-4

@@ -1,0 +1,87 @@
+"""Which scheme each linear layer gets: the recipe's default scheme, per-module overrides, or `dense`.
+
+Overrides name modules exactly or by `re:` regex (compressed-tensors' and vLLM's own target syntax). Exact names win
+over regexes, as in vLLM's target matching. vLLM fuses some sibling linears into one kernel call (q/k/v into
+`qkv_proj`, gate/up into `gate_up_proj`), so siblings that vLLM fuses must share one scheme.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from advisor.errors import ShapeError
+from advisor.model import ModelStructure
+from advisor.recipe import Recipe
+from advisor.schemes import Scheme, get_scheme
+
+DENSE = "dense"
+
+# Sibling linears vLLM loads into one fused layer (its packed_modules_mapping for Llama-like models).
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _matches(key: str, name: str) -> bool:
+    return re.fullmatch(key[3:], name) is not None if key.startswith("re:") else key == name
+
+
+def module_schemes(recipe: Recipe, structure: ModelStructure) -> dict[str, Scheme | None]:
+    """Every quantizable linear → its scheme (group size applied), or None when it stays dense."""
+    default = get_scheme(recipe.scheme).with_group_size(recipe.group_size)
+    chosen: dict[str, Scheme | None] = {}
+    used = set()
+    exact = {k: v for k, v in recipe.overrides.items() if not k.startswith("re:")}
+    regexes = [(k, v) for k, v in recipe.overrides.items() if k.startswith("re:")]
+    for li in structure.linears:
+        key, value = (li.name, exact[li.name]) if li.name in exact else next(
+            ((k, v) for k, v in regexes if _matches(k, li.name)), (None, None))
+        if key is None:
+            chosen[li.name] = default
+            continue
+        used.add(key)
+        chosen[li.name] = None if value == DENSE else get_scheme(value).with_group_size(recipe.group_size)
+    unused = [k for k in recipe.overrides if k not in used]
+    if unused:
+        raise ShapeError(f"recipe override '{unused[0]}' matches no quantizable linear layer of {structure.architecture}",
+                         hint="name modules as `model.named_modules()` does, or use a `re:` regex")
+    return chosen
+
+
+def check_fused(chosen: dict[str, Scheme | None]) -> None:
+    """Refuse assignments that give siblings vLLM fuses into one layer different schemes."""
+    by_parent: dict[str, dict[str, Scheme | None]] = defaultdict(dict)
+    for name, scheme in chosen.items():
+        parent, _, leaf = name.rpartition(".")
+        by_parent[parent][leaf] = scheme
+    for parent, leaves in by_parent.items():
+        for siblings in FUSED_SIBLINGS:
+            present = [s for s in siblings if s in leaves]
+            kinds = {leaves[s].name if leaves[s] else DENSE for s in present}
+            if len(kinds) > 1:
+                names = ", ".join(f"{parent}.{s}={leaves[s].name if leaves[s] else DENSE}" for s in present)
+                raise ShapeError(
+                    f"vLLM fuses {'/'.join(present)} into one layer, so they need one scheme ({names})",
+                    hint=f"give {parent}.{{{','.join(present)}}} the same scheme in the recipe overrides",
+                )
+
+
+def code_range(scheme: Scheme, weight_range: tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """A recipe's narrowed int8 code range applies to int8 GEMMs (W8A8) only, not to weight-only kernels."""
+    if weight_range is None or scheme.input_activations is None or scheme.weights.type != "int":
+        return None
+    return (int(weight_range[0]), int(weight_range[1]))
+
+
+def quantized_weights(recipe: Recipe, structure: ModelStructure) -> dict[str, tuple]:
+    """Each linear that gets quantized → (its weight QuantArgs, its integer code range or None)."""
+    return {name: (scheme.weights, code_range(scheme, recipe.weight_range))
+            for name, scheme in module_schemes(recipe, structure).items() if scheme is not None}
+
+
+def used_schemes(chosen: dict[str, Scheme | None]) -> list[Scheme]:
+    """Distinct schemes in first-use order."""
+    seen: dict[str, Scheme] = {}
+    for scheme in chosen.values():
+        if scheme is not None:
+            seen.setdefault(scheme.name, scheme)
+    return list(seen.values())

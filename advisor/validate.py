@@ -99,4 +99,5 @@ def check_recipe(recipe: Recipe, structure: ModelStructure, target) -> Recipe:
         lo, hi = target.int8_weight_range
         if (lo, hi) != (-128, 127):
             weight_range = [int(lo), int(hi)]
-    return replace(recipe, target=target.name, group_size=group_size, weight_range=weight_range)
+    ignore = list(structure.skipped) + [m for m in recipe.ignore if m not in structure.skipped]
+    return replace(recipe, target=target.name, group_size=group_size, weight_range=weight_range, ignore=ignore)

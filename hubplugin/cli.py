@@ -90,13 +90,15 @@ def _target_dict(t) -> dict:
 @click.option("--target", "-t", required=True, help="hardware target from `hubc targets` (cpu, t4, a10g, l4, ...)")
 @click.option("--scheme", help="w8a8-int8, w4a16, w8a16 or fp8 (default: the target's default)")
 @click.option("--group-size", type=int, help="weights per scale for w4a16 (default: chosen per model)")
-@click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True,
-              help="weight rounding: round-to-nearest, GPTQ, or autoround (rounding learned block by block); "
-                   "calibrated methods use wikitext-2 valid")
+@click.option("--method", type=click.Choice(METHODS),
+              help="weight rounding: rtn (round-to-nearest, the default), gptq, or autoround (rounding learned block "
+                   "by block); calibrated methods use wikitext-2 valid")
 @click.option("--iterations", type=click.IntRange(min=1), help="learning steps per decoder block for --method autoround")
 @click.option("--smoothing", type=click.Choice(["search", "none"]),
               help="per-channel scaling searched on calibration text: SmoothQuant for w8a8-int8/fp8 (their default), "
                    "activation-aware (AWQ-style) for weight-only schemes")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="recipe YAML to apply (e.g. per-module mixed precision) instead of --scheme/--method/...")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder once the new one is complete")
 @click.option("--push", "push_repo", metavar="REPO_ID", help="push the variant to this Hub repo in one commit")
@@ -108,7 +110,7 @@ def _target_dict(t) -> dict:
 @click.option("--eval-windows", type=int, default=4, show_default=True, help="windows per text")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
-def optimize(model, target, scheme, group_size, method, iterations, smoothing, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
+def optimize(model, target, scheme, group_size, method, iterations, smoothing, recipe_file, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
              eval_windows, seq_len, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
@@ -118,8 +120,13 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, o
         from hubplugin.optimize import optimize as run
         from hubplugin.render import summary
 
+        recipe = None
+        if recipe_file is not None:
+            recipe = _read_recipe(recipe_file, scheme=scheme, group_size=group_size, method=method,
+                                  iterations=iterations, smoothing=smoothing)
         config = OptimizeConfig(
-            scheme=scheme, group_size=group_size, method=method, iterations=iterations, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
+            recipe=recipe,
+            scheme=scheme, group_size=group_size, method=method or "rtn", iterations=iterations, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
             serve=not no_serve, revision=revision,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
         )
@@ -130,6 +137,28 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, o
             summary(result)
 
     _run(body)
+
+
+def _read_recipe(path: Path, **flags):
+    """A recipe file replaces the flags that describe a recipe; giving both is ambiguous."""
+    from advisor.recipe import Recipe
+    from hubplugin.errors import HubcError
+
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    if given:
+        raise HubcError(f"--recipe already says how to quantize; {', '.join(given)} would conflict with it",
+                        hint="edit the recipe file, or drop --recipe")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise HubcError(f"cannot read recipe {path}: {exc.strerror}", hint="pass an existing recipe YAML file") from None
+    import yaml
+
+    try:
+        return Recipe.from_yaml(text)
+    except (yaml.YAMLError, TypeError) as exc:
+        raise HubcError(f"{path} is not a valid recipe ({str(exc).splitlines()[0]})",
+                        hint="see recipe.yaml in any hubc output folder for the format") from None
 
 
 @main.command()

@@ -49,6 +49,8 @@ class OptimizeConfig:
     """Serve base and variant with vLLM and measure served quality and latency (targets this machine runs)."""
     revision: str | None = None
     token: str | None = None
+    recipe: Recipe | None = None
+    """A recipe to apply instead of scheme/group_size/method/smoothing/iterations (e.g. mixed precision)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     latency_prompt_tokens: int = 128
     latency_output_tokens: int = 32
@@ -115,7 +117,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
 
     started = time.monotonic()
     target = get_target(target_name)
-    scheme = get_scheme(config.scheme or target.default_scheme)
+    scheme = get_scheme(config.recipe.scheme if config.recipe else config.scheme or target.default_scheme)
     target.require_scheme(scheme.name)
     if config.out is not None:
         _check_out(config.out, config.overwrite)
@@ -136,11 +138,14 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     _check_out(out, config.overwrite)
 
     from advisor.model import inspect_structure
-    from advisor.validate import plan
+    from advisor.validate import check_recipe, plan
 
     structure = inspect_structure(source.path)
-    recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing,
-                  method=config.method, iterations=config.iterations)
+    if config.recipe is not None:
+        recipe = check_recipe(config.recipe, structure, target)
+    else:
+        recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing,
+                      method=config.method, iterations=config.iterations)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

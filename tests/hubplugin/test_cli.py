@@ -147,3 +147,37 @@ def test_overwrite_replaces_only_a_complete_checkpoint(tiny_llama_dir, tmp_path)
     names = {p.name for p in out.iterdir()}
     assert "old.txt" not in names and {"README.md", "config.json", "recipe.yaml", "report.json"} <= names
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # no staging folder left behind
+
+
+def test_mixed_precision_recipe_file_is_applied_and_recorded(tiny_llama_dir, tmp_path):
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "scheme": "w8a8-int8", "target": "cpu",
+        "overrides": {"re:.*mlp\\.down_proj": "dense", "model.layers.0.self_attn.o_proj": "dense"},
+    }))
+    out = tmp_path / "o"
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--recipe", str(recipe), "--out", str(out),
+                 "--format", "json", *SMALL_EVAL)
+    assert result.exit_code == 0, result.output
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(qcfg["ignore"]) == {"lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
+                                   "model.layers.0.self_attn.o_proj"}
+    written = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert written["overrides"]["model.layers.0.self_attn.o_proj"] == "dense"
+    assert json.loads(result.stdout)["quantized_modules"] == 14 - 3
+
+
+@pytest.mark.parametrize("content,extra,fragments", [
+    ({"scheme": "w8a8-int8", "target": "cpu"}, ["--scheme", "fp8"], ["--recipe", "--scheme"]),
+    ({"scheme": "w8a8-int8", "target": "cpu", "overrides": {"model.layers.0.self_attn.k_proj": "dense"}}, [],
+     ["q_proj/k_proj/v_proj", "same scheme"]),
+    ({"scheme": "w8a8-int8", "target": "cpu", "module_path": "os.system"}, [], ["unknown recipe keys: module_path"]),
+    ({"target": "cpu"}, [], ["not a valid recipe"]),
+])
+def test_bad_recipe_files_fail_in_one_line_before_work(tiny_llama_dir, tmp_path, content, extra, fragments):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(content))
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--recipe", str(recipe),
+                 "--out", str(tmp_path / "o"), *extra, *SMALL_EVAL)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "o").exists()

@@ -108,10 +108,7 @@ def card_context(result) -> dict:
         ctx.update(
             vllm_version=lat.vllm_version,
             hardware=lat.hardware,
-            latency_settings=(
-                f"{s['requests']} sequential requests (concurrency 1) of {s['prompt_tokens']} prompt tokens and "
-                f"{s['output_tokens']} output tokens, dtype {s['dtype']}, enforce-eager, base and variant on the same settings"
-            ),
+            latency_settings=_latency_settings(s),
             latency_rows=[
                 {
                     "name": name,
@@ -126,6 +123,25 @@ def card_context(result) -> dict:
             speed_note=speed_note(result),
         )
     return ctx
+
+
+def _latency_settings(s: dict) -> str:
+    """The recorded server and request settings of the latency measurement, as the card's Serving section states
+    them (only what was recorded: a setting missing from an older report.json is left out, never guessed)."""
+    server = [f"dtype {s['dtype']}"]
+    if s.get("max_model_len"):
+        server.append(f"max-model-len {s['max_model_len']}")
+    if s.get("kv_cache_gib"):
+        server.append(f"{s['kv_cache_gib']:g} GiB KV cache")
+    if s.get("enforce_eager"):
+        server.append("enforce-eager")
+    server += [str(arg) for arg in s.get("extra_args") or ()]
+    warmup = f" after {s['warmup']} unmeasured warm-up request(s)" if s.get("warmup") else ""
+    return (
+        f"{s['requests']} sequential requests (concurrency 1) of {s['prompt_tokens']} prompt tokens and "
+        f"{s['output_tokens']} output tokens{warmup}; server {', '.join(server)}; base and variant on the same "
+        "settings"
+    )
 
 
 def speed_note(result) -> str:

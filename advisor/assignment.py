@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import NamedTuple
 
 from advisor.errors import ShapeError
 from advisor.model import ModelStructure
 from advisor.recipe import Recipe
-from advisor.schemes import Scheme, get_scheme
+from advisor.schemes import QuantArgs, Scheme, get_scheme
 
 DENSE = "dense"
 
@@ -72,9 +73,18 @@ def code_range(scheme: Scheme, weight_range: tuple[int, int] | list[int] | None)
     return (int(weight_range[0]), int(weight_range[1]))
 
 
-def quantized_weights(recipe: Recipe, structure: ModelStructure) -> dict[str, tuple]:
-    """Each linear that gets quantized → (its weight QuantArgs, its integer code range or None)."""
-    return {name: (scheme.weights, code_range(scheme, recipe.weight_range))
+class QuantTarget(NamedTuple):
+    """What a calibrated method needs to know about one linear it quantizes."""
+
+    weights: QuantArgs
+    code_range: tuple[int, int] | None
+    activations: QuantArgs | None
+    """How the kernel quantizes this linear's inputs (None: kept in 16 bits)."""
+
+
+def quantized_weights(recipe: Recipe, structure: ModelStructure) -> dict[str, QuantTarget]:
+    """Each linear that gets quantized → its QuantTarget."""
+    return {name: QuantTarget(scheme.weights, code_range(scheme, recipe.weight_range), scheme.input_activations)
             for name, scheme in module_schemes(recipe, structure).items() if scheme is not None}
 
 

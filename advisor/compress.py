@@ -61,7 +61,10 @@ def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, to
     from advisor.quantize.gptq import gptq_quantize
     from advisor.quantize.sequential import quantize_sequential
 
-    return quantize_sequential(model, wanted, windows, lambda name, w, h: gptq_quantize(w, h, *wanted[name]))
+    return quantize_sequential(
+        model, wanted, windows, lambda name, w, h: gptq_quantize(w, h, wanted[name].weights, wanted[name].code_range),
+        act_args={n: t.activations for n, t in wanted.items()},
+    )
 
 
 def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer) -> CompressReport:

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from advisor.quantize.rtn import QuantizedWeight, int_range
-from advisor.quantize.sequential import decoder_layers, layer_inputs, layer_output
+from advisor.quantize.sequential import decoder_layers, layer_inputs, layer_output, quantize_activations_of
 from advisor.schemes import QuantArgs
 
 
@@ -135,6 +135,7 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
     for p in frozen:
         p.requires_grad_(False)
     try:
+        start = {n: lr.snapshot() for n, lr in linears.items()}
         before = error()
         for step in range(config.iterations):
             picks = torch.randperm(len(targets), generator=gen)[: config.batch].tolist()
@@ -153,27 +154,32 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
                     p.grad = None
             for lr in linears.values():
                 lr.project(config.min_clip)
-        candidate = {n: lr.snapshot() for n, lr in linears.items()}
-        after = error()
-        if best is not None:
+        # Keep whichever is best on every calibration window: the last step, the best minibatch step, or plain
+        # rounding (learning on minibatches can fail to beat it).
+        final = {n: lr.snapshot() for n, lr in linears.items()}
+        after, chosen = before, start
+        for candidate in (final, best):
+            if candidate is None:
+                continue
             for n, lr in linears.items():
-                lr.restore(best[n])
-            best_err = error()
-            if best_err > after:
-                for n, lr in linears.items():
-                    lr.restore(candidate[n])
-            else:
-                after = best_err
+                lr.restore(candidate[n])
+            err = error()
+            if err < after:
+                after, chosen = err, candidate
+        for n, lr in linears.items():
+            lr.restore(chosen[n])
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return before, after
 
 
-def autoround_sequential(model, wanted: dict[str, tuple[QuantArgs, tuple[int, int] | None]], windows: list[list[int]],
+def autoround_sequential(model, wanted: dict, windows: list[list[int]],
                          config: RoundConfig = RoundConfig()) -> tuple[dict[str, QuantizedWeight], list]:
-    """Quantize the `wanted` decoder linears (name → weight args, integer code range) with learned rounding, block
-    by block. Returns the quantized weights and the per-block (error of plain rounding, error after learning)."""
+    """Quantize the `wanted` decoder linears (name → advisor.assignment.QuantTarget) with learned rounding, block
+    by block; where the scheme quantizes activations, they are quantized while learning too (straight-through), so
+    the rounding also compensates the activation error. Returns the quantized weights and the per-block (error of
+    plain rounding, error after learning)."""
     prefix, layers = decoder_layers(model)
     captured = [_trainable(c) for c in layer_inputs(model, layers, windows)]
     fp_inputs = captured
@@ -185,13 +191,19 @@ def autoround_sequential(model, wanted: dict[str, tuple[QuantArgs, tuple[int, in
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
         with torch.no_grad():
             targets = [layer_output(layer(*a, **k)) for a, k in fp_inputs]
-        learned = {n: _LearnedRounding(m.weight, *wanted[f"{prefix}.{i}.{n}"]) for n, m in names.items()}
-        errors.append(optimize_block(layer, learned, q_inputs, targets, config))
-        for n, m in names.items():
-            qw = learned[n].quantized()
-            m.weight.data.copy_(qw.dequantize().to(m.weight.dtype))
-            results[f"{prefix}.{i}.{n}"] = qw
-        with torch.no_grad():
-            q_inputs = [((layer_output(layer(*a, **k)),) + tuple(a[1:]), k) for a, k in q_inputs]
+        spec = {n: wanted[f"{prefix}.{i}.{n}"] for n in names}
+        learned = {n: _LearnedRounding(m.weight, spec[n].weights, spec[n].code_range) for n, m in names.items()}
+        handles = quantize_activations_of(names, {n: spec[n].activations for n in names}, straight_through=True)
+        try:
+            errors.append(optimize_block(layer, learned, q_inputs, targets, config))
+            for n, m in names.items():
+                qw = learned[n].quantized()
+                m.weight.data.copy_(qw.dequantize().to(m.weight.dtype))
+                results[f"{prefix}.{i}.{n}"] = qw
+            with torch.no_grad():
+                q_inputs = [((layer_output(layer(*a, **k)),) + tuple(a[1:]), k) for a, k in q_inputs]
+        finally:
+            for h in handles:
+                h.remove()
         fp_inputs = [((t,) + tuple(a[1:]), k) for t, (a, k) in zip(targets, fp_inputs)]
     return results, errors

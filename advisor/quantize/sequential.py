@@ -56,43 +56,114 @@ def layer_output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+def stages(layer, names: dict[str, torch.nn.Module], sample: tuple[tuple, dict]) -> list[list[str]]:
+    """The layer's linears in execution order, grouped into stages of linears reading the same input tensor
+    (q/k/v, then o, then gate/up, then down in a Llama layer), traced from one forward pass."""
+    order: list[tuple[str, int]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: order.append((n, id(a[0])))) for n, m in names.items()]
+    try:
+        with torch.inference_mode():
+            layer(*sample[0], **sample[1])
+    finally:
+        for h in handles:
+            h.remove()
+    grouped: list[list[str]] = []
+    last_input = None
+    for name, input_id in order:
+        if any(name in g for g in grouped):
+            continue  # a linear called twice keeps its first position
+        if grouped and input_id == last_input:
+            grouped[-1].append(name)
+        else:
+            grouped.append([name])
+        last_input = input_id
+    unseen = [n for n in names if not any(n in g for g in grouped)]  # e.g. experts this sample did not route to
+    return grouped + ([unseen] if unseen else [])
+
+
+def quantize_activations_of(modules: dict[str, torch.nn.Module], act_args: dict, straight_through: bool = False):
+    """Forward pre-hooks making each module see its input quantized per token, as the W8A8/FP8 kernels do; returns
+    the handles. `straight_through` lets gradients pass the rounding unchanged (for learning)."""
+    from advisor.quantize.rtn import fake_quantize_activations
+
+    def hook(args_):
+        def fn(module, hook_args):
+            x = hook_args[0]
+            q = fake_quantize_activations(x, args_)
+            return ((x + (q - x).detach()) if straight_through else q,) + tuple(hook_args[1:])
+        return fn
+
+    return [m.register_forward_pre_hook(hook(act_args[n])) for n, m in modules.items() if act_args.get(n) is not None]
+
+
 @torch.inference_mode()
 def quantize_sequential(
     model,
     wanted: set[str] | dict,
     windows: list[list[int]],
     quantize: Callable[[str, torch.Tensor, torch.Tensor], QuantizedWeight],
+    act_args: dict | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize the `wanted` linears of every decoder layer with `quantize(name, weight, hessian)`; linears outside
-    the decoder stack are left to the caller. Each quantized weight is written back (dequantized) so later layers
-    see the quantized model's activations."""
+    the decoder stack are left to the caller.
+
+    True-sequential: within a layer, each stage (linears sharing one input) is calibrated on the outputs of the
+    stages already quantized, and every quantized weight is written back (dequantized, with its activations
+    quantized when `act_args` names a scheme for them), so later stages and layers see the quantized model."""
     prefix, layers = decoder_layers(model)
     inputs = layer_inputs(model, layers, windows)
+    act_args = act_args or {}
     results: dict[str, QuantizedWeight] = {}
     for i, layer in enumerate(tqdm(layers, desc="quantizing layer by layer", unit="layer", leave=False)):
         names = {f"{prefix}.{i}.{n}": m for n, m in layer.named_modules()
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
-        hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in names.items()}
-        counts = dict.fromkeys(names, 0)
-
-        def accumulate(name, hessians=hessians, counts=counts):
-            def hook(module, hook_args):
-                x = hook_args[0].reshape(-1, hook_args[0].shape[-1]).float()
-                hessians[name].addmm_(x.T, x)
-                counts[name] += x.shape[0]
-            return hook
-
-        handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in names.items()]
+        act_handles = []
         try:
-            for args, kwargs in inputs:
-                layer(*args, **kwargs)
+            for stage in stages(layer, names, inputs[0]):
+                hessians = _stage_hessians(layer, {n: names[n] for n in stage}, inputs)
+                for name in stage:
+                    module = names[name]
+                    qw = quantize(name, module.weight, hessians[name])
+                    module.weight.data.copy_(qw.dequantize().to(module.weight.dtype))
+                    results[name] = qw
+                act_handles += quantize_activations_of({n: names[n] for n in stage}, act_args)
+            inputs = [((layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         finally:
-            for h in handles:
+            for h in act_handles:
                 h.remove()
-        for name, module in names.items():
-            h = hessians[name] * (2.0 / max(counts[name], 1))
-            qw = quantize(name, module.weight, h)
-            module.weight.data.copy_(qw.dequantize().to(module.weight.dtype))
-            results[name] = qw
-        inputs = [((layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
     return results
+
+
+class _StageDone(Exception):
+    pass
+
+
+def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[str, torch.Tensor]:
+    """H = 2/n · XᵀX of each module's inputs over all calibration windows; each forward pass stops once every
+    module of the stage has seen its input."""
+    hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
+    counts = dict.fromkeys(modules, 0)
+    seen: set[str] = set()
+
+    def accumulate(name):
+        def hook(module, hook_args):
+            x = hook_args[0].reshape(-1, hook_args[0].shape[-1]).float()
+            hessians[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _StageDone
+        return hook
+
+    handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in modules.items()]
+    try:
+        for args, kwargs in inputs:
+            seen.clear()
+            try:
+                layer(*args, **kwargs)
+            except _StageDone:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: h * (2.0 / max(counts[n], 1)) for n, h in hessians.items()}

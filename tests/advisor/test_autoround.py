@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from advisor.assignment import QuantTarget
 from advisor.errors import AdvisorError
 from advisor.quantize.autoround import RoundConfig, autoround_sequential
 from advisor.quantize.rtn import quantize_weight
@@ -30,7 +31,7 @@ def test_learned_rounding_beats_rounding_to_nearest_and_exports(tiny_llama_dir, 
     model = load_model(tiny_llama_dir)
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     args = scheme_of(recipe).weights
-    wanted = {li.name: (args, None) for li in structure.linears}
+    wanted = {li.name: QuantTarget(args, None, None) for li in structure.linears}
     quantized, errors = autoround_sequential(model, wanted, _windows(8), RoundConfig(iterations=20, batch=4, bf16=bf16))
     assert set(quantized) == {li.name for li in structure.linears}
     assert all(after < 0.9 * before for before, after in errors)
@@ -62,3 +63,17 @@ def test_plan_refuses_learned_rounding_where_it_cannot_apply(tiny_llama_dir):
         plan(structure, get_target("h100"), "fp8", None, method="autoround")
     with pytest.raises(AdvisorError, match="iterations"):
         plan(structure, get_target("a10g"), "w4a16", None, method="gptq", iterations=10)
+
+
+def test_learned_rounding_for_w8a8_learns_with_quantized_activations_and_keeps_the_code_range(tiny_llama_dir):
+    from advisor.model import inspect_structure, load_model
+    from advisor.schemes import get_scheme
+
+    structure = inspect_structure(tiny_llama_dir)
+    model = load_model(tiny_llama_dir)
+    scheme = get_scheme("w8a8-int8")
+    wanted = {li.name: QuantTarget(scheme.weights, (-64, 63), scheme.input_activations) for li in structure.linears}
+    quantized, errors = autoround_sequential(model, wanted, _windows(8), RoundConfig(iterations=10, batch=4, bf16=False))
+    # Never worse than plain rounding on the calibration windows (it is kept when learning does not beat it).
+    assert all(after <= before for before, after in errors) and any(after < before for before, after in errors)
+    assert all(q.codes.min() >= -64 and q.codes.max() <= 63 for q in quantized.values())

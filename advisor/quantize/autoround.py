@@ -109,21 +109,43 @@ def _trainable(tree):
     return tree
 
 
+@torch.no_grad()
+def _stackable(layer, inputs: list) -> bool:
+    """Whether windows can run through the layer as one batch: same shapes, and the layer's other arguments
+    (rotary tables, masks) broadcast over the batch, checked by comparing a stacked call with separate ones."""
+    if len(inputs) < 2 or len({a[0].shape for a, _ in inputs}) != 1:
+        return False
+    (a0, k0), (a1, k1) = inputs[:2]
+    try:
+        together = layer_output(layer(torch.cat([a0[0], a1[0]]), *a0[1:], **k0))
+    except RuntimeError:
+        return False
+    apart = torch.cat([layer_output(layer(*a0, **k0)), layer_output(layer(*a1, **k1))])
+    return together.shape == apart.shape and torch.allclose(together, apart, rtol=1e-4, atol=1e-5 * apart.abs().max().item())
+
+
 def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding], q_inputs: list, targets: list,
                    config: RoundConfig) -> tuple[float, float]:
     """Learn the block's rounding by signed gradient descent; returns the output error (relative MSE) of plain
     rounding and of the learned rounding, both on all calibration windows."""
     from torch.func import functional_call
 
-    def run(i, bf16=False):
-        args, kwargs = q_inputs[i]
+    stack = _stackable(layer, q_inputs)
+
+    def run(idx: list[int], bf16=False) -> torch.Tensor:
+        """The block's output on windows `idx` with the current rounding, as one batch when the layer allows."""
         weights = {f"{n}.weight": lr.fake_quantized() for n, lr in linears.items()}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return layer_output(functional_call(layer, weights, args, kwargs)).float()
+            if stack:
+                args, kwargs = q_inputs[idx[0]]
+                x = torch.cat([q_inputs[i][0][0] for i in idx])
+                return layer_output(functional_call(layer, weights, (x,) + tuple(args[1:]), kwargs)).float()
+            return torch.cat([layer_output(functional_call(layer, weights, *q_inputs[i])) for i in idx]).float()
 
     def error() -> float:
+        chunks = [list(range(i, min(i + config.batch, len(targets)))) for i in range(0, len(targets), config.batch)]
         with torch.no_grad():
-            num = sum((run(i) - targets[i]).pow(2).sum().item() for i in range(len(targets)))
+            num = sum((run(c) - torch.cat([targets[i] for i in c])).pow(2).sum().item() for c in chunks)
         return num / sum(t.pow(2).sum().item() for t in targets)
 
     bf16 = native_bf16() if config.bf16 is None else config.bf16
@@ -139,11 +161,9 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
         before = error()
         for step in range(config.iterations):
             picks = torch.randperm(len(targets), generator=gen)[: config.batch].tolist()
-            loss_sum = 0.0
-            for i in picks:
-                loss = torch.nn.functional.mse_loss(run(i, bf16), targets[i]) / len(picks)
-                loss.backward()
-                loss_sum += loss.item()
+            loss = torch.nn.functional.mse_loss(run(picks, bf16), torch.cat([targets[i] for i in picks]))
+            loss.backward()
+            loss_sum = loss.item()
             if loss_sum < best_loss:
                 # The parameters that produced this loss are the ones before this step's update.
                 best_loss, best = loss_sum, {n: lr.snapshot() for n, lr in linears.items()}

@@ -174,6 +174,10 @@ def _method_text(result) -> str:
                      "layer groups")
     if recipe.calibration:
         parts.append(f"calibrated on {t.get('calibration_tokens')} tokens of {recipe.calibration['text']}")
+    if recipe.overrides:
+        kinds = sorted(set(recipe.overrides.values()))
+        parts.append(f"mixed precision: {len(recipe.overrides)} per-module overrides to {', '.join(kinds)} "
+                     "(listed in recipe.yaml)")
     if recipe.group_size:
         parts.append(f"group size {recipe.group_size}")
     if recipe.weight_range:

@@ -233,6 +233,9 @@ class VllmServer:
         if cfg.enforce_eager:
             args.append("--enforce-eager")
         env = dict(os.environ)
+        if env.pop("HUBC_SET_OMP_WAIT_POLICY", None):
+            # hubc's own process sleeps idle OpenMP threads; the server keeps vLLM's default, so latency is vLLM's.
+            env.pop("OMP_WAIT_POLICY", None)
         if float(cfg.kv_cache_gib).is_integer():
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.kv_cache_gib))
         else:  # vLLM parses the variable as an int; fractions go through the engine argument

@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `hubc` sets it (hubplugin/cli.py), before torch loads
+
 from fakehub import FakeHub  # tests/ is on sys.path: pytest inserts the rootdir conftest's folder
 from helpers import build_tiny_llama
 

@@ -7,6 +7,8 @@ activation ordering never needs a `g_idx` permutation in the checkpoint: every v
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from advisor.quantize.rtn import QuantizedWeight, int_range
@@ -41,9 +43,27 @@ def search_scales(w: torch.Tensor, args: QuantArgs, weight_range=None, hdiag: to
     return best_scale  # [out, groups]
 
 
+@contextmanager
+def single_thread():
+    """Run on one thread: GPTQ of one weight is a loop of thousands of small vector ops plus a Cholesky inverse of
+    the Hessian, and there OpenMP's per-op synchronisation costs more than the work. Measured for one 576x1536
+    weight on a busy 2-core machine: 0.6 s on one thread, 16 s on two (12.8 s of it in `cholesky_inverse`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, weight_range=None,
                   damp: float = 0.01, act_order: bool = True, block: int = 128) -> QuantizedWeight:
     """GPTQ with dampening, activation order and static groups; symmetric integer weights only."""
+    with single_thread():
+        return _gptq(w, hessian, args, weight_range, damp, act_order, block)
+
+
+def _gptq(w, hessian, args, weight_range, damp, act_order, block) -> QuantizedWeight:
     if args.type != "int" or not args.symmetric:
         raise ValueError("GPTQ here quantizes symmetric integer weights")
     w = w.detach().float().clone()

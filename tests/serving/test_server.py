@@ -256,3 +256,15 @@ def test_cpu_list_covers_this_process() -> None:
         lo, _, hi = part.partition("-")
         ids |= set(range(int(lo), int(hi or lo) + 1))
     assert ids == os.sched_getaffinity(0)
+
+
+def test_server_keeps_vllms_thread_wait_policy_unless_the_user_chose_one(monkeypatch, tmp_path: Path) -> None:
+    """hubc sleeps its own idle OpenMP threads (hubplugin/cli.py); the vLLM server it starts must not inherit that,
+    so measured latency is vLLM's, while a policy the user set is passed through."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("HUBC_SET_OMP_WAIT_POLICY", "1")
+    _, env = VllmServer(tmp_path)._command()
+    assert "OMP_WAIT_POLICY" not in env and "HUBC_SET_OMP_WAIT_POLICY" not in env
+    monkeypatch.delenv("HUBC_SET_OMP_WAIT_POLICY")
+    _, env = VllmServer(tmp_path)._command()
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"

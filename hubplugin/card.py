@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import re
 from importlib import resources
+from pathlib import Path
 
 from hubplugin.errors import HubcError
 
@@ -232,3 +233,71 @@ def render_card(result) -> str:
         completion = " ".join(result.sample["completion"].split()).replace("*", "\\*")
         text = text.replace(_SAMPLE_SLOT, completion)
     return text
+
+
+BENCH_START, BENCH_END = "<!-- hubc:bench -->", "<!-- /hubc:bench -->"
+
+
+def bench_section(records) -> str:
+    """Markdown for `hubc bench` measurements of this checkpoint (serving.store.Measurement, kind `latency`): the
+    latest run per traffic profile, hardware and vLLM version, each with the settings it ran under."""
+    from serving.bench import stored_throughput
+
+    latest = {}
+    for m in records:
+        latest[(m.traffic, m.hardware, m.engine_version)] = m
+    lines = ["### Measured with `hubc bench`", "",
+             "vLLM's own `vllm bench serve` (random dataset) against this checkpoint; latency percentiles are over "
+             "the requests of a run (median over rounds), throughput percentiles across rounds (p95: the rate 95% "
+             "of rounds reached). Only the hardware named was measured; no number here is a prediction.", "",
+             "| traffic | hardware | vLLM | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) | ITL p50 / p95 (ms) | "
+             "output tokens/s p50 / p95 | peak memory (MiB) | settings |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in latest.values():
+        x, tput = m.metrics, stored_throughput(m.metrics)
+        server, bench = m.settings.get("server", {}), m.settings.get("benchmark", {})
+        parts = [("dtype {}", server.get("dtype")), ("max-model-len {}", server.get("max_model_len")),
+                 ("enforce-eager", True if server.get("enforce_eager") else None),
+                 ("{} prompts", bench.get("num_prompts")), ("{} rounds", bench.get("rounds")),
+                 ("seed {}", bench.get("seed"))]
+        settings = ", ".join(text.format(value) for text, value in parts if value is not None)
+
+        def pair(key, digits=1):
+            lo, hi = x.get(f"{key}_p50"), x.get(f"{key}_p95")
+            return "—" if lo is None or hi is None else f"{lo:.{digits}f} / {hi:.{digits}f}"
+
+        tok = (f"{tput['output_throughput_tok_s_p50']:.1f} / {tput['output_throughput_tok_s_p95']:.1f}"
+               if tput else "—")
+        peak = f"{x['peak_memory_mib']:.0f}" if x.get("peak_memory_mib") else "—"
+        lines.append(f"| {m.traffic} | {m.hardware} | {m.engine_version} | {pair('ttft_ms')} | {pair('tpot_ms')} | "
+                     f"{pair('itl_ms')} | {tok} | {peak} | {settings} |")
+    return "\n".join(lines)
+
+
+def with_bench_section(readme: str, records) -> str | None:
+    """The card with its `hubc bench` section replaced by `records`; None when the card has no such section (not
+    a hubc card, or edited by hand) or there is nothing to show."""
+    start, end = readme.find(BENCH_START), readme.find(BENCH_END)
+    if start < 0 or end < start or not records:
+        return None
+    return readme[: start + len(BENCH_START)] + "\n" + bench_section(records) + "\n" + readme[end:]
+
+
+def refresh_bench_section(folder: Path, store=None) -> int:
+    """Put the results store's `hubc bench` measurements of this checkpoint (its current fingerprint) into the
+    folder's card; returns how many runs were added (0: none stored, or not a hubc card)."""
+    import os
+
+    from serving.store import ResultsStore
+
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return 0
+    records = (store or ResultsStore()).records(kind="latency", checkpoint=folder)
+    text = with_bench_section(readme.read_text(encoding="utf-8"), records)
+    if text is None:
+        return 0
+    tmp = readme.with_name(".README.md.hubc-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, readme)  # the card is never left half-written
+    return len({(m.traffic, m.hardware, m.engine_version) for m in records})

@@ -178,7 +178,11 @@ def push(folder, repo_id, private, message) -> None:
 
     def body():
         from hubplugin import hub
+        from hubplugin.card import refresh_bench_section
 
+        runs = refresh_bench_section(folder)
+        if runs:
+            click.echo(f"» card: added {runs} `hubc bench` measurement(s) of this checkpoint", err=True)
         result = hub.push_folder(folder, repo_id, private=private,
                                  commit_message=message or f"hubc: upload {folder.name}")
         click.echo(result.url)

@@ -181,3 +181,31 @@ def test_bad_recipe_files_fail_in_one_line_before_work(tiny_llama_dir, tmp_path,
                  "--out", str(tmp_path / "o"), *extra, *SMALL_EVAL)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "o").exists()
+
+
+def test_push_puts_stored_bench_measurements_into_the_card(fake_hub, tiny_llama_dir, tmp_path, monkeypatch):
+    from serving.store import LATENCY, Measurement, ResultsStore, describe
+
+    monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    out = tmp_path / "variant"
+    assert run("optimize", str(tiny_llama_dir), "--target", "cpu", "--out", str(out), *SMALL_EVAL).exit_code == 0
+    before = (out / "README.md").read_text()
+    metrics = {"ttft_ms_p50": 41.5, "ttft_ms_p95": 52.25, "tpot_ms_p50": 17.125, "tpot_ms_p95": 19.5,
+               "itl_ms_p50": 17.0, "itl_ms_p95": 21.0, "output_throughput_tok_s_p50": 58.4,
+               "output_throughput_tok_s_p95": 55.1, "request_throughput_rps_p50": 1.8,
+               "request_throughput_rps_p95": 1.7, "peak_memory_mib": 1234.0}
+    record = Measurement(kind=LATENCY, checkpoint=describe(out), metrics=metrics, hardware="Some CPU, 2 threads, AVX2",
+                         engine_version="0.32.0", traffic="in=128,out=32,concurrency=1",
+                         settings={"server": {"dtype": "bfloat16"}, "benchmark": {"num_prompts": 8, "rounds": 3}})
+    ResultsStore().add(record)
+    for _ in range(2):  # pushing again replaces the section, never duplicates it
+        result = run("push", str(out), "org/tiny-bench")
+        assert result.exit_code == 0, result.output
+    card = fake_hub.files("org/tiny-bench")["README.md"].decode()
+    row = [line for line in card.splitlines() if line.startswith("| in=128,out=32,concurrency=1")]
+    assert len(row) == 1
+    for cell in ("Some CPU, 2 threads, AVX2", "0.32.0", "41.5 / 52.2", "17.1 / 19.5", "58.4 / 55.1", "1234",
+                 "dtype bfloat16", "8 prompts", "3 rounds"):
+        assert cell in row[0], (cell, row[0])
+    assert card.replace(card[card.index("<!-- hubc:bench -->"):card.index("<!-- /hubc:bench -->")], "") == \
+        before.replace(before[before.index("<!-- hubc:bench -->"):before.index("<!-- /hubc:bench -->")], "")

@@ -238,6 +238,11 @@ def render_card(result) -> str:
 BENCH_START, BENCH_END = "<!-- hubc:bench -->", "<!-- /hubc:bench -->"
 
 
+def _pair(metrics: dict, key: str) -> str:
+    lo, hi = metrics.get(f"{key}_p50"), metrics.get(f"{key}_p95")
+    return "—" if lo is None or hi is None else f"{lo:.1f} / {hi:.1f}"
+
+
 def bench_section(records) -> str:
     """Markdown for `hubc bench` measurements of this checkpoint (serving.store.Measurement, kind `latency`): the
     latest run per traffic profile, hardware and vLLM version, each with the settings it ran under."""
@@ -246,13 +251,12 @@ def bench_section(records) -> str:
     latest = {}
     for m in records:
         latest[(m.traffic, m.hardware, m.engine_version)] = m
-    lines = ["### Measured with `hubc bench`", "",
-             "vLLM's own `vllm bench serve` (random dataset) against this checkpoint; latency percentiles are over "
+    intro = ("vLLM's own `vllm bench serve` (random dataset) against this checkpoint; latency percentiles are over "
              "the requests of a run (median over rounds), throughput percentiles across rounds (p95: the rate 95% "
-             "of rounds reached). Only the hardware named was measured; no number here is a prediction.", "",
-             "| traffic | hardware | vLLM | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) | ITL p50 / p95 (ms) | "
-             "output tokens/s p50 / p95 | peak memory (MiB) | settings |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "of rounds reached). Only the hardware named was measured; no number here is a prediction.")
+    header = ("| traffic | hardware | vLLM | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) | ITL p50 / p95 (ms) | "
+              "output tokens/s p50 / p95 | peak memory (MiB) | settings |")
+    lines = ["### Measured with `hubc bench`", "", intro, "", header, "|---|---|---|---|---|---|---|---|---|"]
     for m in latest.values():
         x, tput = m.metrics, stored_throughput(m.metrics)
         server, bench = m.settings.get("server", {}), m.settings.get("benchmark", {})
@@ -262,15 +266,13 @@ def bench_section(records) -> str:
                  ("seed {}", bench.get("seed"))]
         settings = ", ".join(text.format(value) for text, value in parts if value is not None)
 
-        def pair(key, digits=1):
-            lo, hi = x.get(f"{key}_p50"), x.get(f"{key}_p95")
-            return "—" if lo is None or hi is None else f"{lo:.{digits}f} / {hi:.{digits}f}"
 
         tok = (f"{tput['output_throughput_tok_s_p50']:.1f} / {tput['output_throughput_tok_s_p95']:.1f}"
                if tput else "—")
         peak = f"{x['peak_memory_mib']:.0f}" if x.get("peak_memory_mib") else "—"
-        lines.append(f"| {m.traffic} | {m.hardware} | {m.engine_version} | {pair('ttft_ms')} | {pair('tpot_ms')} | "
-                     f"{pair('itl_ms')} | {tok} | {peak} | {settings} |")
+        lines.append(f"| {m.traffic} | {m.hardware} | {m.engine_version} | {_pair(x, 'ttft_ms')} | "
+                     f"{_pair(x, 'tpot_ms')} | "
+                     f"{_pair(x, 'itl_ms')} | {tok} | {peak} | {settings} |")
     return "\n".join(lines)
 
 

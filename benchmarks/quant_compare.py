@@ -62,7 +62,7 @@ class Settings:
     calib_windows: int = 64
     seq_len: int = 512
     autoround_iters: int = 50
-    """llm-compressor's AutoRound iterations per decoder layer (hubc's autoround uses its own default)."""
+    """Learned-rounding steps per decoder layer, for both llm-compressor's AutoRound and hubc's autoround."""
 
 
 ACCEPTANCE = Settings()
@@ -283,6 +283,7 @@ def quantize_hubc(row: Row, model_path: Path, structure, tokenizer, settings: Se
 
     calibrated = row.smoothing != "none" or row.method != "rtn"
     recipe = Recipe(scheme=row.scheme, target="cpu", method=row.method,
+                    iterations=settings.autoround_iters if row.method == "autoround" else None,
                     group_size=GROUP_SIZE if get_scheme(row.scheme).grouped else None, smoothing=row.smoothing,
                     calibration={"text": "wikitext2-valid", "windows": settings.calib_windows,
                                  "seq_len": settings.seq_len} if calibrated else None,
@@ -325,7 +326,7 @@ def row_settings(row: Row, settings: Settings) -> dict:
     if row.llmc in ("w4a16-gptq", "w4a16-autoround", "w8a8-int8-smoothquant") or (
             row.scheme and (row.method != "rtn" or row.smoothing != "none")):
         out["calib_windows"] = settings.calib_windows
-    if row.llmc == "w4a16-autoround":
+    if row.llmc == "w4a16-autoround" or row.method == "autoround":
         out["autoround_iters"] = settings.autoround_iters
     return out
 
@@ -453,8 +454,8 @@ def render(rows: list[Row], records: dict, status: dict, base: dict, settings: S
         (f"Evaluation: fp32 transformers, first {settings.eval_windows}×{settings.seq_len} tokens of wikitext-2 test "
         f"and licenses.txt, every row by hubc's evaluation code (FakeQuantLinear + advisor.evaluate). Calibration: "
         f"first {settings.calib_windows}×{settings.seq_len} tokens of wikitext-2 valid, identical token ids for both "
-        f"tools. llm-compressor AutoRound: {settings.autoround_iters} iterations per layer. Time: compression step "
-        "only (calibration, transforms, quantization, writing the checkpoint)."),
+        f"tools. Learned rounding (both tools): {settings.autoround_iters} steps per decoder layer. Time: compression "
+        "step only (calibration, transforms, quantization, writing the checkpoint)."),
         "",
     ]
     if settings != ACCEPTANCE:
@@ -526,7 +527,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=ACCEPTANCE.eval_windows)
     parser.add_argument("--calib-windows", type=int, default=ACCEPTANCE.calib_windows)
     parser.add_argument("--autoround-iters", type=int, default=ACCEPTANCE.autoround_iters,
-                        help="llm-compressor AutoRound iterations per layer")
+                        help="learned-rounding steps per decoder layer (llm-compressor's AutoRound and hubc's)")
     parser.add_argument("--only", metavar="ROW-REGEX", help="measure only rows whose key matches (e.g. 'hubc/w4a16/')")
     parser.add_argument("--skip-llmc", action="store_true", help="measure no llm-compressor row (cached ones stay)")
     parser.add_argument("--rerun", action="store_true", help="measure selected rows even when cached")

@@ -192,8 +192,13 @@ def reference(model_path: Path, tokenizer, settings: Settings, cache: Path) -> R
     for t in texts:
         parts = []
         for i, chunk in enumerate(_chunks(t.windows)):
-            lp = ev.logits_of(model, chunk, f"base on {t.name} [{i}]")
-            torch.save(lp, folder / f"{t.name}-{i}.pt")
+            path = folder / f"{t.name}-{i}.pt"
+            if path.is_file():  # written by a run that was killed before the summary
+                lp = torch.load(path)
+            else:
+                lp = ev.logits_of(model, chunk, f"base on {t.name} [{i}]")
+                torch.save(lp, path.with_suffix(".partial"))
+                path.with_suffix(".partial").rename(path)
             parts.append(ev.measure(lp, chunk, t.name, "float32"))
         base[t.name] = _combine(parts)
     summary.write_text(json.dumps(base, indent=2))

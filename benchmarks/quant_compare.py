@@ -487,17 +487,14 @@ def render(rows: list[Row], records: dict, status: dict, base: dict, settings: S
     for v in verdicts(records, base):
         mark = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[v["passed"]]
         lines.append(f"- **{v['line']} {mark}**: {v['claim']} — {v['detail']}")
-    repro = [f"{t} {base[t]['perplexity']:.3f} (DESIGN.md {DESIGN_BASE_PPL[t]})" for t in TEXTS]
-    if settings.eval_windows == 40:
-        same = all(round(base[t]["perplexity"], 3) == DESIGN_BASE_PPL[t] for t in TEXTS)
-        repro.append("reproduced" if same else "**not reproduced**")
+    repro = "; ".join(f"{t} {base[t]['perplexity']:.3f} (DESIGN.md {DESIGN_BASE_PPL[t]})" for t in TEXTS)
     llmc_versions = next((", ".join(f"{k} {v}" for k, v in r["details"]["versions"].items())
                           for r in records.values() if "versions" in r["details"]), LLMC_REQUIREMENT)
     hubc_codes = sorted({r["hubc_code"] for r in records.values() if r.get("hubc_code")})
     lines += [
         "", "## Notes", "",
-        "- Base perplexity: " + "; ".join(repro) + (" — DESIGN.md's numbers are for 40 windows."
-                                                     if settings.eval_windows != 40 else "."),
+        (f"- Base perplexity: {repro}. DESIGN.md's numbers are for 40 windows of 512 text tokens without BOS "
+        "(re-measured so: 25.615 / 19.729); advisor.evaluate's windows are BOS + 511 text tokens, as every row here."),
         ("- llm-compressor rows are evaluated from llm-compressor's own quantize-dequantize of each weight "
         "(compressed-tensors `fake_quantize` with its scales), saved beside its checkpoint; W8A8/FP8 activations are "
         "quantized per token by hubc's `fake_quantize_activations` for both tools. hubc rows are exported and read "

@@ -17,8 +17,8 @@ from advisor.errors import UnsupportedArchitectureError
 from advisor.quantize.rtn import QuantizedWeight
 
 
-class _Captured(Exception):
-    pass
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once what it needed has been seen."""
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
@@ -38,14 +38,14 @@ def layer_inputs(model, layers, windows: list[list[int]]) -> list[tuple[tuple, d
 
     def grab(module, args, kwargs):
         captured.append((args, kwargs))
-        raise _Captured
+        raise _Stop
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for w in windows:
             try:
                 model(torch.tensor([w]), use_cache=False)
-            except _Captured:
+            except _Stop:
                 pass
     finally:
         handle.remove()
@@ -134,10 +134,6 @@ def quantize_sequential(
     return results
 
 
-class _StageDone(Exception):
-    pass
-
-
 def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[str, torch.Tensor]:
     """H = 2/n · XᵀX of each module's inputs over all calibration windows; each forward pass stops once every
     module of the stage has seen its input."""
@@ -152,7 +148,7 @@ def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[
             counts[name] += x.shape[0]
             seen.add(name)
             if len(seen) == len(modules):
-                raise _StageDone
+                raise _Stop
         return hook
 
     handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in modules.items()]
@@ -161,7 +157,7 @@ def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[
             seen.clear()
             try:
                 layer(*args, **kwargs)
-            except _StageDone:
+            except _Stop:
                 pass
     finally:
         for h in handles:

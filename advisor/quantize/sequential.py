@@ -59,8 +59,10 @@ def layer_output(result):
 def stages(layer, names: dict[str, torch.nn.Module], sample: tuple[tuple, dict]) -> list[list[str]]:
     """The layer's linears in execution order, grouped into stages of linears reading the same input tensor
     (q/k/v, then o, then gate/up, then down in a Llama layer), traced from one forward pass."""
-    order: list[tuple[str, int]] = []
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: order.append((n, id(a[0])))) for n, m in names.items()]
+    # The input tensors themselves are kept (not their id()): a freed tensor's id can be reused by the next one,
+    # which would merge o_proj's stage with gate/up's.
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: order.append((n, a[0]))) for n, m in names.items()]
     try:
         with torch.inference_mode():
             layer(*sample[0], **sample[1])
@@ -69,14 +71,14 @@ def stages(layer, names: dict[str, torch.nn.Module], sample: tuple[tuple, dict])
             h.remove()
     grouped: list[list[str]] = []
     last_input = None
-    for name, input_id in order:
+    for name, x in order:
         if any(name in g for g in grouped):
             continue  # a linear called twice keeps its first position
-        if grouped and input_id == last_input:
+        if grouped and x is last_input:
             grouped[-1].append(name)
         else:
             grouped.append([name])
-        last_input = input_id
+        last_input = x
     unseen = [n for n in names if not any(n in g for g in grouped)]  # e.g. experts this sample did not route to
     return grouped + ([unseen] if unseen else [])
 

@@ -9,15 +9,14 @@ the smaller checkpoint wins, then the better perplexity. The base itself is a ca
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from serving._pick_measurements import measure_quality, stored_latency, stored_quality
+from serving._pick_plot import pareto_plot
 from serving.bench import BenchConfig, bench, stored_throughput
 from serving.errors import ServingError
 from serving.server import ServerConfig, VllmServer, installed_vllm_version
@@ -193,8 +192,8 @@ def pick(
     quality: dict[str, Measurement | None] = {}
     if not config.remeasure:
         for e in entries:
-            latency[e.fingerprint] = _stored_latency(store, e, config, hw, version)
-            quality[e.fingerprint] = _stored_quality(store, e, config, server, hw, version)
+            latency[e.fingerprint] = stored_latency(store, e, config, hw, version)
+            quality[e.fingerprint] = stored_quality(store, e, config, server, hw, version)
     measured: dict[str, list[str]] = {e.fingerprint: [] for e in entries}
 
     need_latency = [e for e in entries if latency.get(e.fingerprint) is None]
@@ -335,76 +334,6 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.2%}"
 
 
-def measure_quality(
-    server: VllmServer,
-    info: CheckpointInfo,
-    config: QualityConfig,
-    store: ResultsStore | None = None,
-    progress: Callable[[str], None] = lambda message: None,
-) -> Measurement:
-    """Served perplexity of the checkpoint on `config`'s text windows (vLLM prompt logprobs), stored if `store`."""
-    from transformers import AutoTokenizer
-
-    from advisor.evaluate import make_windows, read_text
-    from serving.quality import served_quality, served_token_logprobs
-
-    progress(
-        f"served perplexity of {info.label} on {config.windows} x {config.seq_len} tokens of {config.text}"
-    )
-    tokenizer = AutoTokenizer.from_pretrained(info.path)
-    name, text = read_text(config.text)
-    windows = make_windows(tokenizer, text, config.seq_len, config.windows)
-    quality = served_quality(windows, served_token_logprobs(server, windows))
-    record = Measurement(
-        kind=QUALITY,
-        checkpoint=info,
-        metrics={"perplexity": quality.perplexity, "tokens": quality.tokens},
-        hardware=hardware(),
-        engine_version=server.vllm_version,
-        settings={
-            "text": name,
-            "seq_len": config.seq_len,
-            "windows": len(windows),
-            "windows_sha": hashlib.sha256(json.dumps(windows).encode()).hexdigest()[:16],
-            "dtype": server.config.dtype,
-            "method": "teacher-forced prompt logprobs (/v1/completions, prompt_logprobs=1)",
-        },
-    )
-    return store.add(record) if store is not None else record
-
-
-def _same_version(stored: str, installed: str) -> bool:
-    return stored.split("+")[0] == installed.split("+")[0]
-
-
-def _stored_latency(
-    store: ResultsStore, info: CheckpointInfo, config: PickConfig, hw: str, version: str
-) -> Measurement | None:
-    dtype = config.server_config().dtype
-    matches = [
-        r for r in store.records(kind=LATENCY, fingerprint=info.fingerprint, traffic=str(config.bench.traffic),
-                                 hardware=hw)
-        if _same_version(r.engine_version, version) and r.settings.get("server", {}).get("dtype") == dtype
-    ]  # fmt: skip
-    return matches[-1] if matches else None
-
-
-def _stored_quality(
-    store: ResultsStore, info: CheckpointInfo, config: PickConfig, server: ServerConfig, hw: str, version: str
-) -> Measurement | None:
-    """The latest served perplexity of this checkpoint on the same text, windows, dtype, vLLM version and
-    hardware (the kernels differ per ISA, and so does the served quality: int8 on AVX2 vs VNNI)."""
-    q = config.quality
-    name = Path(q.text).name  # the label advisor.evaluate.read_text gives shipped texts and files alike
-    matches = [
-        r for r in store.records(kind=QUALITY, fingerprint=info.fingerprint, hardware=hw)
-        if r.settings.get("text") == name and r.settings.get("seq_len") == q.seq_len
-        and r.settings.get("windows") == q.windows and r.settings.get("dtype") == server.dtype
-        and _same_version(r.engine_version, version)
-    ]  # fmt: skip
-    return matches[-1] if matches else None
-
-
 def _candidate(
     info: CheckpointInfo,
     role: str,
@@ -440,55 +369,3 @@ def _candidate(
 def _latest_version(records: Any) -> str:
     versions = [r.engine_version for r in records if r is not None]
     return versions[-1] if versions else ""
-
-
-def pareto_plot(result: PickResult, path: Path) -> Path:
-    """Write the PNG: TPOT (x) vs perplexity increase (y), points labelled, Pareto front, SLO lines, the choice."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pct = result.slo.tpot_percentile
-    points = [c for c in result.candidates if c.ppl_increase is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
-    for c in points:
-        color = "tab:green" if c.meets_slo else "tab:gray"
-        ax.scatter(c.tpot(pct), c.ppl_increase * 100, s=48, color=color, zorder=3,
-                   marker="s" if c.role == "base" else "o", edgecolors="tab:blue" if c.pareto else color,
-                   linewidths=1.8)  # fmt: skip
-        ax.annotate(c.label, (c.tpot(pct), c.ppl_increase * 100), textcoords="offset points", xytext=(6, 5),
-                    fontsize=8)  # fmt: skip
-    front = sorted((c for c in points if c.pareto), key=lambda c: c.tpot(pct))
-    if front:
-        ax.step([c.tpot(pct) for c in front], [c.ppl_increase * 100 for c in front], where="post",
-                color="tab:blue", linewidth=1.2, label="Pareto front (blue rims)", zorder=2)  # fmt: skip
-    if result.slo.max_tpot_ms is not None:
-        ax.axvline(result.slo.max_tpot_ms, color="tab:red", linestyle="--", linewidth=1,
-                   label=f"max TPOT {result.slo.max_tpot_ms:g} ms")  # fmt: skip
-    if result.slo.max_ppl_increase is not None:
-        ax.axhline(result.slo.max_ppl_increase * 100, color="tab:orange", linestyle="--", linewidth=1,
-                   label=f"max perplexity increase {result.slo.max_ppl_increase:.1%}")  # fmt: skip
-    if result.choice is not None and result.choice.ppl_increase is not None:
-        ax.scatter(result.choice.tpot(pct), result.choice.ppl_increase * 100, s=220, facecolors="none",
-                   edgecolors="tab:green", linewidths=2, zorder=4, label=f"choice: {result.choice.label}")  # fmt: skip
-    tpots = [c.tpot(pct) for c in points if c.tpot(pct) > 0]
-    if tpots and max(tpots) > 10 * min(tpots):  # e.g. emulated FP8 next to native kernels
-        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(f"TPOT p{pct} (ms), vllm bench serve, {result.traffic}")
-    ax.set_ylabel(f"served perplexity increase vs base (%)\n{result.quality_text}")
-    ax.set_title(f"{result.hardware}\nvLLM {result.vllm_version}, {result.dtype}", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

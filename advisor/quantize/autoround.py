@@ -8,7 +8,9 @@ and only the rounding *direction* is learned from the calibration text.
 
 Block by block, like the reference method: block i learns on the outputs of the already-quantized blocks before it,
 and its target is the full-precision block's output on full-precision inputs, so errors of earlier blocks are
-corrected rather than copied. Memory: two activation streams (quantized and full precision) of one block's width.
+corrected rather than copied (measured on the demo model with 64×512 calibration tokens: targets computed on the
+quantized inputs instead gave +10.4% / +19.2% perplexity on wikitext-2 / licenses against +5.4% / +16.6%).
+Memory: two activation streams (quantized and full precision) of one block's width.
 """
 
 from __future__ import annotations
@@ -49,7 +51,13 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class _LearnedRounding:
-    """One linear's weight with its learnable rounding offsets and per-group clipping factors."""
+    """One linear's weight with its learnable rounding offsets and per-group clipping factors.
+
+    The grid uses every code of the signed range: each group's scale carries the sign of its largest-magnitude
+    weight, so that weight lands exactly on the lowest code (-8 for 4 bits) and the other side keeps codes up to
+    +7 (the llama.cpp / AutoRound convention, one more usable level than absmax / 7.5). A checkpoint stores codes
+    and scales only, so a negative scale is just a number every dequantizing kernel multiplies by. The two sides of
+    each group get their own clipping factor."""
 
     def __init__(self, weight: torch.Tensor, args: QuantArgs, weight_range) -> None:
         if args.type != "int" or not args.symmetric:
@@ -60,12 +68,19 @@ class _LearnedRounding:
         g = args.group_size if args.strategy == "group" else k
         self.shape = (out, k // g, g)
         self.lo, self.hi = int_range(args.num_bits, weight_range)
-        self.absmax = self.weight.view(self.shape).abs().amax(-1).clamp_min(1e-12)
+        view = self.weight.view(self.shape)
+        self.wmax = view.amax(-1).clamp_min(0)
+        self.wmin = view.amin(-1).clamp_max(0).neg()
         self.offset = torch.zeros(self.shape, requires_grad=True)
-        self.clip = torch.ones(self.shape[:2], requires_grad=True)
+        self.clip_max = torch.ones(self.shape[:2], requires_grad=True)
+        self.clip_min = torch.ones(self.shape[:2], requires_grad=True)
 
     def _scale(self) -> torch.Tensor:
-        return (self.absmax * self.clip / ((self.hi - self.lo) / 2)).clamp_min(1e-12)
+        top, bottom = self.wmax * self.clip_max, self.wmin * self.clip_min
+        extreme = torch.maximum(top, bottom).clamp_min(1e-12)
+        # The larger side maps to the lowest code: a positive extreme gets a negative scale.
+        sign = torch.where(top > bottom, -1.0, 1.0)
+        return sign * extreme / -self.lo
 
     def fake_quantized(self) -> torch.Tensor:
         scale = self._scale().unsqueeze(-1)
@@ -80,20 +95,21 @@ class _LearnedRounding:
         return QuantizedWeight(codes.view_as(self.weight).to(torch.int8), scale, None, self.args)
 
     def params(self) -> list[torch.Tensor]:
-        return [self.offset, self.clip]
+        return [self.offset, self.clip_max, self.clip_min]
 
     @torch.no_grad()
     def project(self, min_clip: float) -> None:
         self.offset.clamp_(-0.5, 0.5)
-        self.clip.clamp_(min_clip, 1.0)
+        self.clip_max.clamp_(min_clip, 1.0)
+        self.clip_min.clamp_(min_clip, 1.0)
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.offset.detach().clone(), self.clip.detach().clone()
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        return tuple(p.detach().clone() for p in self.params())
 
     @torch.no_grad()
-    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.offset.copy_(state[0])
-        self.clip.copy_(state[1])
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        for p, saved in zip(self.params(), state):
+            p.copy_(saved)
 
 
 def _trainable(tree):
@@ -125,9 +141,10 @@ def _stackable(layer, inputs: list) -> bool:
 
 
 def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding], q_inputs: list, targets: list,
-                   config: RoundConfig) -> tuple[float, float]:
+                   config: RoundConfig) -> tuple[float, float, list[torch.Tensor]]:
     """Learn the block's rounding by signed gradient descent; returns the output error (relative MSE) of plain
-    rounding and of the learned rounding, both on all calibration windows."""
+    rounding and of the learned rounding, both on all calibration windows, and the block's outputs (one per
+    window) with the rounding kept, which are the next block's inputs."""
     from torch.func import functional_call
 
     stack = _stackable(layer, q_inputs)
@@ -142,11 +159,18 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
                 return layer_output(functional_call(layer, weights, (x,) + tuple(args[1:]), kwargs)).float()
             return torch.cat([layer_output(functional_call(layer, weights, *q_inputs[i])) for i in idx]).float()
 
-    def error() -> float:
-        chunks = [list(range(i, min(i + config.batch, len(targets)))) for i in range(0, len(targets), config.batch)]
+    total = sum(t.pow(2).sum().item() for t in targets)
+
+    def error() -> tuple[float, list[torch.Tensor]]:
+        """Relative error on every window, and the outputs (kept: the winner's are the next block's inputs)."""
+        outputs, num = [], 0.0
         with torch.no_grad():
-            num = sum((run(c) - torch.cat([targets[i] for i in c])).pow(2).sum().item() for c in chunks)
-        return num / sum(t.pow(2).sum().item() for t in targets)
+            for i in range(0, len(targets), config.batch):
+                chunk = list(range(i, min(i + config.batch, len(targets))))
+                out = run(chunk)
+                num += (out - torch.cat([targets[j] for j in chunk])).pow(2).sum().item()
+                outputs += out.split([targets[j].shape[0] for j in chunk])
+        return num / total, outputs
 
     bf16 = native_bf16() if config.bf16 is None else config.bf16
     params = [p for lr in linears.values() for p in lr.params()]
@@ -158,7 +182,7 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
         p.requires_grad_(False)
     try:
         start = {n: lr.snapshot() for n, lr in linears.items()}
-        before = error()
+        before, outputs = error()
         for step in range(config.iterations):
             picks = torch.randperm(len(targets), generator=gen)[: config.batch].tolist()
             loss = torch.nn.functional.mse_loss(run(picks, bf16), torch.cat([targets[i] for i in picks]))
@@ -183,15 +207,15 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
                 continue
             for n, lr in linears.items():
                 lr.restore(candidate[n])
-            err = error()
+            err, out = error()
             if err < after:
-                after, chosen = err, candidate
+                after, chosen, outputs = err, candidate, out
         for n, lr in linears.items():
             lr.restore(chosen[n])
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return before, after
+    return before, after, outputs
 
 
 def autoround_sequential(model, wanted: dict, windows: list[list[int]],
@@ -215,13 +239,13 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
         learned = {n: _LearnedRounding(m.weight, spec[n].weights, spec[n].code_range) for n, m in names.items()}
         handles = quantize_activations_of(names, {n: spec[n].activations for n in names}, straight_through=True)
         try:
-            errors.append(optimize_block(layer, learned, q_inputs, targets, config))
+            before, after, outputs = optimize_block(layer, learned, q_inputs, targets, config)
+            errors.append((before, after))
             for n, m in names.items():
                 qw = learned[n].quantized()
                 m.weight.data.copy_(qw.dequantize().to(m.weight.dtype))
                 results[f"{prefix}.{i}.{n}"] = qw
-            with torch.no_grad():
-                q_inputs = [((layer_output(layer(*a, **k)),) + tuple(a[1:]), k) for a, k in q_inputs]
+            q_inputs = [((out,) + tuple(a[1:]), k) for out, (a, k) in zip(outputs, q_inputs)]
         finally:
             for h in handles:
                 h.remove()

@@ -25,21 +25,29 @@ def _group_view(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 
 def search_scales(w: torch.Tensor, args: QuantArgs, weight_range=None, hdiag: torch.Tensor | None = None):
-    """Per-group symmetric scales minimising the (Hessian-diagonal weighted) rounding error over clipping ratios."""
+    """Per-group symmetric scales minimising the (Hessian-diagonal weighted) rounding error over clipping ratios.
+
+    Two grids are tried per group: compressed-tensors' absmax / (range / 2), and the full signed range, where the
+    scale carries the sign of the group's largest-magnitude weight so that weight lands exactly on the lowest code
+    (-8 for 4 bits; the llama.cpp / AutoRound convention, one more usable level). Codes and scales are stored
+    either way, so both load in every kernel."""
     lo, hi = int_range(args.num_bits, weight_range)
     view = _group_view(w, args)
     weight = None if hdiag is None else _group_view(hdiag.expand_as(w), args)
     absmax = view.abs().amax(-1).clamp_min(1e-12)
+    signed = torch.where(view.amax(-1) >= absmax, -absmax, absmax)  # the extreme maps to `lo`
     best_scale = absmax / ((hi - lo) / 2)
     best_err = torch.full_like(absmax, float("inf"))
-    for ratio in CLIP_GRID:
-        scale = (absmax * ratio / ((hi - lo) / 2)).clamp_min(1e-12)
-        q = torch.round(view / scale.unsqueeze(-1)).clamp(lo, hi) * scale.unsqueeze(-1)
-        err = (q - view).pow(2)
-        err = (err * weight).sum(-1) if weight is not None else err.sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
+    for base in (absmax / ((hi - lo) / 2), signed / -lo):
+        for ratio in CLIP_GRID:
+            scale = base * ratio
+            scale = torch.where(scale.abs() < 1e-12, torch.full_like(scale, 1e-12), scale)
+            q = torch.round(view / scale.unsqueeze(-1)).clamp(lo, hi) * scale.unsqueeze(-1)
+            err = (q - view).pow(2)
+            err = (err * weight).sum(-1) if weight is not None else err.sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
     return best_scale  # [out, groups]
 
 

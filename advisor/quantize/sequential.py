@@ -138,16 +138,19 @@ def quantize_sequential(
 
 def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[str, torch.Tensor]:
     """H = 2/n · XᵀX of each module's inputs over all calibration windows; each forward pass stops once every
-    module of the stage has seen its input."""
+    module of the stage has seen its input. Modules reading the same tensor (q/k/v, gate/up) share one product."""
     hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
     counts = dict.fromkeys(modules, 0)
     seen: set[str] = set()
+    last: list = [None, None]  # the input tensor last multiplied, and its XᵀX
 
     def accumulate(name):
         def hook(module, hook_args):
-            x = hook_args[0].reshape(-1, hook_args[0].shape[-1]).float()
-            hessians[name].addmm_(x.T, x)
-            counts[name] += x.shape[0]
+            if hook_args[0] is not last[0]:
+                x = hook_args[0].reshape(-1, hook_args[0].shape[-1]).float()
+                last[0], last[1] = hook_args[0], x.T @ x
+            hessians[name] += last[1]
+            counts[name] += hook_args[0].numel() // hook_args[0].shape[-1]
             seen.add(name)
             if len(seen) == len(modules):
                 raise _Stop
@@ -161,6 +164,7 @@ def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[
                 layer(*args, **kwargs)
             except _Stop:
                 pass
+            last[0] = last[1] = None
     finally:
         for h in handles:
             h.remove()

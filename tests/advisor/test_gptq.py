@@ -28,6 +28,25 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert err(gptq) < 0.7 * err(rtn)
 
 
+def test_scale_search_uses_the_full_signed_grid_where_it_rounds_better():
+    from advisor.quantize.gptq import search_scales
+
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(256, 64, generator=gen)
+    scale = search_scales(w, W4G32)
+    assert (scale < 0).any() and (scale > 0).any()  # the sign follows each group's largest weight
+
+    def group_err(s):
+        view = w.view(256, 2, 32)
+        return (torch.round(view / s.unsqueeze(-1)).clamp(-8, 7) * s.unsqueeze(-1) - view).pow(2).sum(-1)
+
+    absmax = w.view(256, 2, 32).abs().amax(-1)
+    # Never worse than either plain grid, group by group.
+    assert torch.all(group_err(scale) <= group_err(absmax / 7.5) + 1e-6)
+    signed = torch.where(w.view(256, 2, 32).amax(-1) >= absmax, -absmax, absmax) / 8
+    assert torch.all(group_err(scale) <= group_err(signed) + 1e-6)
+
+
 def test_gptq_respects_a_narrowed_int8_range():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(512, 64, generator=gen)

@@ -21,7 +21,13 @@ import torch
 from tqdm import tqdm
 
 from advisor.quantize.rtn import QuantizedWeight, int_range
-from advisor.quantize.sequential import decoder_layers, layer_inputs, layer_output, quantize_activations_of
+from advisor.quantize.sequential import (
+    decoder_layers,
+    layer_inputs,
+    layer_output,
+    native_bf16,
+    quantize_activations_of,
+)
 from advisor.schemes import QuantArgs
 
 
@@ -37,12 +43,6 @@ class RoundConfig:
     bf16: bool | None = None
     """Run the block in bfloat16 while learning (targets and the final weights stay fp32). None: where the CPU
     has native bf16 arithmetic (AVX512-BF16 or AMX), where it is about 3× faster per step than fp32."""
-
-
-def native_bf16() -> bool:
-    from advisor.targets import cpu_flags
-
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,14 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once what it needed has been seen."""
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX), where a decoder layer's forward pass
+    runs about 2.4× faster in bf16 than in fp32 (measured on the demo model's layers, Zen 5)."""
+    from advisor.targets import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
     n = getattr(model.config, "num_hidden_layers", None)
     for name, module in model.named_modules():
@@ -105,13 +113,18 @@ def quantize_sequential(
     windows: list[list[int]],
     quantize: Callable[[str, torch.Tensor, torch.Tensor], QuantizedWeight],
     act_args: dict | None = None,
+    bf16: bool | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize the `wanted` linears of every decoder layer with `quantize(name, weight, hessian)`; linears outside
     the decoder stack are left to the caller.
 
     True-sequential: within a layer, each stage (linears sharing one input) is calibrated on the outputs of the
     stages already quantized, and every quantized weight is written back (dequantized, with its activations
-    quantized when `act_args` names a scheme for them), so later stages and layers see the quantized model."""
+    quantized when `act_args` names a scheme for them), so later stages and layers see the quantized model.
+
+    `bf16` (None: where the CPU has native bf16) runs the calibration forward passes in bfloat16 autocast, the
+    precision GPUs serve in; XᵀX is computed and accumulated in fp32."""
+    bf16 = native_bf16() if bf16 is None else bf16
     prefix, layers = decoder_layers(model)
     inputs = layer_inputs(model, layers, windows)
     act_args = act_args or {}
@@ -120,23 +133,95 @@ def quantize_sequential(
         names = {f"{prefix}.{i}.{n}": m for n, m in layer.named_modules()
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
         act_handles = []
+        memo = _SettledOutputs(layer, {n[len(f"{prefix}.{i}."):] for n in names})
         try:
             for stage in stages(layer, names, inputs[0]):
-                hessians = _stage_hessians(layer, {n: names[n] for n in stage}, inputs)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    hessians = _stage_hessians(layer, {n: names[n] for n in stage}, inputs, memo)
                 for name in stage:
                     module = names[name]
                     qw = quantize(name, module.weight, hessians[name])
                     module.weight.data.copy_(qw.dequantize().to(module.weight.dtype))
                     results[name] = qw
                 act_handles += quantize_activations_of({n: names[n] for n in stage}, act_args)
-            inputs = [((layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+                memo.settle({n[len(f"{prefix}.{i}."):] for n in results if n in names})
+            outputs = []
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for j, (args, kwargs) in enumerate(inputs):
+                    memo.window = j
+                    outputs.append(((layer_output(layer(*args, **kwargs)).float(),) + tuple(args[1:]), kwargs))
+            inputs = outputs
         finally:
+            memo.close()
             for h in act_handles:
                 h.remove()
     return results
 
 
-def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[str, torch.Tensor]:
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return a is b or (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
+                          and torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+def _clone(tree):
+    if torch.is_tensor(tree):
+        return tree.clone()
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_clone(t) for t in tree)
+    return tree
+
+
+class _SettledOutputs:
+    """Reuse, within one layer, the outputs of modules whose linears are all quantized already (q/k/v once their
+    stage is done, the attention block once o_proj is): for the same window and identical arguments their output
+    cannot change, so the later stages' passes and the final pass skip recomputing them. Generic over
+    architectures: any submodule holding linears qualifies, and a cached output is only returned for arguments
+    equal to the ones it was computed from."""
+
+    def __init__(self, layer: torch.nn.Module, wanted: set[str]) -> None:
+        self.window: int | None = None
+        self._pending = {}
+        for name, child in layer.named_modules():
+            inside = {n for n, m in child.named_modules(prefix=name) if isinstance(m, torch.nn.Linear)}
+            if name and inside:
+                self._pending[name] = (child, inside & wanted)
+        self._wrapped: list[torch.nn.Module] = []
+        self._cache: dict[tuple[str, int], tuple] = {}
+
+    def settle(self, done: set[str]) -> None:
+        for name, (child, linears) in list(self._pending.items()):
+            if linears <= done:
+                del self._pending[name]
+                child.forward = self._cached(name, child.forward)
+                self._wrapped.append(child)
+
+    def _cached(self, name: str, forward):
+        def call(*args, **kwargs):
+            key = (name, self.window)
+            hit = self._cache.get(key)
+            if self.window is not None and hit is not None and _same(hit[0], (args, kwargs)):
+                return _clone(hit[1])
+            out = forward(*args, **kwargs)
+            if self.window is not None:
+                self._cache[key] = ((args, kwargs), out)
+            return out
+        return call
+
+    def close(self) -> None:
+        for child in self._wrapped:
+            del child.forward  # back to the class's forward
+        self._wrapped.clear()
+        self._cache.clear()
+
+
+def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs, memo: _SettledOutputs | None = None,
+                    ) -> dict[str, torch.Tensor]:
     """H = 2/n · XᵀX of each module's inputs over all calibration windows; each forward pass stops once every
     module of the stage has seen its input. Modules reading the same tensor (q/k/v, gate/up) share one product."""
     hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
@@ -147,8 +232,11 @@ def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[
     def accumulate(name):
         def hook(module, hook_args):
             if hook_args[0] is not last[0]:
+                # fp32 products even under bf16 autocast: a bf16 XᵀX is not positive definite often enough to
+                # break GPTQ's Cholesky factorisation.
                 x = hook_args[0].reshape(-1, hook_args[0].shape[-1]).float()
-                last[0], last[1] = hook_args[0], x.T @ x
+                with torch.autocast("cpu", enabled=False):
+                    last[0], last[1] = hook_args[0], torch.mm(x.T, x)
             hessians[name] += last[1]
             counts[name] += hook_args[0].numel() // hook_args[0].shape[-1]
             seen.add(name)
@@ -158,8 +246,10 @@ def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs) -> dict[
 
     handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in modules.items()]
     try:
-        for args, kwargs in inputs:
+        for j, (args, kwargs) in enumerate(inputs):
             seen.clear()
+            if memo is not None:
+                memo.window = j
             try:
                 layer(*args, **kwargs)
             except _Stop:

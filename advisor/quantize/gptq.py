@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
+from advisor.errors import AdvisorError
 from advisor.quantize.rtn import QuantizedWeight, int_range
 from advisor.schemes import QuantArgs
 
@@ -71,6 +72,21 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, weigh
         return _gptq(w, hessian, args, weight_range, damp, act_order, block)
 
 
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); where H (summed from low-precision
+    products, or from too few tokens) is not positive definite at that dampening, λ grows tenfold until it is."""
+    mean = torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0])
+    for attempt in range(4):
+        try:
+            lower = torch.linalg.cholesky(h + damp * 10**attempt * mean * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise AdvisorError(f"GPTQ: the calibration Hessian is not positive definite even with dampening {damp * 1000:g}",
+                       hint="calibrate on more tokens, or use --method autoround")
+
+
 def _gptq(w, hessian, args, weight_range, damp, act_order, block) -> QuantizedWeight:
     if args.type != "int" or not args.symmetric:
         raise ValueError("GPTQ here quantizes symmetric integer weights")
@@ -87,8 +103,7 @@ def _gptq(w, hessian, args, weight_range, damp, act_order, block) -> QuantizedWe
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_cholesky(h, damp)
 
     codes = torch.zeros_like(w)
     for i1 in range(0, k, block):

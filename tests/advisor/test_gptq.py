@@ -47,6 +47,16 @@ def test_scale_search_uses_the_full_signed_grid_where_it_rounds_better():
     assert torch.all(group_err(scale) <= group_err(signed) + 1e-6)
 
 
+def test_gptq_raises_its_dampening_where_the_hessian_is_not_positive_definite():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 64, generator=gen)  # fewer tokens than channels: XᵀX is singular
+    h = 2 * x.T @ x / 16
+    h -= 0.05 * torch.diag(h).mean() * torch.eye(64)  # and slightly indefinite, as a low-precision sum can be
+    w = torch.randn(32, 64, generator=gen)
+    q = gptq_quantize(w, h, W4G32)
+    assert q.codes.min() >= -8 and q.codes.max() <= 7 and torch.isfinite(q.scale).all()
+
+
 def test_gptq_respects_a_narrowed_int8_range():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(512, 64, generator=gen)

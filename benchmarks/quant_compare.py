@@ -432,8 +432,8 @@ def verdicts(records: dict[str, dict], base: dict) -> list[dict]:
     else:
         out.append({"line": "1b", "claim": "hubc GPTQ vs 2/3 of llm-compressor's GPTQ/RTN", "passed": None,
                     "detail": "needs " + ", ".join(need)})
-    for line, hubc, llmc, factor, share in (("2a", "hubc/w4a16/gptq", "llmc/w4a16/gptq", 0.5, "at most half of"),
-                                            ("2b", "hubc/w4a16/autoround", ar, 1.0, "no more than")):
+    for line, hubc, llmc, factor, share in (("3a", "hubc/w4a16/gptq", "llmc/w4a16/gptq", 0.5, "at most half of"),
+                                            ("3b", "hubc/w4a16/autoround", ar, 1.0, "no more than")):
         claim = f"{hubc} takes {share} {llmc}'s time"
         if hubc in records and llmc in records:
             h, l_ = records[hubc]["seconds"], records[llmc]["seconds"]
@@ -487,6 +487,10 @@ def render(rows: list[Row], records: dict, status: dict, base: dict, settings: S
     for v in verdicts(records, base):
         mark = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[v["passed"]]
         lines.append(f"- **{v['line']} {mark}**: {v['claim']} — {v['detail']}")
+    if len(runs) > 1:
+        lines.append(f"- These rows come from {len(runs)} runs (the run column), on a machine whose load changed "
+                     "between them; the acceptance compares rows of one run: `--rerun` without `--only` measures "
+                     "every row together.")
     repro = "; ".join(f"{t} {base[t]['perplexity']:.3f} (DESIGN.md {DESIGN_BASE_PPL[t]})" for t in TEXTS)
     llmc_versions = next((", ".join(f"{k} {v}" for k, v in r["details"]["versions"].items())
                           for r in records.values() if "versions" in r["details"]), LLMC_REQUIREMENT)

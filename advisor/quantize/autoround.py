@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from advisor.quantize.rtn import QuantizedWeight, int_range
 from advisor.quantize.sequential import (
+    clone_tree,
     decoder_layers,
     layer_inputs,
     layer_output,
@@ -110,19 +111,6 @@ class _LearnedRounding:
     def restore(self, state: tuple[torch.Tensor, ...]) -> None:
         for p, saved in zip(self.params(), state):
             p.copy_(saved)
-
-
-def _trainable(tree):
-    """Copies of captured tensors usable by autograd (inputs captured under inference mode cannot be)."""
-    if torch.is_tensor(tree):
-        return tree.detach().clone()
-    if isinstance(tree, tuple):
-        return tuple(_trainable(t) for t in tree)
-    if isinstance(tree, list):
-        return [_trainable(t) for t in tree]
-    if isinstance(tree, dict):
-        return {k: _trainable(v) for k, v in tree.items()}
-    return tree
 
 
 @torch.no_grad()
@@ -225,7 +213,8 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
     the rounding also compensates the activation error. Returns the quantized weights and the per-block (error of
     plain rounding, error after learning)."""
     prefix, layers = decoder_layers(model)
-    captured = [_trainable(c) for c in layer_inputs(model, layers, windows)]
+    # Copies made outside inference mode: autograd cannot use tensors captured under it.
+    captured = [clone_tree(c) for c in layer_inputs(model, layers, windows)]
     fp_inputs = captured
     q_inputs = captured
     results: dict[str, QuantizedWeight] = {}

@@ -133,7 +133,8 @@ def quantize_sequential(
         names = {f"{prefix}.{i}.{n}": m for n, m in layer.named_modules()
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
         act_handles = []
-        memo = _SettledOutputs(layer, {n[len(f"{prefix}.{i}."):] for n in names})
+        short = {n: n[len(f"{prefix}.{i}."):] for n in names}  # names inside the layer
+        memo = _SettledOutputs(layer, set(short.values()))
         try:
             for stage in stages(layer, names, inputs[0]):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -144,7 +145,7 @@ def quantize_sequential(
                     module.weight.data.copy_(qw.dequantize().to(module.weight.dtype))
                     results[name] = qw
                 act_handles += quantize_activations_of({n: names[n] for n in stage}, act_args)
-                memo.settle({n[len(f"{prefix}.{i}."):] for n in results if n in names})
+                memo.settle({short[n] for n in names if n in results})
             outputs = []
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 for j, (args, kwargs) in enumerate(inputs):
@@ -169,11 +170,17 @@ def _same(a, b) -> bool:
     return a is b or a == b
 
 
-def _clone(tree):
+def clone_tree(tree):
+    """Copies of the tensors in nested arguments (tuples, lists, dicts); outside inference mode the copies are
+    ordinary tensors autograd can use."""
     if torch.is_tensor(tree):
-        return tree.clone()
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_clone(t) for t in tree)
+        return tree.detach().clone()
+    if isinstance(tree, tuple):
+        return tuple(clone_tree(t) for t in tree)
+    if isinstance(tree, list):
+        return [clone_tree(t) for t in tree]
+    if isinstance(tree, dict):
+        return {k: clone_tree(v) for k, v in tree.items()}
     return tree
 
 
@@ -206,7 +213,7 @@ class _SettledOutputs:
             key = (name, self.window)
             hit = self._cache.get(key)
             if self.window is not None and hit is not None and _same(hit[0], (args, kwargs)):
-                return _clone(hit[1])
+                return clone_tree(hit[1])
             out = forward(*args, **kwargs)
             if self.window is not None:
                 self._cache[key] = ((args, kwargs), out)

@@ -207,6 +207,9 @@ class _SettledOutputs:
                 del self._pending[name]
                 child.forward = self._cached(name, child.forward)
                 self._wrapped.append(child)
+                # A hit on this module never calls the ones inside it: their cached outputs are dead memory
+                # (per window, the size of their activations; large on wide models).
+                self._cache = {k: v for k, v in self._cache.items() if not k[0].startswith(name + ".")}
 
     def _cached(self, name: str, forward):
         def call(*args, **kwargs):

@@ -31,6 +31,9 @@ class Recipe:
     offsets and clipping learned per decoder block by signed gradient descent against the full-precision block)."""
     iterations: int | None = None
     """Learning steps per decoder block for `autoround`."""
+    seed: int | None = None
+    """Minibatch order of `autoround` (default 0): the learned rounding depends on it, so a run is repeated with the
+    same seed and a method's spread is measured over several."""
     group_size: int | None = None
     """Weights per scale for group-wise schemes; chosen per model so it divides every input dimension."""
     smoothing: str = "none"

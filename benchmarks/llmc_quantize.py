@@ -73,6 +73,15 @@ RECIPES = {
 }
 
 
+def _seed_autoround(seed: int) -> None:
+    """AutoRoundModifier builds an AutoRound per decoder layer without a seed (AutoRound then seeds every layer with
+    42): hand it `seed` instead, so its minibatch order can vary like hubc's."""
+    import llmcompressor.modifiers.autoround.base as modifier
+
+    build = modifier.AutoRound
+    modifier.AutoRound = lambda *args, **kwargs: build(*args, seed=seed, **kwargs)
+
+
 def calibration_loader(windows: list[list[int]]):
     """One window per batch, exactly the given ids (no tokenization, shuffling or truncation by llm-compressor)."""
     from torch.utils.data import DataLoader
@@ -112,6 +121,8 @@ def main() -> None:
     parser.add_argument("--calib", type=Path, required=True, help="JSON list of token-id lists")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--iters", type=int, default=50, help="AutoRound iterations per decoder layer")
+    parser.add_argument("--seed", type=int, default=42, help="AutoRound's seed (its minibatch order; default 42, "
+                        "AutoRound's own)")
     args = parser.parse_args()
 
     import compressed_tensors
@@ -122,6 +133,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     windows = json.loads(args.calib.read_text())
+    if args.method == "w4a16-autoround":
+        _seed_autoround(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     build, needs_data = RECIPES[args.method]
     modifiers = build(args.iters)
@@ -145,6 +158,7 @@ def main() -> None:
         "seconds_oneshot": oneshot_seconds,
         "calibration_windows": len(windows) if needs_data else 0,
         "iters": args.iters if args.method == "w4a16-autoround" else None,
+        "seed": args.seed if args.method == "w4a16-autoround" else None,
         "recipe": [repr(m) for m in modifiers],
         "quantized_modules": quantized,
         "input_activations": act,

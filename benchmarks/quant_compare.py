@@ -33,6 +33,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -80,26 +81,61 @@ class Row:
     scheme: str | None = None
     method: str = "rtn"
     smoothing: str = "none"
+    seed: int = 0
+    """Learned rounding's minibatch order: hubc's `seed`, llm-compressor's AutoRound seed 42 + this."""
+    iterations: int | None = None
+    """Learned-rounding steps per decoder layer when not the settings' `autoround_iters` (hubc rows)."""
 
     @property
     def tool(self) -> str:
         return "llm-compressor" if self.llmc else "hubc"
 
+    @property
+    def variant(self) -> str:
+        """The key without its seed: rows of one variant differ only in their minibatch order."""
+        return re.sub(r"/seed\d+$", "", self.key)
+
+    def with_seed(self, seed: int) -> Row:
+        shown = 42 + seed if self.llmc else seed
+        return dataclasses.replace(self, key=f"{self.key}/seed{seed}", label=f"{self.label}, seed {shown}", seed=seed)
+
+    def identity(self) -> dict:
+        """What the row's cache key hashes: its fields, the seed and step count only where not the default (so rows
+        measured before these fields existed keep their key)."""
+        fields = dataclasses.asdict(self)
+        for name in ("seed", "iterations"):
+            if fields[name] == getattr(Row, name):
+                del fields[name]
+        return fields
+
+
+SEEDS = 3
+"""Minibatch orders measured for plain learned rounding of both tools: one run of either moves by about ±1% /
+±2.5% perplexity with the order alone, so 1a compares means over seeds."""
+
 
 def _hubc_weight_only_rows() -> list[Row]:
     kinds = (("rtn", "rtn", "none"), ("gptq", "gptq", "none"), ("scaling", "rtn", "search"),
-             ("scaling+gptq", "gptq", "search"), ("autoround", "autoround", "none"),
-             ("scaling+autoround", "autoround", "search"))
-    return [Row(f"hubc/{scheme}/{name}", f"W{bits}A16 sym g{GROUP_SIZE}, {name}", bits, scheme=scheme, method=method,
-                smoothing=smoothing)
-            for bits, scheme in ((4, "w4a16"), (8, "w8a16-g64"), (3, "w3a16"))
-            for name, method, smoothing in kinds]
+             ("scaling+gptq", "gptq", "search"))
+    learned = (("autoround", "autoround", "none"), ("scaling+autoround", "autoround", "search"))
+    rows = []
+    for bits, scheme in ((4, "w4a16"), (8, "w8a16-g64"), (3, "w3a16")):
+        for name, method, smoothing in kinds + (learned if bits == 4 else ()):
+            rows.append(Row(f"hubc/{scheme}/{name}", f"W{bits}A16 sym g{GROUP_SIZE}, {name}", bits, scheme=scheme,
+                            method=method, smoothing=smoothing))
+            if bits == 4 and name == "autoround":
+                rows += [rows[-1].with_seed(seed) for seed in range(1, SEEDS)]
+    rows.append(Row("hubc/w4a16/autoround-200", f"W4A16 sym g{GROUP_SIZE}, autoround, 200 steps", 4, scheme="w4a16",
+                    method="autoround", iterations=200))
+    return rows
 
 
+_AUTOROUND = Row("llmc/w4a16/autoround", "W4A16 sym g64, AutoRound (AutoRoundModifier)", 4, llmc="w4a16-autoround")
 ROWS = [
     Row("llmc/w4a16/rtn", "W4A16 sym g64, round-to-nearest (QuantizationModifier)", 4, llmc="w4a16-rtn"),
     Row("llmc/w4a16/gptq", "W4A16 sym g64, GPTQ (GPTQModifier)", 4, llmc="w4a16-gptq"),
-    Row("llmc/w4a16/autoround", "W4A16 sym g64, AutoRound (AutoRoundModifier)", 4, llmc="w4a16-autoround"),
+    _AUTOROUND,
+    *(_AUTOROUND.with_seed(seed) for seed in range(1, SEEDS)),
     Row("llmc/w8a8-int8/rtn", "W8A8 int8, round-to-nearest", 8, llmc="w8a8-int8-rtn"),
     Row("llmc/w8a8-int8/smoothquant", "W8A8 int8, SmoothQuant 0.8 + round-to-nearest", 8,
         llmc="w8a8-int8-smoothquant"),
@@ -288,7 +324,8 @@ def quantize_hubc(row: Row, model_path: Path, structure, tokenizer, settings: Se
 
     calibrated = row.smoothing != "none" or row.method != "rtn"
     recipe = Recipe(scheme=row.scheme, target="cpu", method=row.method,
-                    iterations=settings.autoround_iters if row.method == "autoround" else None,
+                    iterations=row.iterations or settings.autoround_iters if row.method == "autoround" else None,
+                    seed=row.seed if row.method == "autoround" else None,
                     group_size=GROUP_SIZE if get_scheme(row.scheme).grouped else None, smoothing=row.smoothing,
                     calibration={"text": "wikitext2-valid", "windows": settings.calib_windows,
                                  "seq_len": settings.seq_len} if calibrated else None,
@@ -312,7 +349,7 @@ def quantize_llmc(row: Row, model_path: Path, calib_file: Path, settings: Settin
     python = ensure_llmc_venv()
     shutil.rmtree(work, ignore_errors=True)
     cmd = [str(python), str(LLMC_SCRIPT), "--model", str(model_path), "--method", row.llmc, "--calib",
-           str(calib_file), "--out", str(work), "--iters", str(settings.autoround_iters)]
+           str(calib_file), "--out", str(work), "--iters", str(settings.autoround_iters), "--seed", str(42 + row.seed)]
     log(shlex.join(cmd))
     subprocess.run(cmd, check=True)
     result = json.loads((work / "result.json").read_text())
@@ -332,12 +369,12 @@ def row_settings(row: Row, settings: Settings) -> dict:
             row.scheme and (row.method != "rtn" or row.smoothing != "none")):
         out["calib_windows"] = settings.calib_windows
     if row.llmc == "w4a16-autoround" or row.method == "autoround":
-        out["autoround_iters"] = settings.autoround_iters
+        out["autoround_iters"] = row.iterations or settings.autoround_iters
     return out
 
 
 def row_cache(cache: Path, row: Row, settings: Settings) -> Path:
-    key = fingerprint({"row": dataclasses.asdict(row), "settings": row_settings(row, settings)})
+    key = fingerprint({"row": row.identity(), "settings": row_settings(row, settings)})
     return cache / "rows" / f"{row.key.replace('/', '_')}-{key}.json"
 
 
@@ -405,43 +442,86 @@ def delta(record: dict, base: dict, text: str) -> float:
     return record["quality"][text]["perplexity"] / base[text]["perplexity"] - 1.0
 
 
+def variants(records: dict[str, dict]) -> dict[str, list[dict]]:
+    """The measured records by variant: the seeds of one variant together, in table order."""
+    out: dict[str, list[dict]] = {}
+    for row in ROWS:
+        if row.key in records:
+            out.setdefault(row.variant, []).append(records[row.key])
+    return out
+
+
+def mean_delta(group: list[dict], base: dict, text: str) -> float:
+    return statistics.fmean(delta(r, base, text) for r in group)
+
+
 def verdicts(records: dict[str, dict], base: dict) -> list[dict]:
-    """The acceptance lines, computed from the measured rows (None where a row they need is missing)."""
-    def d(key, text):
-        return delta(records[key], base, text) if key in records else None
+    """The acceptance lines, computed from the measured rows (None where a row they need is missing). A variant
+    measured with several seeds counts by its mean."""
+    groups = variants(records)
+
+    def d(variant, text):
+        return mean_delta(groups[variant], base, text)
+
+    def name(variant):
+        n = len(groups[variant])
+        return variant if n == 1 else f"{variant} (mean of {n} seeds)"
 
     out = []
     ar = "llmc/w4a16/autoround"
-    hubc4 = [k for k in records if k.startswith("hubc/w4a16/")]
-    if ar in records and hubc4:
-        best = min(hubc4, key=lambda k: max(d(k, t) - d(ar, t) for t in TEXTS))
+    hubc4 = [v for v in groups if v.startswith("hubc/w4a16/")]
+    if ar in groups and hubc4:
+        best = min(hubc4, key=lambda v: max(d(v, t) - d(ar, t) for t in TEXTS))
         detail = "; ".join(f"{t}: {d(best, t):+.2%} vs {d(ar, t):+.2%}" for t in TEXTS)
         out.append({"line": "1a", "claim": "hubc's best 4-bit method has Δppl no worse than llm-compressor's AutoRound "
                     "on both texts", "passed": all(d(best, t) <= d(ar, t) for t in TEXTS),
-                    "detail": f"best: {best} ({detail})"})
+                    "detail": f"best: {name(best)} against {name(ar)} ({detail})", "uses": [*hubc4, ar]})
     else:
         out.append({"line": "1a", "claim": "hubc's best 4-bit method vs llm-compressor's AutoRound", "passed": None,
                     "detail": "needs llmc/w4a16/autoround and at least one hubc/w4a16 row"})
     need = ("hubc/w4a16/gptq", "llmc/w4a16/gptq", "llmc/w4a16/rtn")
-    if all(k in records for k in need):
+    if all(k in groups for k in need):
         limits = {t: 2 / 3 * min(d("llmc/w4a16/gptq", t), d("llmc/w4a16/rtn", t)) for t in TEXTS}
         out.append({"line": "1b", "claim": "hubc GPTQ Δppl ≤ 2/3 of the better of llm-compressor's GPTQ and RTN, "
                     "on both texts", "passed": all(d("hubc/w4a16/gptq", t) <= limits[t] for t in TEXTS),
                     "detail": "; ".join(f"{t}: {d('hubc/w4a16/gptq', t):+.2%} vs limit {limits[t]:+.2%}"
-                                        for t in TEXTS)})
+                                        for t in TEXTS), "uses": list(need)})
     else:
         out.append({"line": "1b", "claim": "hubc GPTQ vs 2/3 of llm-compressor's GPTQ/RTN", "passed": None,
                     "detail": "needs " + ", ".join(need)})
     for line, hubc, llmc, factor, share in (("3a", "hubc/w4a16/gptq", "llmc/w4a16/gptq", 0.5, "at most half of"),
                                             ("3b", "hubc/w4a16/autoround", ar, 1.0, "no more than")):
         claim = f"{hubc} takes {share} {llmc}'s time"
-        if hubc in records and llmc in records:
-            h, l_ = records[hubc]["seconds"], records[llmc]["seconds"]
+        if hubc in groups and llmc in groups:
+            h, l_ = (statistics.fmean(r["seconds"] for r in groups[v]) for v in (hubc, llmc))
             out.append({"line": line, "claim": claim, "passed": h <= factor * l_,
-                        "detail": f"{h:.0f} s vs limit {factor * l_:.0f} s ({llmc}: {l_:.0f} s)"})
+                        "detail": f"{h:.0f} s vs limit {factor * l_:.0f} s ({llmc}: {l_:.0f} s)"
+                        + (" (means over seeds)" if len(groups[hubc]) > 1 or len(groups[llmc]) > 1 else ""),
+                        "uses": [hubc, llmc]})
         else:
             out.append({"line": line, "claim": claim, "passed": None, "detail": f"needs {hubc} and {llmc}"})
+    for v in out:
+        v["runs"] = sorted({r["run"] for variant in v.pop("uses", []) for r in groups.get(variant, [])})
     return out
+
+
+def seed_lines(records: dict, base: dict) -> list[str]:
+    """Mean and range over seeds of every variant measured with more than one."""
+    groups = {v: g for v, g in variants(records).items() if len(g) > 1}
+    if not groups:
+        return []
+    w, lic = TEXTS
+    lines = ["", "### Over seeds", "",
+             f"| variant | seeds | {w} Δppl, mean (min – max) | {lic} Δppl, mean (min – max) | time (s), mean |",
+             "|---|---|---|---|---|"]
+    for variant, group in groups.items():
+        cells = []
+        for t in TEXTS:
+            ds = [delta(r, base, t) for r in group]
+            cells.append(f"{statistics.fmean(ds):+.2%} ({min(ds):+.2%} – {max(ds):+.2%})")
+        lines.append(f"| {variant} | {len(group)} | {cells[0]} | {cells[1]} | "
+                     f"{statistics.fmean(r['seconds'] for r in group):.1f} |")
+    return lines
 
 
 def _fmt(value, spec: str) -> str:
@@ -483,14 +563,18 @@ def render(rows: list[Row], records: dict, status: dict, base: dict, settings: S
             f"{_fmt(q[w].get('kl'), '.4f')} | {_fmt(q[w].get('top1'), '.3f')} | {delta(r, base, lic):+.2%} | "
             f"{_fmt(q[lic].get('kl'), '.4f')} | {_fmt(q[lic].get('top1'), '.3f')} | {r['seconds']:.1f} | "
             f"{runs[r['run'], r['command']]} |")
+    lines += seed_lines(records, base)
     lines += ["", "## Acceptance", ""]
     for v in verdicts(records, base):
         mark = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[v["passed"]]
-        lines.append(f"- **{v['line']} {mark}**: {v['claim']} — {v['detail']}")
+        letters = sorted({letter for (start, _), letter in runs.items() if start in v["runs"]})
+        one_run = f" Rows from run {letters[0]}." if len(letters) == 1 else (
+            f" **Rows from {len(letters)} runs ({', '.join(letters)})**: the acceptance compares rows of one run."
+            if letters else "")
+        lines.append(f"- **{v['line']} {mark}**: {v['claim']} — {v['detail']}.{one_run}")
     if len(runs) > 1:
-        lines.append(f"- These rows come from {len(runs)} runs (the run column), on a machine whose load changed "
-                     "between them; the acceptance compares rows of one run: `--rerun` without `--only` measures "
-                     "every row together.")
+        lines.append(f"- The table's rows come from {len(runs)} runs (the run column), on a machine whose load "
+                     "changed between them; `--rerun` without `--only` measures every row together.")
     repro = "; ".join(f"{t} {base[t]['perplexity']:.3f} (DESIGN.md {DESIGN_BASE_PPL[t]})" for t in TEXTS)
     llmc_versions = next((", ".join(f"{k} {v}" for k, v in r["details"]["versions"].items())
                           for r in records.values() if "versions" in r["details"]), LLMC_REQUIREMENT)

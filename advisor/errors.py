@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-class AdvisorError(Exception):
-    """Base of advisor errors: a one-line message and, when known, what to do next."""
+class HintedError(Exception):
+    """An error the user can act on: a one-line message and, when known, what to do next. The base of every layer's
+    errors (advisor, serving, hubplugin), so the CLI reports them all one way."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -13,6 +14,10 @@ class AdvisorError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class AdvisorError(HintedError):
+    """Base of advisor errors."""
 
 
 class UnknownTargetError(AdvisorError):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from advisor.errors import HintedError
 from advisor.recipe import METHODS
 from hubplugin import __version__
 
@@ -25,19 +26,13 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["HUBC_SET_OMP_WAIT_POLICY"] = "1"  # vLLM servers started by hubc do not inherit it (serving.server)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from advisor.errors import AdvisorError
-    from hubplugin.errors import HubcError
-    from serving.errors import ServingError
-
-    return (HubcError, AdvisorError, ServingError)
 
 
 def _run(fn):
     """Call a command body; typed errors become one line on stderr and exit code 2 (HUBC_DEBUG=1 re-raises)."""
     try:
         return fn()
-    except _user_errors() as exc:
+    except HintedError as exc:
         if os.environ.get("HUBC_DEBUG"):
             raise
         line = exc.message if not exc.hint else f"{exc.message}; {exc.hint}"

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
+from advisor.errors import HintedError
 
-class HubcError(Exception):
-    """Base of every error hubc reports to a user: a one-line message and, when known, what to do next."""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return self.message if not self.hint else f"{self.message} ({self.hint})"
+class HubcError(HintedError):
+    """Base of the Hub-facing layer's errors."""
 
 
 class ModelNotFoundError(HubcError):

@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, vLLM) are imported inside the commands, so
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -276,14 +277,18 @@ def _percent(ctx, param, value):
     if value is None:
         return None
     try:
-        return float(str(value).strip().rstrip("%")) / 100
+        share = float(str(value).strip().rstrip("%")) / 100
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a percentage (e.g. 5 or 5%)") from None
+    if not math.isfinite(share) or share <= -1:
+        raise click.BadParameter(f"{value!r} is not a perplexity change: give a percentage above -100 (e.g. 5 or 5%)")
+    return share
 
 
 @main.command()
 @click.argument("checkpoints", nargs=-1, required=True)
-@click.option("--max-tpot-ms", type=float, required=True, help="largest acceptable time per output token (ms)")
+@click.option("--max-tpot-ms", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="largest acceptable time per output token (ms)")
 @click.option("--max-ppl-increase", callback=_percent, required=True,
               help="largest acceptable served-perplexity increase over the base, in percent (5 or 5%)")
 @click.option("--tpot-percentile", type=click.Choice(["50", "95"]), default="50", show_default=True,

@@ -209,3 +209,15 @@ def test_push_puts_stored_bench_measurements_into_the_card(fake_hub, tiny_llama_
         assert cell in row[0], (cell, row[0])
     assert card.replace(card[card.index("<!-- hubc:bench -->"):card.index("<!-- /hubc:bench -->")], "") == \
         before.replace(before[before.index("<!-- hubc:bench -->"):before.index("<!-- /hubc:bench -->")], "")
+
+
+@pytest.mark.parametrize("slo, fragment", [
+    (["--max-tpot-ms", "-3", "--max-ppl-increase", "5"], "--max-tpot-ms"),
+    (["--max-tpot-ms", "30", "--max-ppl-increase", "-100%"], "above -100"),
+    (["--max-tpot-ms", "30", "--max-ppl-increase", "nan"], "above -100"),
+    (["--max-tpot-ms", "30", "--max-ppl-increase", "five"], "not a percentage"),
+])
+def test_pick_refuses_an_impossible_slo_before_any_work(tiny_llama_dir, slo, fragment):
+    result = CliRunner().invoke(main, ["pick", str(tiny_llama_dir), *slo])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert "Traceback" not in result.output

@@ -92,7 +92,7 @@ def _target_dict(t) -> dict:
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="hardware target from `hubc targets` (cpu, t4, a10g, l4, ...)")
 @click.option("--scheme", help="w8a8-int8, w4a16, w8a16 or fp8 (default: the target's default)")
-@click.option("--group-size", type=int, help="weights per scale for w4a16 (default: chosen per model)")
+@click.option("--group-size", type=click.IntRange(min=1), help="weights per scale for w4a16 (default: chosen per model)")
 @click.option("--method", type=click.Choice(METHODS),
               help="weight rounding: rtn (round-to-nearest, the default), gptq, or autoround (rounding learned block "
                    "by block); calibrated methods use wikitext-2 valid")
@@ -110,8 +110,8 @@ def _target_dict(t) -> dict:
 @click.option("--no-serve", is_flag=True, help="skip the vLLM serving check and latency measurement")
 @click.option("--eval-text", "eval_texts", multiple=True,
               help="evaluation text: wikitext2-test, licenses or a file path (repeatable; default both shipped texts)")
-@click.option("--eval-windows", type=int, default=4, show_default=True, help="windows per text")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per evaluation window")
+@click.option("--eval-windows", type=click.IntRange(min=1), default=4, show_default=True, help="windows per text")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
 def optimize(model, target, scheme, group_size, method, iterations, smoothing, recipe_file, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
              eval_windows, seq_len, fmt) -> None:
@@ -221,9 +221,9 @@ def _bench_options(fn):
         click.option("--base", help="base model to measure with them (folder, Hub repo id or `demo`)"),
         click.option("--traffic", default="in=512,out=128,concurrency=8", show_default=True,
                      help="random prompts of `in` tokens, `out` generated tokens, `concurrency` requests in flight"),
-        click.option("--num-prompts", type=int, help="requests per benchmark run (default max(4 x concurrency, 8))"),
-        click.option("--min-rounds", type=int, default=2, show_default=True, help="interleaved rounds always run"),
-        click.option("--max-rounds", type=int, default=5, show_default=True,
+        click.option("--num-prompts", type=click.IntRange(min=1), help="requests per benchmark run (default max(4 x concurrency, 8))"),
+        click.option("--min-rounds", type=click.IntRange(min=1), default=2, show_default=True, help="interleaved rounds always run"),
+        click.option("--max-rounds", type=click.IntRange(min=1), default=5, show_default=True,
                      help="rounds at most, added while the TPOT spread is above --max-spread"),
         click.option("--max-spread", type=float, default=0.05, show_default=True,
                      help="target relative range of TPOT p50 across rounds"),
@@ -295,8 +295,8 @@ def _percent(ctx, param, value):
               help="the TPOT percentile the SLO is on")
 @click.option("--eval-text", default="wikitext2-test", show_default=True,
               help="text for served perplexity: wikitext2-test, licenses or a file path")
-@click.option("--eval-windows", type=int, default=2, show_default=True, help="windows of that text")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="tokens per window")
+@click.option("--eval-windows", type=click.IntRange(min=1), default=2, show_default=True, help="windows of that text")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per window")
 @click.option("--plot", type=click.Path(path_type=Path), default=Path("hubc-pick-pareto.png"), show_default=True,
               help="where to write the Pareto plot (PNG)")
 @click.option("--remeasure", is_flag=True, help="measure again even what the store already holds")

@@ -221,3 +221,11 @@ def test_pick_refuses_an_impossible_slo_before_any_work(tiny_llama_dir, slo, fra
     result = CliRunner().invoke(main, ["pick", str(tiny_llama_dir), *slo])
     assert result.exit_code == 2 and fragment in result.output, result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option, value", [("--eval-windows", "0"), ("--seq-len", "1"), ("--group-size", "-64")])
+def test_optimize_refuses_empty_evaluation_or_groups_before_any_work(tmp_path, option, value):
+    result = CliRunner().invoke(main, ["optimize", "demo", "--target", "cpu", "--out", str(tmp_path / "o"),
+                                       option, value])
+    assert result.exit_code == 2 and option in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()

@@ -98,6 +98,9 @@ def read_text(name: str) -> tuple[str, str]:
 def make_windows(tokenizer, text: str, seq_len: int, windows: int) -> list[list[int]]:
     """Consecutive non-overlapping windows of `seq_len` tokens from the start of the text, each led by BOS when the
     tokenizer has one (so every engine sees the same ids)."""
+    if windows < 1 or seq_len < 2:
+        raise AdvisorError(f"cannot evaluate {windows} window(s) of {seq_len} tokens",
+                           hint="use at least 1 window of at least 2 tokens")
     # Tokenize only as much text as the windows need (a whole corpus takes long on big vocabularies).
     budget = seq_len * windows * 8
     ids = tokenizer(text[:budget], add_special_tokens=False)["input_ids"]

@@ -41,9 +41,11 @@ class RoundConfig:
     min_clip: float = 0.5
     """Smallest fraction of a group's absolute maximum its scale may be clipped to."""
     seed: int = 0
+    """Minibatch order."""
     bf16: bool | None = None
-    """Run the block in bfloat16 while learning (targets and the final weights stay fp32). None: where the CPU
-    has native bf16 arithmetic (AVX512-BF16 or AMX), where it is about 3× faster per step than fp32."""
+    """Run the block in bfloat16 while learning and while comparing the candidates on every window (targets and the
+    final weights stay fp32). None: where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where it is
+    about 3× faster per step than fp32."""
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +157,7 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
         with torch.no_grad():
             for i in range(0, len(targets), config.batch):
                 chunk = list(range(i, min(i + config.batch, len(targets))))
-                out = run(chunk)
+                out = run(chunk, bf16)
                 num += (out - torch.cat([targets[j] for j in chunk])).pow(2).sum().item()
                 outputs += out.split([targets[j].shape[0] for j in chunk])
         return num / total, outputs

@@ -6,7 +6,6 @@ operations); that is checked on calibration tokens, and a model whose outputs mo
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -52,9 +51,8 @@ def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, to
     if recipe.method == "autoround":
         from advisor.quantize.autoround import RoundConfig, autoround_sequential
 
-        defaults = RoundConfig()
-        config = dataclasses.replace(defaults, iterations=recipe.iterations or defaults.iterations,
-                                     seed=defaults.seed if recipe.seed is None else recipe.seed)
+        given = {"iterations": recipe.iterations, "seed": recipe.seed}
+        config = RoundConfig(**{k: v for k, v in given.items() if v is not None})
         quantized, errors = autoround_sequential(model, wanted, windows, config)
         report.block_error = {
             "rounding": sum(e[0] for e in errors) / len(errors),

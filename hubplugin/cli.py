@@ -27,8 +27,6 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["HUBC_SET_OMP_WAIT_POLICY"] = "1"  # vLLM servers started by hubc do not inherit it (serving.server)
 
 
-
-
 def _run(fn):
     """Call a command body; typed errors become one line on stderr and exit code 2 (HUBC_DEBUG=1 re-raises)."""
     try:

@@ -264,7 +264,10 @@ def bench(
             worst = max(r.spread for r in results)
             if rounds >= config.min_rounds and (worst <= config.max_spread or rounds >= config.max_rounds):
                 break
-            progress(f"TPOT p50 spread {worst:.1%} > {config.max_spread:.0%}: adding round {rounds + 1}")
+            if rounds < config.min_rounds:
+                progress(f"round {rounds} of at least {config.min_rounds}: adding round {rounds + 1}")
+            else:
+                progress(f"TPOT p50 spread {worst:.1%} > {config.max_spread:.0%}: adding round {rounds + 1}")
 
     converged = max(r.spread for r in results) <= config.max_spread
     if rounds == 1:

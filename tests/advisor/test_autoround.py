@@ -78,3 +78,29 @@ def test_learned_rounding_for_w8a8_learns_with_quantized_activations_and_keeps_t
     # Never worse than plain rounding on the calibration windows (it is kept when learning does not beat it).
     assert all(after <= before for before, after in errors) and any(after < before for before, after in errors)
     assert all(q.codes.min() >= -64 and q.codes.max() <= 63 for q in quantized.values())
+
+
+def test_the_recipe_seed_repeats_learned_rounding_exactly_and_another_seed_changes_it(tiny_llama_dir):
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from advisor.compress import calibrated_quantization
+    from advisor.model import inspect_structure, load_model
+    from advisor.targets import get_target
+    from advisor.validate import plan
+
+    structure = inspect_structure(tiny_llama_dir)
+    recipe = dataclasses.replace(
+        plan(structure, get_target("a10g"), "w4a16", None, method="autoround", iterations=20),
+        calibration={"text": "wikitext2-valid", "windows": 12, "seq_len": 32})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+    def codes(seed):
+        quantized = calibrated_quantization(load_model(tiny_llama_dir), structure,
+                                            dataclasses.replace(recipe, seed=seed), tokenizer)
+        return {name: qw.codes for name, qw in quantized.items()}
+
+    first, again, other = codes(0), codes(0), codes(1)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first)

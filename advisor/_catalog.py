@@ -42,11 +42,11 @@ _COMMON_KEYS = {
     "default_scheme",
     "sources",
 }
-_GPU_KEYS = _COMMON_KEYS | {"schemes", "int8_weight_range"}
+_GPU_KEYS = _COMMON_KEYS | {"schemes", "int8_pair_sum"}
 _CPU_KEYS = _COMMON_KEYS | {"isa_variants"}
-_VARIANT_KEYS = {"isa", "description", "requires", "int8_weight_range", "schemes", "sources"}
+_VARIANT_KEYS = {"isa", "description", "requires", "int8_pair_sum", "schemes", "sources"}
 _SCHEME_KEYS = {"kernel", "note", "source"}
-_SOURCE_FIELDS = (_COMMON_KEYS | {"int8_weight_range", "schemes", "requires", "isa"}) - {
+_SOURCE_FIELDS = (_COMMON_KEYS | {"int8_pair_sum", "schemes", "requires", "isa"}) - {
     "sources",
     "description",
 }
@@ -58,10 +58,10 @@ _REQUIRED_SOURCES = {
         "peak_tflops",
         "compute_capability",
         "serve_dtype",
-        "int8_weight_range",
+        "int8_pair_sum",
     ),
     "cpu": ("memory_gib", "memory_bandwidth_gbs", "peak_tflops", "serve_dtype"),
-    "variant": ("requires", "schemes", "int8_weight_range"),
+    "variant": ("requires", "schemes", "int8_pair_sum"),
 }
 
 
@@ -166,7 +166,7 @@ def _parse_gpu(name: str, entry: Mapping[str, Any], at: str) -> Target:
         serve_dtype=common["serve_dtype"],
         default_scheme=common["default_scheme"],
         schemes=schemes,
-        int8_weight_range=_parse_range(e["int8_weight_range"], f"{at}.int8_weight_range"),
+        int8_pair_sum=_parse_pair_sum(e["int8_pair_sum"], f"{at}.int8_pair_sum"),
         isa=None,
         sources=common["sources"],
     )
@@ -239,7 +239,7 @@ def _parse_variant(raw: Any, at: str) -> IsaVariant:
         isa=isa,
         description=_string(e.get("description", isa), f"{at}.description"),
         requires=tuple(requires),
-        int8_weight_range=_parse_range(e["int8_weight_range"], f"{at}.int8_weight_range"),
+        int8_pair_sum=_parse_pair_sum(e["int8_pair_sum"], f"{at}.int8_pair_sum"),
         schemes=_parse_schemes(e["schemes"], f"{at}.schemes"),
         sources=_parse_sources(
             e["sources"], f"{at}.sources", peaks={}, required=_REQUIRED_SOURCES["variant"]
@@ -308,18 +308,14 @@ def _parse_sources(
     return out
 
 
-def _parse_range(raw: Any, at: str) -> tuple[int, int]:
-    ok = (
-        isinstance(raw, list)
-        and len(raw) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
-        and -128 <= raw[0] < 0 < raw[1] <= 127
-    )
-    if not ok:
+def _parse_pair_sum(raw: Any, at: str) -> int | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 1 <= raw <= 255:
         raise CatalogError(
-            f"{at}: must be [low, high] int8 bounds with -128 <= low < 0 < high <= 127, got {raw!r}"
+            f"{at}: must be null or the largest |q[2j]| + |q[2j+1]| of int8 codes (1 to 255), got {raw!r}"
         )
-    return (raw[0], raw[1])
+    return raw
 
 
 def _check_default(default: str, schemes: Mapping[str, SchemeSupport], at: str) -> None:

@@ -66,25 +66,26 @@ def check_fused(chosen: dict[str, Scheme | None]) -> None:
                 )
 
 
-def code_range(scheme: Scheme, weight_range: tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
-    """A recipe's narrowed int8 code range applies to int8 GEMMs (W8A8) only, not to weight-only kernels."""
-    if weight_range is None or scheme.input_activations is None or scheme.weights.type != "int":
+def pair_limit(scheme: Scheme, pair_sum: int | None) -> int | None:
+    """A recipe's int8 pair limit applies to int8 GEMMs (W8A8) only, not to weight-only kernels."""
+    if pair_sum is None or scheme.input_activations is None or scheme.weights.type != "int":
         return None
-    return (int(weight_range[0]), int(weight_range[1]))
+    return int(pair_sum)
 
 
 class QuantTarget(NamedTuple):
     """What a calibrated method needs to know about one linear it quantizes."""
 
     weights: QuantArgs
-    code_range: tuple[int, int] | None
+    pair_sum: int | None
+    """Largest |q[2j]| + |q[2j+1]| of its codes (advisor.quantize.rtn.limit_pairs); None: no limit."""
     activations: QuantArgs | None
     """How the kernel quantizes this linear's inputs (None: kept in 16 bits)."""
 
 
 def quantized_weights(recipe: Recipe, structure: ModelStructure) -> dict[str, QuantTarget]:
     """Each linear that gets quantized → its QuantTarget."""
-    return {name: QuantTarget(scheme.weights, code_range(scheme, recipe.weight_range), scheme.input_activations)
+    return {name: QuantTarget(scheme.weights, pair_limit(scheme, recipe.int8_pair_sum), scheme.input_activations)
             for name, scheme in module_schemes(recipe, structure).items() if scheme is not None}
 
 

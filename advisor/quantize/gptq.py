@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from advisor.errors import AdvisorError
-from advisor.quantize.rtn import QuantizedWeight, int_range
+from advisor.quantize.rtn import QuantizedWeight, int_range, pair_limited_scale
 from advisor.schemes import QuantArgs
 
 # Shrink factors of the range tried by the clipping search (1.0 = plain absmax).
@@ -25,14 +25,19 @@ def _group_view(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     return w.view(out, k // g, g)
 
 
-def search_scales(w: torch.Tensor, args: QuantArgs, weight_range=None, hdiag: torch.Tensor | None = None):
+def search_scales(w: torch.Tensor, args: QuantArgs, hdiag: torch.Tensor | None = None, pair_sum: int | None = None):
     """Per-group symmetric scales minimising the (Hessian-diagonal weighted) rounding error over clipping ratios.
 
     Two grids are tried per group: compressed-tensors' absmax / (range / 2), and the full signed range, where the
     scale carries the sign of the group's largest-magnitude weight so that weight lands exactly on the lowest code
     (-8 for 4 bits; the llama.cpp / AutoRound convention, one more usable level). Codes and scales are stored
-    either way, so both load in every kernel."""
-    lo, hi = int_range(args.num_bits, weight_range)
+    either way, so both load in every kernel. Under an int8 pair limit the scales come from
+    advisor.quantize.rtn.pair_limited_scale instead."""
+    if pair_sum is not None:
+        if args.num_bits != 8 or args.strategy != "channel":
+            raise ValueError("a pair limit applies to per-channel int8 codes")
+        return pair_limited_scale(w, pair_sum, hdiag)
+    lo, hi = int_range(args.num_bits)
     view = _group_view(w, args)
     weight = None if hdiag is None else _group_view(hdiag.expand_as(w), args)
     absmax = view.abs().amax(-1).clamp_min(1e-12)
@@ -65,11 +70,13 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, weight_range=None,
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, pair_sum: int | None = None,
                   damp: float = 0.01, act_order: bool = True, block: int = 128) -> QuantizedWeight:
-    """GPTQ with dampening, activation order and static groups; symmetric integer weights only."""
+    """GPTQ with dampening, activation order and static groups; symmetric integer weights only. `pair_sum`
+    limits same-sign |q[2j]| + |q[2j+1]| (advisor.quantize.rtn.limit_pairs): the second column of each pair to be
+    quantized is clamped to what the first left on its side, and GPTQ pushes that clamping error onward like any rounding error."""
     with single_thread():
-        return _gptq(w, hessian, args, weight_range, damp, act_order, block)
+        return _gptq(w, hessian, args, pair_sum, damp, act_order, block)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -87,7 +94,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
                        hint="calibrate on more tokens, or use --method autoround")
 
 
-def _gptq(w, hessian, args, weight_range, damp, act_order, block) -> QuantizedWeight:
+def _gptq(w, hessian, args, pair_sum, damp, act_order, block) -> QuantizedWeight:
     if args.type != "int" or not args.symmetric:
         raise ValueError("GPTQ here quantizes symmetric integer weights")
     w = w.detach().float().clone()
@@ -96,12 +103,20 @@ def _gptq(w, hessian, args, weight_range, damp, act_order, block) -> QuantizedWe
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scale = search_scales(w, args, weight_range, torch.diag(h)[None, :])
+    scale = search_scales(w, args, torch.diag(h)[None, :], pair_sum)
     g = args.group_size if args.strategy == "group" else k
     col_scale = scale.repeat_interleave(g, dim=1)  # [out, k]: each column's own group scale
-    lo, hi = int_range(args.num_bits, weight_range)
+    lo, hi = int_range(args.num_bits)
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    # Processing position of each column's pair partner (2j <-> 2j+1), when that partner comes first.
+    partner_at = [-1] * k
+    if pair_sum is not None:
+        position = torch.argsort(perm).tolist()
+        for j, col in enumerate(perm.tolist()):
+            mate = col ^ 1
+            if mate < k and position[mate] < j:
+                partner_at[j] = position[mate]
     w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
     hinv = _inverse_cholesky(h, damp)
 
@@ -115,6 +130,10 @@ def _gptq(w, hessian, args, weight_range, damp, act_order, block) -> QuantizedWe
             col, d = w1[:, i], hinv1[i, i]
             s = col_scale[:, i1 + i]
             c = torch.round(col / s).clamp(lo, hi)
+            if partner_at[i1 + i] >= 0:  # a code of the partner's sign may only take what the partner left
+                mate = codes[:, partner_at[i1 + i]]
+                c = torch.minimum(c, torch.where(mate > 0, pair_sum - mate, hi))
+                c = torch.maximum(c, torch.where(mate < 0, -pair_sum - mate, lo))
             codes[:, i1 + i] = c
             e = (col - c * s) / d
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)

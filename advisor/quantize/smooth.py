@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from advisor.assignment import code_range
+from advisor.assignment import pair_limit
 from advisor.calibrate import LinearStats
 from advisor.quantize.rtn import fake_quantize_activations, quantize_weight
 from advisor.schemes import Scheme
@@ -127,14 +127,14 @@ def _producer_absmax(x_absmax: torch.Tensor, group: SmoothGroup) -> torch.Tensor
 
 
 def _error(xs: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor | None,
-           schemes: list[Scheme], weight_range) -> float:
+           schemes: list[Scheme], pair_sum: int | None) -> float:
     """Relative squared error of the quantized outputs against the full-precision ones, summed over consumers."""
     err = 0.0
     for w, ref, scheme in zip(weights, refs, schemes):
         xq, wq = (xs, w) if s is None else (xs / s, w * s)
         if scheme.input_activations is not None:
             xq = fake_quantize_activations(xq, scheme.input_activations)
-        out = xq @ quantize_weight(wq, scheme.weights, code_range(scheme, weight_range)).dequantize().T
+        out = xq @ quantize_weight(wq, scheme.weights, pair_limit(scheme, pair_sum)).dequantize().T
         err += ((out - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)).item()
     return err
 
@@ -161,7 +161,7 @@ def _candidates(g: SmoothGroup, st: LinearStats, weights: list[torch.Tensor], qu
 
 @torch.inference_mode()
 def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearStats],
-                     schemes: dict[str, Scheme | None], weight_range) -> list[SmoothChoice]:
+                     schemes: dict[str, Scheme | None], pair_sum: int | None) -> list[SmoothChoice]:
     """For each group pick the alpha (or none) that minimises the quantized output error of its consumers (each
     under its own scheme; dense consumers only absorb the factors), then fold it in."""
     modules = dict(model.named_modules())
@@ -177,11 +177,11 @@ def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearSt
         weights = [modules[c].weight.detach().float() for c in quantized]
         consumer_schemes = [schemes[c] for c in quantized]
         refs = [xs @ w.T for w in weights]
-        base = _error(xs, weights, refs, None, consumer_schemes, weight_range)
+        base = _error(xs, weights, refs, None, consumer_schemes, pair_sum)
         best_alpha, best_err, best_s = None, base, None
         acts = any(sc.input_activations is not None for sc in consumer_schemes)
         for alpha, s in _candidates(g, st, weights, acts):
-            err = _error(xs, weights, refs, _expand(s, g), consumer_schemes, weight_range)
+            err = _error(xs, weights, refs, _expand(s, g), consumer_schemes, pair_sum)
             if err < best_err:
                 best_alpha, best_err, best_s = alpha, err, s
         if best_s is not None:

@@ -11,7 +11,7 @@ import torch
 from advisor.errors import AdvisorError, ShapeError, UnsupportedSchemeError
 from advisor.export import load_for_eval, quantization_config, quantize_and_export
 from advisor.model import inspect_structure, load_model
-from advisor.quantize.rtn import quantize_weight
+from advisor.quantize.rtn import limit_pairs, pair_sums, quantize_weight
 from advisor.recipe import Recipe
 from advisor.schemes import QuantArgs
 from advisor.targets import get_target
@@ -29,12 +29,28 @@ def test_rtn_int8_channel_error_is_within_half_a_step():
     assert ((w - qw.dequantize()).abs() <= qw.scale / 2 + 1e-6).all()
 
 
-def test_rtn_narrowed_range_keeps_codes_inside_it():
+def test_pair_limit_moves_only_the_pairs_above_it_to_the_nearest_allowed_codes():
+    codes = torch.tensor([[-100.0, -90.0, 127.0, 1.0, 127.0, -128.0, 3.0, 5.0]])
+    limited = limit_pairs(codes, 128)
+    # Opposite signs never saturate the kernel's int16 pair sums: only the first pair moves.
+    assert limited.tolist() == [[-69.0, -59.0, 127.0, 1.0, 127.0, -128.0, 3.0, 5.0]]
+    # With the unrounded values given, the split follows them, not the rounded codes.
+    real = torch.tensor([[-99.4, -90.6, 0, 0, 0, 0, 0, 0]])
+    assert limit_pairs(codes, 128, real)[0, :2].tolist() == [-68.0, -60.0]
+
+
+def test_rtn_under_a_pair_limit_keeps_it_and_beats_7bit_codes():
     torch.manual_seed(0)
-    w = torch.randn(16, 64) * 3
-    qw = quantize_weight(w, QuantArgs(8, "int", True, "channel"), weight_range=(-64, 63))
-    assert qw.codes.min() >= -64 and qw.codes.max() <= 63
-    assert qw.codes.max() == 63 or qw.codes.min() == -64  # the range is used, not wasted
+    w = torch.randn(64, 256)
+    w[:, 10] *= 6  # an outlier input channel, as activation-smoothed weights have
+    args = QuantArgs(8, "int", True, "channel")
+    limited = quantize_weight(w, args, pair_sum=128)
+    assert int(pair_sums(limited.codes).max()) <= 128 and int(limited.codes.int().abs().max()) > 64
+    scale7 = w.abs().amax(1, keepdim=True) / 63.5
+    err7 = (torch.round(w / scale7).clamp(-64, 63) * scale7 - w).pow(2).sum()
+    err_free = (quantize_weight(w, args).dequantize() - w).pow(2).sum()
+    err = (limited.dequantize() - w).pow(2).sum()
+    assert err_free < err < 0.5 * err7
 
 
 def test_rtn_int4_group_codes_and_group_scales():
@@ -63,10 +79,11 @@ def test_plan_rejects_a_scheme_the_target_cannot_serve(tiny_llama_dir):
         plan(structure, get_target("cpu", flags=AVX512_VNNI), "w8a16", None)
 
 
-def test_plan_narrows_int8_weights_on_cpus_without_vnni(tiny_llama_dir):
+def test_plan_limits_int8_pairs_on_cpus_without_vnni(tiny_llama_dir):
     structure = inspect_structure(tiny_llama_dir)
-    assert plan(structure, get_target("cpu", flags=AVX2), None, None).weight_range == [-64, 63]
-    assert plan(structure, get_target("cpu", flags=AVX512_VNNI), None, None).weight_range is None
+    assert plan(structure, get_target("cpu", flags=AVX2), None, None).int8_pair_sum == 128
+    assert plan(structure, get_target("cpu", flags=AVX512_VNNI), None, None).int8_pair_sum is None
+    assert plan(structure, get_target("a10g"), "w8a8-int8", None).int8_pair_sum is None
 
 
 def test_recipe_round_trips_and_rejects_unknown_keys():

@@ -338,5 +338,118 @@ def pick(checkpoints, max_tpot_ms, max_ppl_increase, tpot_percentile, eval_text,
     _run(body)
 
 
+# -- latency predictions (advisor.latency) ----------------------------------------------------------------------
+
+
+def _latency_records(store, target) -> tuple[list, int]:
+    """The stored `hubc bench` measurements of the target's hardware (`cpu`: this machine's), less those whose
+    checkpoint folder was removed or rewritten since (its files no longer say what was measured); and how many
+    were left out."""
+    from advisor.latency import measured_on
+    from serving.store import LATENCY, fingerprint, hardware
+
+    if target.kind == "cpu":
+        records = store.records(kind=LATENCY, hardware=hardware())
+    else:
+        records = [r for r in store.records(kind=LATENCY) if measured_on(target, r.hardware)]
+    fresh = [r for r in records
+             if Path(r.checkpoint.path).is_dir() and fingerprint(Path(r.checkpoint.path)) == r.checkpoint.fingerprint]
+    return fresh, len(records) - len(fresh)
+
+
+def _predict_table(predictions, model) -> None:
+    """`hubc predict`: one row per checkpoint, measured next to predicted where the store has it, then what the
+    predictions rest on."""
+    from rich.table import Table
+
+    from hubplugin.render import _console
+
+    def ms(value) -> str:
+        return "—" if value is None else f"{value:.1f} ms"
+
+    first = predictions[0]
+    table = Table(title=f"predicted latency on {first.target}, {first.traffic}, served in {first.dtype}")
+    for col in ("checkpoint", "format", "TTFT p50", "TPOT p50", "from", "measured TTFT / TPOT",
+                "held-out prediction", "roofline TTFT / TPOT"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "format", "from") else "right")
+    for p in predictions:
+        m = p.measured
+        table.add_row(
+            p.label, p.formats, ms(p.ttft_ms_p50), ms(p.tpot_ms_p50),
+            f"{p.measurements} measurements" if p.basis == "measurements" else "roofline only",
+            f"{ms(m.ttft_ms)} / {ms(m.tpot_ms)}" if m else "—",
+            f"{ms(m.predicted_ttft_ms)} / {ms(m.predicted_tpot_ms)}" if m else "—",
+            f"{ms(p.roofline_ttft_ms)} / {ms(p.roofline_tpot_ms)}" if p.roofline_ttft_ms is not None else "—",
+        )  # fmt: skip
+    console = _console()
+    console.print(table)
+    fitted = next((p for p in predictions if p.basis == "measurements"), None)
+    if fitted is not None:
+        if fitted.loo_count:
+            loo = (f"leave-one-out error TTFT {fitted.loo_ttft_error:.0%}, TPOT {fitted.loo_tpot_error:.0%} "
+                   f"(mean over {fitted.loo_count} of them")  # fmt: skip
+            left = fitted.measurements - fitted.loo_count
+            loo += f"; {left} {'is' if left == 1 else 'are'} the only measurement of a format)" if left else ")"
+        else:
+            loo = "no leave-one-out error: every format has a single measurement"
+        console.print(f"predictions (not measurements) from {fitted.measurements} `hubc bench` measurements on "
+                      f"{'; '.join(fitted.hardware)}: {loo}", highlight=False)  # fmt: skip
+    if any(p.basis == "roofline" for p in predictions):
+        t = model.target
+        console.print(f"roofline only: a lower bound from the catalog ({t.memory_bandwidth_gbs:g} GB/s, peak "
+                      f"{', '.join(f'{k} {v:g}' for k, v in t.peak_tflops.items())} TFLOPS); no measurements of "
+                      "those formats on this GPU", highlight=False)  # fmt: skip
+    console.print("measured: the latest stored run of that checkpoint at this traffic; held-out prediction: the "
+                  "model fitted without that run", highlight=False)
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--target", "-t", required=True, help="hardware target from `hubc targets` (cpu, t4, a10g, l4, ...)")
+@click.option("--traffic", default="in=512,out=128,concurrency=8", show_default=True,
+              help="random prompts of `in` tokens, `out` generated tokens, `concurrency` requests in flight")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="dtype the checkpoints are served in (default: bfloat16 on cpu, as `hubc bench` serves; the "
+                   "target's own on GPUs)")
+@click.option("--store", "store_path", type=click.Path(path_type=Path),
+              help="results store (default $HUBC_CACHE/results.sqlite or ~/.cache/hubc/results.sqlite)")
+@click.option("--revision", help="Hub revision for repo ids (branch, tag or commit)")
+@click.option("--format", "fmt", type=FORMATS, default="human", help="human table or JSON on stdout")
+def predict(checkpoints, target, traffic, dtype, store_path, revision, fmt) -> None:
+    """Predict TTFT and TPOT p50 of CHECKPOINTS served by vLLM on TARGET at the traffic profile: the target's
+    roofline, calibrated by the `hubc bench` measurements of the same hardware in the results store (`cpu` has no
+    roofline: measurements only). Where the store has measured a checkpoint at that traffic, shows both."""
+
+    def body():
+        from advisor.latency import LatencyModel, Load, checkpoint_features
+        from advisor.targets import get_target
+        from serving.bench import DEFAULT_DTYPE, Traffic
+        from serving.store import ResultsStore
+
+        try:
+            parsed = Traffic.parse(traffic)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--traffic") from None
+        load = Load(parsed.input_len, parsed.output_len, parsed.concurrency)
+        tgt = get_target(target)
+        served = dtype or (DEFAULT_DTYPE if tgt.kind == "cpu" else tgt.serve_dtype)
+        infos = _checkpoints(checkpoints, revision)
+        store = ResultsStore(store_path)
+        records, stale = _latency_records(store, tgt)
+        if stale:
+            click.echo(f"» {stale} stored measurement(s) left out: their checkpoint folders were removed or "
+                       "rewritten since", err=True)  # fmt: skip
+        model = LatencyModel.fit(records, tgt, served)
+        predictions = [model.predict(checkpoint_features(i.path, served), load, label=i.label) for i in infos]
+        if fmt == "json":
+            out = {"predictions": [p.to_dict() for p in predictions], "coefficients": model.coefficients(),
+                   "store": str(store.path)}  # fmt: skip
+            click.echo(json.dumps(out, indent=2, default=str))
+        else:
+            _predict_table(predictions, model)
+
+    _run(body)
+
+
 if __name__ == "__main__":
     main()

@@ -1,12 +1,7 @@
 """The latency cost model: a roofline per target, calibrated by the measurements in the results store.
 
-What a checkpoint costs is read from its files, never from constants of one model: config.json gives layers,
-heads, KV heads, head_dim and vocab; compressed-tensors' `quantization_config` gives each quantized module's
-scheme (bits per weight, whether activations are quantized); the safetensors headers give every tensor's shape.
-From them, per format (`dense` = unquantized tensors at the served dtype, or a scheme id such as `w4a16`):
-the bytes of weights one decode step reads (a separate input embedding is only gathered row by row, so it is left
-out; a tied one is read whole as the output head) and the weights multiplied per token. MoE routing, sliding
-windows and MLA are not modelled: every weight counts as read each step.
+What a checkpoint costs (bytes a decode step reads, FLOPs per token, per format) is read from its own files by
+`advisor.checkpoint_features`; this module turns it into milliseconds.
 
 The traffic is what `hubc bench` sends (`vllm bench serve`, random prompts of `in` tokens, `out` tokens each, all
 requests queued at once, at most `concurrency` in flight). Equal lengths make requests run in waves of
@@ -49,343 +44,36 @@ not import the serving code.
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advisor.errors import AdvisorError
+from advisor.checkpoint_features import (
+    PEAK_KEY,
+    CheckpointFeatures,
+    LatencyModelError,
+    Load,
+    checkpoint_features,
+)
 from advisor.targets import KNOWN_SCHEMES, Target, get_target
 
 __all__ = [
-    "CheckpointFeatures",
     "HeldOut",
     "LatencyModel",
-    "LatencyModelError",
-    "Load",
     "NoMeasurementsError",
     "Prediction",
-    "checkpoint_features",
     "measured_on",
     "roofline",
 ]
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-PEAK_KEY = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                  "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
-_FLOATS = {"F64", "F32", "F16", "BF16"}
-_QUANT_WEIGHT = ("weight_packed", "weight")
-_METADATA = {"weight_shape"}
 DECODE_SHARED = ("kv", "compute", "overhead")
 PREFILL_SHARED = ("overhead", "weights")
 
 
-class LatencyModelError(AdvisorError):
-    """A checkpoint's files cannot be read for the latency model, or the prediction cannot be made."""
-
-
 class NoMeasurementsError(LatencyModelError):
     """A target with no roofline in the catalog (`cpu`) has no stored measurements to predict from."""
-
-
-@dataclass(frozen=True)
-class Load:
-    """The traffic a prediction is for: `hubc bench`'s profile (serving.bench.Traffic) as plain numbers."""
-
-    input_len: int = 512
-    output_len: int = 128
-    concurrency: int = 8
-
-    @classmethod
-    def parse(cls, text: str) -> Load:
-        """The canonical traffic string the store keeps: `in=512,out=128,concurrency=8`."""
-        keys = {"in": "input_len", "out": "output_len", "concurrency": "concurrency"}
-        try:
-            values = {
-                keys[k.strip()]: int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())
-            }
-            return cls(**values)
-        except (KeyError, ValueError, TypeError):
-            raise LatencyModelError(f"bad traffic '{text}'", hint="use in=N,out=N,concurrency=N") from None
-
-    def __str__(self) -> str:
-        return f"in={self.input_len},out={self.output_len},concurrency={self.concurrency}"
-
-    @property
-    def wave_tokens(self) -> float:
-        """Prompt tokens prefilled before the median request of a wave gets its first token."""
-        return self.input_len * (self.concurrency + 1) / 2
-
-    @property
-    def decode_context(self) -> float:
-        """Mean context length of a decode step."""
-        return self.input_len + self.output_len / 2
-
-
-@dataclass(frozen=True)
-class CheckpointFeatures:
-    """What serving one checkpoint costs per token, read from its files."""
-
-    path: str
-    dtype: str
-    """The dtype unquantized tensors and activations are served in."""
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied_embeddings: bool
-    weight_bytes: dict[str, float]
-    """Bytes one decode step reads, per format (`dense` or a scheme id); scales and zero points included."""
-    matmul_params: dict[str, int]
-    """Weights multiplied per token, per format (the output head included, a separate input embedding not)."""
-    compute: dict[str, str]
-    """Peak-rate key (catalog `peak_tflops`) of each format's compute dtype."""
-    kv_bytes_per_token: float
-
-    @property
-    def formats(self) -> tuple[str, ...]:
-        """The quantized formats, sorted."""
-        return tuple(sorted(f for f in self.weight_bytes if f != "dense"))
-
-    @property
-    def label(self) -> str:
-        return "+".join(self.formats) or self.dtype
-
-    def decode_kv_bytes(self, load: Load) -> float:
-        return load.concurrency * load.decode_context * self.kv_bytes_per_token
-
-    def attention_flops_per_token(self, context: float) -> float:
-        """QK^T and AV for one token attending to `context` tokens."""
-        return 4.0 * self.layers * self.heads * self.head_dim * context
-
-    def decode_flops(self, load: Load) -> dict[str, float]:
-        """FLOPs of one decode step per format (attention runs in the served dtype: `dense`)."""
-        out = {f: 2.0 * p * load.concurrency for f, p in self.matmul_params.items()}
-        attention = load.concurrency * self.attention_flops_per_token(load.decode_context)
-        out["dense"] = out.get("dense", 0.0) + attention
-        return out
-
-    def prefill_flops(self, load: Load) -> dict[str, float]:
-        """FLOPs prefilled before the median request's first token, per format (causal attention in `dense`)."""
-        requests = (load.concurrency + 1) / 2
-        out = {f: 2.0 * p * load.wave_tokens for f, p in self.matmul_params.items()}
-        attention = requests * load.input_len * self.attention_flops_per_token(load.input_len / 2)
-        out["dense"] = out.get("dense", 0.0) + attention
-        return out
-
-
-# ------------------------------------------------------------------------------------------ checkpoint files
-
-
-def checkpoint_features(path: Path | str, dtype: str = "bfloat16") -> CheckpointFeatures:
-    """Read a checkpoint folder's config.json and safetensors headers (no weights are loaded)."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise LatencyModelError(f"{path} is not a checkpoint folder (no config.json)",
-                                hint="point at the folder that holds config.json and *.safetensors")  # fmt: skip
-    if dtype not in DTYPE_BYTES:
-        raise LatencyModelError(
-            f"unknown served dtype '{dtype}'", hint=f"use one of: {', '.join(DTYPE_BYTES)}"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-        assert isinstance(config, dict)
-    except (OSError, ValueError, AssertionError):
-        raise LatencyModelError(
-            f"{config_file} is not a JSON object", hint="is this a transformers model folder?"
-        ) from None
-    # Multimodal configs nest the language model's numbers.
-    arch = {**config, **(config.get("text_config") or {})}
-    layers, hidden, heads, kv_heads, head_dim, vocab = _architecture(arch, config_file)
-    groups, kv_bits = _ct_groups(config.get("quantization_config"), config_file)
-    serve = DTYPE_BYTES[dtype]
-
-    modules: dict[str, dict[str, _Tensor]] = {}
-    for name, tensor in _tensors(path).items():
-        module, _, leaf = name.rpartition(".")
-        modules.setdefault(module, {})[leaf] = tensor
-    weight_bytes: dict[str, float] = {}
-    params: dict[str, int] = {}
-    compute: dict[str, str] = {"dense": PEAK_KEY[dtype]}
-    tables: list[tuple[float, int]] = []  # (bytes, params) of dense [vocab, hidden] matrices
-    for module, leaves in modules.items():
-        if "weight_packed" in leaves or "weight_scale" in leaves:  # a compressed-tensors quantized module
-            fmt, bits, peak = _scheme_of(module, groups, path)
-            shape = _logical_shape(leaves, bits)
-            n = _numel(shape)
-            aux = sum(t.served_bytes(serve) for leaf, t in leaves.items()
-                      if leaf not in _QUANT_WEIGHT and leaf not in _METADATA)  # fmt: skip
-            weight_bytes[fmt] = weight_bytes.get(fmt, 0.0) + n * bits / 8 + aux
-            params[fmt] = params.get(fmt, 0) + n
-            compute[fmt] = peak or PEAK_KEY[dtype]
-            if len(shape) == 2 and shape[0] >= vocab and shape[1] == hidden:
-                tables.append((float("inf"), n))  # a quantized head is never the gathered input table
-            continue
-        for tensor in leaves.values():
-            if tensor.dtype not in _FLOATS:
-                continue
-            weight_bytes["dense"] = weight_bytes.get("dense", 0.0) + tensor.numel * serve
-            if len(tensor.shape) >= 2:
-                params["dense"] = params.get("dense", 0) + tensor.numel
-            if len(tensor.shape) == 2 and tensor.shape[0] >= vocab and tensor.shape[1] == hidden:
-                tables.append((tensor.numel * serve, tensor.numel))
-    table_bytes, table_params = min(tables, default=(float("inf"), 0))
-    if len(tables) >= 2 and table_bytes < float("inf"):  # separate input and output tables: the input one is
-        weight_bytes["dense"] -= table_bytes  # only gathered row by row
-        params["dense"] -= table_params
-    kv_bytes = kv_bits / 8 if kv_bits else serve
-    return CheckpointFeatures(
-        path=str(path.resolve()), dtype=dtype, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        vocab=vocab, tied_embeddings=len(tables) == 1, weight_bytes=weight_bytes, matmul_params=params,
-        compute=compute, kv_bytes_per_token=2.0 * layers * kv_heads * head_dim * kv_bytes,
-    )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return _numel(self.shape)
-
-    def served_bytes(self, serve: int) -> float:
-        """Float tensors are served in the served dtype; integer ones as stored."""
-        return self.numel * (serve if self.dtype in _FLOATS else _ELEMENT_BYTES.get(self.dtype, 1))
-
-    def values(self) -> tuple[int, ...]:
-        """The integers of a small I64/I32 tensor (compressed-tensors' `weight_shape`)."""
-        fmt = {"I64": "q", "I32": "i"}[self.dtype]
-        with open(self.file, "rb") as f:
-            f.seek(self.offset)
-            return struct.unpack(f"<{self.numel}{fmt}", f.read(self.numel * struct.calcsize(fmt)))
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-_ARCH_NAMES = {  # optimum's normalized name -> config.json names tried where optimum does not know the model type
-    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-    "hidden_size": ("hidden_size", "n_embd", "d_model"),
-    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
-    "vocab_size": ("vocab_size",),
-}
-
-
-def _architecture(arch: dict[str, Any], where: Path) -> tuple[int, int, int, int, int, int]:
-    """Layers, hidden size, heads, KV heads, head_dim and vocab, read through optimum's NormalizedConfigManager (one
-    set of names across llama, qwen, mistral, gemma, phi, falcon, gpt2, ...; it does not import transformers),
-    else under the common config.json names."""
-    from types import SimpleNamespace
-
-    from optimum.utils.normalized_config import NormalizedConfigManager
-
-    try:
-        normalized = NormalizedConfigManager.get_normalized_config_class(str(arch.get("model_type")))(
-            SimpleNamespace(**arch)
-        )
-    except KeyError:  # a model type optimum does not list
-        normalized = None
-    values: dict[str, int] = {}
-    for name, keys in _ARCH_NAMES.items():
-        value = getattr(normalized, name, None)
-        if not (isinstance(value, int) and value > 0):
-            value = next((arch[k] for k in keys if isinstance(arch.get(k), int) and arch[k] > 0), None)
-        if value is None:
-            raise LatencyModelError(
-                f"{where} does not give the model's {name.replace('_', ' ')} ({' / '.join(keys)})",
-                hint="the latency model reads decoder-only transformer configs",
-            )
-        values[name] = int(value)
-    heads = values["num_attention_heads"]
-    kv_heads = getattr(normalized, "num_key_value_heads", None) or next(
-        (arch[k] for k in ("num_key_value_heads", "num_kv_heads") if arch.get(k)),
-        1 if arch.get("multi_query") else heads,
-    )
-    head_dim = int(arch.get("head_dim") or values["hidden_size"] // heads)
-    return values["num_layers"], values["hidden_size"], heads, int(kv_heads), head_dim, values["vocab_size"]
-
-
-def _tensors(path: Path) -> dict[str, _Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LatencyModelError(f"{path} has no *.safetensors weights", hint="point at a checkpoint folder")
-    out: dict[str, _Tensor] = {}
-    for file in files:
-        try:
-            with open(file, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                if size > 100_000_000:
-                    raise ValueError(f"a header of {size} bytes")
-                header = json.loads(f.read(size))
-            for name, info in header.items():
-                if name != "__metadata__":
-                    out[name] = _Tensor(
-                        info["dtype"], tuple(info["shape"]), file, 8 + size + info["data_offsets"][0]
-                    )
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-            raise LatencyModelError(f"{file} is not a readable safetensors file ({exc})") from None
-    return out
-
-
-def _ct_groups(quant: Any, where: Path) -> tuple[list[tuple[list[str], str, int, str | None]], int | None]:
-    """compressed-tensors config groups as (targets, format id, weight bits, compute peak key), and KV-cache bits."""
-    if not quant:
-        return [], None
-    if quant.get("quant_method") != "compressed-tensors":
-        raise LatencyModelError(
-            f"{where}: quantization '{quant.get('quant_method')}' is not read by the latency model",
-            hint="it reads compressed-tensors checkpoints (what `hubc optimize` writes)",
-        )
-    groups = []
-    for group in (quant.get("config_groups") or {}).values():
-        weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
-        bits, kind = int(weights.get("num_bits") or 16), weights.get("type", "int")
-        abits = int(acts.get("num_bits") or 16)
-        peak = ("fp8" if acts.get("type") == "float" else "int8") if abits == 8 else None
-        if kind == "float" and bits == 8:
-            fmt = "fp8" if peak == "fp8" else "w8a16-fp8"
-        elif kind == "int" and abits >= 16:
-            fmt = f"w{bits}a16"
-        else:
-            fmt = f"w{bits}a{abits}-{acts.get('type', 'int')}{abits if acts.get('type') == 'int' else ''}"
-        groups.append((list(group.get("targets") or []), fmt, bits, peak))
-    kv = quant.get("kv_cache_scheme") or {}
-    return groups, int(kv["num_bits"]) if kv.get("num_bits") else None
-
-
-def _scheme_of(module: str, groups: list, path: Path) -> tuple[str, int, str | None]:
-    """The config group that quantizes `module`: by exact name, then `re:` pattern, then class name (`Linear`)."""
-    for match in (lambda t: t == module, lambda t: t.startswith("re:") and re.match(t[3:], module) is not None,
-                  lambda t: "." not in t and not t.startswith("re:")):  # fmt: skip
-        for targets, fmt, bits, peak in groups:
-            if any(match(t) for t in targets):
-                return fmt, bits, peak
-    raise LatencyModelError(f"{path}: '{module}' has quantized weights but no quantization_config group names it",
-                            hint="is config.json the one written with these weights?")  # fmt: skip
-
-
-def _logical_shape(leaves: dict[str, _Tensor], bits: int) -> tuple[int, ...]:
-    if "weight_shape" in leaves and leaves["weight_shape"].dtype in ("I64", "I32"):
-        return leaves["weight_shape"].values()
-    if "weight" in leaves:
-        return leaves["weight"].shape
-    packed = leaves["weight_packed"]  # int32 words, 32 // bits weights each, along the last dimension
-    per_word = _ELEMENT_BYTES.get(packed.dtype, 4) * 8 // bits
-    return (*packed.shape[:-1], packed.shape[-1] * per_word)
 
 
 # ------------------------------------------------------------------------------------------------ roofline

@@ -421,7 +421,8 @@ def predict(checkpoints, target, traffic, dtype, store_path, revision, fmt) -> N
     roofline: measurements only). Where the store has measured a checkpoint at that traffic, shows both."""
 
     def body():
-        from advisor.latency import LatencyModel, Load, checkpoint_features
+        from advisor.checkpoint_features import Load, checkpoint_features
+        from advisor.latency import LatencyModel
         from advisor.targets import get_target
         from serving.bench import DEFAULT_DTYPE, Traffic
         from serving.store import ResultsStore

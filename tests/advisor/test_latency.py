@@ -15,15 +15,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from advisor.checkpoint_features import LatencyModelError, Load, checkpoint_features
 from advisor.errors import UnknownTargetError
-from advisor.latency import (
-    LatencyModel,
-    LatencyModelError,
-    Load,
-    NoMeasurementsError,
-    checkpoint_features,
-    measured_on,
-)
+from advisor.latency import LatencyModel, NoMeasurementsError, measured_on
 from advisor.targets import get_target
 from serving.store import LATENCY, Measurement, ResultsStore, describe
 

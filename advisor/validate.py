@@ -5,7 +5,7 @@ from __future__ import annotations
 from advisor.errors import ShapeError
 from advisor.model import LinearInfo, ModelStructure
 from advisor.recipe import METHODS, Recipe
-from advisor.schemes import get_scheme
+from advisor.schemes import Scheme, get_scheme
 
 # Group sizes vLLM's GPU kernels (Marlin) take, largest first; 128 is the usual default when it divides.
 GROUP_SIZES = (128, 64, 32)
@@ -38,11 +38,20 @@ def check_group_size(structure: ModelStructure, group_size: int, linears: list[L
             )
 
 
+def default_method(scheme: Scheme, target) -> str:
+    """Round to nearest, except for int8 GEMMs under a pair limit (CPUs without VNNI): there learned rounding is
+    served within 1% of the base and round-to-nearest is not (benchmarks/results/w8a8_cpu_isa.md)."""
+    int8_gemm = scheme.weights.type == "int" and scheme.input_activations is not None
+    return "autoround" if int8_gemm and target.int8_pair_sum is not None else "rtn"
+
+
 def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
-         smoothing: str | None = None, calibration: dict | None = None, method: str = "rtn",
+         smoothing: str | None = None, calibration: dict | None = None, method: str | None = "rtn",
          iterations: int | None = None, overrides: dict[str, str] | None = None) -> Recipe:
-    """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix."""
+    """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix; `method` None
+    takes default_method."""
     scheme = get_scheme(scheme_name or target.default_scheme)
+    method = method or default_method(scheme, target)
     if method not in METHODS:
         raise ShapeError(f"unknown method '{method}'", hint=f"use one of {', '.join(METHODS)}")
     if smoothing is None:

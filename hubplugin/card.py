@@ -162,8 +162,9 @@ def _method_text(result) -> str:
     parts = [{
         "rtn": "round-to-nearest",
         "gptq": "GPTQ (layer by layer, activation order, clipping search)",
-        "autoround": f"rounding and clipping learned block by block ({recipe.iterations or 50} signed-gradient steps "
-                     "per decoder block against the full-precision block, AutoRound-style)",
+        "autoround": f"rounding {'' if recipe.int8_pair_sum else 'and clipping '}learned block by block "
+                     f"({recipe.iterations or 50} signed-gradient steps per decoder block against the full-precision "
+                     "block, AutoRound-style)",
     }.get(recipe.method, recipe.method)]
     if recipe.smoothing != "none":
         from advisor.schemes import get_scheme

@@ -75,7 +75,12 @@ def targets(fmt: str) -> None:
                 f"{t.memory_bandwidth_gbs:g} GB/s" if t.memory_bandwidth_gbs else "—",
                 ", ".join(schemes),
             )
-        Console().print(table)
+        console = Console()
+        console.print(table)
+        from advisor.targets import cpu_variants
+
+        variants = ", ".join(f"cpu-{v.isa} ({', '.join(v.schemes)})" for v in cpu_variants())
+        console.print(f"To build for a CPU other than this one, name its variant: {variants}.")
 
     _run(body)
 
@@ -92,8 +97,9 @@ def _target_dict(t) -> dict:
 @click.option("--scheme", help="w8a8-int8, w4a16, w8a16 or fp8 (default: the target's default)")
 @click.option("--group-size", type=click.IntRange(min=1), help="weights per scale for w4a16 (default: chosen per model)")
 @click.option("--method", type=click.Choice(METHODS),
-              help="weight rounding: rtn (round-to-nearest, the default), gptq, or autoround (rounding learned block "
-                   "by block); calibrated methods use wikitext-2 valid")
+              help="weight rounding: rtn (round-to-nearest), gptq, or autoround (rounding learned block by block); "
+                   "calibrated methods use wikitext-2 valid. Default: rtn, or autoround for w8a8-int8 on CPUs without "
+                   "VNNI, whose paired int8 codes lose too much when rounded to nearest")
 @click.option("--iterations", type=click.IntRange(min=1), help="learning steps per decoder block for --method autoround")
 @click.option("--smoothing", type=click.Choice(["search", "none"]),
               help="per-channel scaling searched on calibration text: SmoothQuant for w8a8-int8/fp8 (their default), "
@@ -127,7 +133,7 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, r
                                   iterations=iterations, smoothing=smoothing)
         config = OptimizeConfig(
             recipe=recipe,
-            scheme=scheme, group_size=group_size, method=method or "rtn", iterations=iterations, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
+            scheme=scheme, group_size=group_size, method=method, iterations=iterations, smoothing=smoothing, out=out, overwrite=overwrite, push=push_repo, private=private,
             serve=not no_serve, revision=revision,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
         )

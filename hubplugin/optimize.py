@@ -32,8 +32,9 @@ class OptimizeConfig:
     """Checkpoint scheme (w8a8-int8, w4a16, w8a16, fp8); default: the target's default."""
     group_size: int | None = None
     """Group size for group-wise schemes; default: the largest of 128/64/32 dividing every input dimension."""
-    method: str = "rtn"
-    """How weights are rounded: `rtn`, `gptq` or `autoround` (calibrated on wikitext-2 valid, layer by layer)."""
+    method: str | None = None
+    """How weights are rounded: `rtn`, `gptq` or `autoround` (calibrated on wikitext-2 valid, layer by layer);
+    default: advisor.validate.default_method."""
     iterations: int | None = None
     """Learning steps per decoder block for `autoround` (default 50)."""
     smoothing: str | None = None
@@ -247,10 +248,10 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     )
     if not config.serve:
         result.not_served_reason = "serving was skipped (--no-serve)"
-    elif target.kind != "cpu":
+    elif not target.served_here:
         result.not_served_reason = (
             f"this checkpoint targets {target.description}; it was validated against the target's vLLM kernels "
-            f"but not served here (this machine has no such GPU)"
+            f"but not served here ({target.not_served_reason or 'this machine has no such GPU'})"
         )
     else:
         _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress)
@@ -267,7 +268,9 @@ def _serve_and_measure(result, source, staging, texts, base_top1, target, config
 
     max_len = max(config.eval.seq_len, config.latency_prompt_tokens + config.latency_output_tokens) + 16
     support = target.schemes[result.recipe.scheme]
-    server_config = ServerConfig(dtype=support.serve_dtype or target.serve_dtype, max_model_len=max_len)
+    server_config = ServerConfig(dtype=support.serve_dtype or target.serve_dtype, max_model_len=max_len,
+                                 env=dict(target.serve_env))
+    hardware = hardware_name() + "".join(f", {k}={v}" for k, v in target.serve_env.items())
     latency_config = LatencyConfig(
         prompt_tokens=config.latency_prompt_tokens,
         output_tokens=config.latency_output_tokens,
@@ -287,7 +290,7 @@ def _serve_and_measure(result, source, staging, texts, base_top1, target, config
                     engine="vllm",
                     engine_version=sq.vllm_version,
                     dtype=sq.dtype,
-                    hardware=hardware_name(),
+                    hardware=hardware,
                     text=t.name,
                     tokens=sq.tokens,
                     perplexity=sq.perplexity,
@@ -306,7 +309,7 @@ def _serve_and_measure(result, source, staging, texts, base_top1, target, config
     result.latency = LatencyPair(
         base=latency["base"],
         variant=latency["variant"],
-        hardware=hardware_name(),
+        hardware=hardware,
         vllm_version=vllm_version,
         settings={**asdict(server_config), **asdict(latency_config), "concurrency": 1},
     )

@@ -96,8 +96,9 @@ def pair_limited_scale(w: torch.Tensor, pair_sum: int, weight: torch.Tensor | No
     limit); the coarsest is the one under which no pair exceeds it (max |w[2j]| + |w[2j+1]| / pair_sum, at most
     twice the full-range scale: never worse than 7-bit codes). Between them, geometrically spaced, each row takes
     the one with the least squared error (weighted per input channel by `weight`, e.g. the Hessian diagonal).
-    Measured on the demo model's linears: relative weight error 1.27e-4, against 2.91e-4 for 7-bit codes and
-    7.2e-5 for unconstrained int8."""
+    Measured on the demo model's linears: relative weight error 1.12e-4, against 2.91e-4 for 7-bit codes and
+    7.2e-5 for unconstrained int8. For methods with error feedback (GPTQ, learned rounding); round-to-nearest uses
+    pair_safe_scale."""
     w = w.detach().float()
     lo, hi = int_range(8)
     finest = (w.abs().amax(1, keepdim=True) / ((hi - lo) / 2)).clamp_min(_EPS)
@@ -116,11 +117,21 @@ def pair_limited_scale(w: torch.Tensor, pair_sum: int, weight: torch.Tensor | No
     return best
 
 
-def quantize_weight(w: torch.Tensor, args: QuantArgs, pair_sum: int | None = None,
-                    importance: torch.Tensor | None = None) -> QuantizedWeight:
+def pair_safe_scale(w: torch.Tensor, pair_sum: int) -> torch.Tensor:
+    """Per-row scales [out, 1] under which no same-sign input pair exceeds the pair limit before rounding.
+
+    Round-to-nearest uses these rather than pair_limited_scale's finer ones: without error feedback, every pair
+    projected onto the limit shrinks both weights towards zero, a bias that adds up over the rows of a layer.
+    Measured on the demo model (W8A8 with smoothing, transformers, 8×512 tokens per text): +0.41% / +1.88% Δppl
+    on wikitext-2 / licenses with these scales, +1.13% / +2.41% with the finer scales of least weight error."""
+    w = w.detach().float()
+    finest = (w.abs().amax(1, keepdim=True) / 127.5).clamp_min(_EPS)
+    return torch.maximum(pair_sums(w).amax(1, keepdim=True) / pair_sum, finest)
+
+
+def quantize_weight(w: torch.Tensor, args: QuantArgs, pair_sum: int | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of a 2-D weight [out, in] under `args`; `pair_sum` limits adjacent input
-    pairs of symmetric integer codes (see limit_pairs), weighing input channels by `importance` ([in], the mean
-    square of their activations) where given."""
+    pairs of symmetric integer codes (see limit_pairs, pair_safe_scale)."""
     w = w.detach().to(torch.float32)
     out, k = w.shape
     if args.strategy == "group":
@@ -144,11 +155,11 @@ def quantize_weight(w: torch.Tensor, args: QuantArgs, pair_sum: int | None = Non
     if args.symmetric:
         scale = (view.abs().amax(-1) / ((hi - lo) / 2)).clamp_min(_EPS)
         if pair_sum is not None:
-            scale = pair_limited_scale(w, pair_sum, None if importance is None else importance.reshape(1, -1))
+            scale = pair_safe_scale(w, pair_sum)
         real = view / scale.unsqueeze(-1)
         codes = torch.round(real).clamp(lo, hi)
-        if pair_sum is not None:
-            codes = limit_pairs(codes.view(out, k), pair_sum, real.view(out, k), lo, hi, importance).view_as(codes)
+        if pair_sum is not None:  # rounding up both codes of a pair can still exceed the limit by one
+            codes = limit_pairs(codes.view(out, k), pair_sum, real.view(out, k), lo, hi).view_as(codes)
         zp = None
     else:
         mn = view.amin(-1).clamp(max=0)

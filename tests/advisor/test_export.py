@@ -86,6 +86,14 @@ def test_plan_limits_int8_pairs_on_cpus_without_vnni(tiny_llama_dir):
     assert plan(structure, get_target("a10g"), "w8a8-int8", None).int8_pair_sum is None
 
 
+def test_default_method_is_learned_rounding_only_where_int8_codes_are_paired(tiny_llama_dir):
+    structure = inspect_structure(tiny_llama_dir)
+    assert plan(structure, get_target("cpu", flags=AVX2), None, None, method=None).method == "autoround"
+    assert plan(structure, get_target("cpu", flags=AVX2), "fp8", None, method=None).method == "rtn"
+    assert plan(structure, get_target("cpu", flags=AVX512_VNNI), None, None, method=None).method == "rtn"
+    assert plan(structure, get_target("cpu", flags=AVX2), None, None, method="gptq").method == "gptq"
+
+
 def test_recipe_round_trips_and_rejects_unknown_keys():
     recipe = Recipe(scheme="w4a16", target="a10g", group_size=64, ignore=["lm_head"])
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe

@@ -195,6 +195,22 @@ def test_vnni_not_avx512_decides_the_int8_pair_limit() -> None:
     assert avx_vnni.int8_pair_sum is None
 
 
+def test_a_named_cpu_variant_builds_for_another_cpu_and_is_served_here_with_onednn_capped() -> None:
+    avx2 = get_target("cpu-avx2", flags=AVX512_VNNI)
+    assert avx2.name == "cpu-avx2" and avx2.isa == "avx2" and avx2.int8_pair_sum == 128
+    assert "w4a16" not in avx2.schemes
+    assert avx2.served_here and avx2.serve_env == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    # The machine's own variant needs no cap; a variant with instructions this CPU lacks cannot be served here.
+    assert get_target("cpu-avx2", flags=AVX2_ONLY).serve_env == {}
+    higher = get_target("cpu-avx512-vnni", flags=AVX2_ONLY)
+    assert not higher.served_here and "lacks" in higher.not_served_reason
+    # vLLM's AMX int8 kernels do not follow oneDNN's cap.
+    amx = get_target("cpu-avx2", flags=AVX512_VNNI | {"avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"})
+    assert not amx.served_here and "AMX" in amx.not_served_reason
+    with pytest.raises(UnknownTargetError, match="unknown CPU variant 'cpu-avx3'.*cpu-avx2"):
+        get_target("cpu-avx3")
+
+
 def test_every_cpu_variant_is_reachable_from_its_own_flags() -> None:
     variants = cpu_variants()
     assert [v.isa for v in variants][-1] == "avx2"

@@ -183,7 +183,7 @@ def _method_text(result) -> str:
     if recipe.group_size:
         parts.append(f"group size {recipe.group_size}")
     if recipe.int8_pair_sum:
-        parts.append(f"int8 codes of adjacent input channels kept within |q[2j]| + |q[2j+1]| ≤ {recipe.int8_pair_sum} "
+        parts.append(f"same-sign int8 codes of adjacent input channels kept within |q[2j]| + |q[2j+1]| ≤ {recipe.int8_pair_sum} "
                      "for this CPU's int8 GEMM (no VNNI: pairs of products are added in int16)")
     return ", ".join(parts)
 

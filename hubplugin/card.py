@@ -157,12 +157,18 @@ def speed_note(result) -> str:
     return "On this hardware the variant runs at the base's speed per output token (within 5%)."
 
 
+def _bits(recipe) -> int:
+    from advisor.schemes import get_scheme
+
+    return get_scheme(recipe.scheme).weights.num_bits
+
+
 def _method_text(result) -> str:
     recipe, t = result.recipe, result.transforms
     parts = [{
         "rtn": "round-to-nearest",
         "gptq": "GPTQ (layer by layer, activation order, clipping search)",
-        "autoround": f"rounding {'' if recipe.int8_pair_sum else 'and clipping '}learned block by block "
+        "autoround": f"rounding {'' if _bits(recipe) >= 8 else 'and clipping '}learned block by block "
                      f"({recipe.iterations or 50} signed-gradient steps per decoder block against the full-precision "
                      "block, AutoRound-style)",
     }.get(recipe.method, recipe.method)]

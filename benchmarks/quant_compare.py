@@ -594,7 +594,7 @@ def render(rows: list[Row], records: dict, status: dict, base: dict, settings: S
         "back with `load_for_eval`."),
         ("- 8- and 3-bit weight-only rows use benchmark-only schemes (w4a16 with 8 or 3 bits per code); 3-bit is "
         "exported as pack-quantized with num_bits 3, which vLLM does not serve, and read back the same way."),
-        "- hubc int8 rows use full-range codes [-128, 127] like llm-compressor's (no narrowed AVX2 range).",
+        "- hubc int8 rows use unconstrained codes like llm-compressor's (no int8 pair limit: they are built for this AVX-512 VNNI CPU).",
         ("- The demo model was distributed as GGUF Q4_1 (asymmetric 4-bit, blocks of 32): its weights already sit on a "
         "4-bit grid, so 4-bit numbers on it flatter every method; compare rows with each other, not with other models."),
         "",

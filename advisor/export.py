@@ -120,7 +120,7 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
         pair_sum = pair_limit(scheme, recipe.int8_pair_sum)
         if qw is None:
             qw = quantize_weight(modules[info.name].weight, scheme.weights, pair_sum)
-        elif pair_sum is not None and int(pair_sums(qw.codes).max()) > pair_sum:
+        elif pair_sum is not None and bool((pair_sums(qw.codes) > pair_sum).any()):
             # The kernel would saturate on these codes and serve wrong outputs: never write them.
             raise AdvisorError(f"{info.name}: int8 codes exceed the target's pair limit {pair_sum}",
                                hint="report this as a hubc bug; --method rtn is not affected")

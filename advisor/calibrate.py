@@ -1,8 +1,7 @@
 """Calibration: run text through the full-precision model and record what each linear layer sees.
 
-Per input channel absolute maxima (for outlier smoothing), mean magnitudes (for activation-aware scaling), mean squares
-(how much each channel's weight error costs) and a fixed random sample of input rows (to score candidate transforms
-against the layer's real inputs) are kept per linear layer.
+Per input channel absolute maxima (for outlier smoothing), mean magnitudes (for activation-aware scaling) and a fixed random sample of input rows (to score
+candidate transforms against the layer's real inputs) are kept per linear layer.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ class LinearStats:
     """Per input channel max |x| over every calibration token."""
     abssum: torch.Tensor
     """Per input channel sum of |x| over every calibration token (with `rows`: the mean magnitude AWQ scales by)."""
-    sqsum: torch.Tensor | None = None
-    """Per input channel sum of x² (with `rows`: the Hessian diagonal of a linear's output error, per token)."""
     rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
 
@@ -57,18 +54,16 @@ def collect(model, names: list[str], windows: list[list[int]], sample_rows: int,
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             ax = x.abs()
-            amax, asum, sq = ax.amax(0), ax.sum(0), x.pow(2).sum(0)
+            amax, asum = ax.amax(0), ax.sum(0)
             st = stats.get(name)
             if st is None:
-                stats[name] = st = LinearStats(amax, asum, sq)
+                stats[name] = st = LinearStats(amax, asum)
             else:
                 torch.maximum(st.absmax, amax, out=st.absmax)
                 st.abssum += asum
-                st.sqsum += sq
             st.rows += x.shape[0]
-            if sample_rows:
-                idx = torch.randint(0, x.shape[0], (min(per_window, x.shape[0]),), generator=gen)
-                st.sample.append(x[idx].clone())
+            idx = torch.randint(0, x.shape[0], (min(per_window, x.shape[0]),), generator=gen)
+            st.sample.append(x[idx].clone())
 
         return fn
 
@@ -81,5 +76,5 @@ def collect(model, names: list[str], windows: list[list[int]], sample_rows: int,
         for h in handles:
             h.remove()
     for st in stats.values():
-        st.sample = [torch.cat(st.sample)] if st.sample else []
+        st.sample = [torch.cat(st.sample)]
     return stats

@@ -82,7 +82,7 @@ class _LearnedRounding:
         self.wmax = view.amax(-1).clamp_min(0)
         self.wmin = view.amin(-1).clamp_max(0).neg()
         if pair_sum is not None:
-            # Start from the scale that balances rounding and pair-limit error (the clipping factors learn from there).
+            # Start from the scale that balances rounding and pair-limit error; the offsets learn on that grid.
             start = pair_limited_scale(self.weight, pair_sum) * -self.lo / torch.maximum(self.wmax, self.wmin).clamp_min(1e-12)
             self.wmax, self.wmin = self.wmax * start, self.wmin * start
         self.offset = torch.zeros(self.shape, requires_grad=True)

@@ -32,6 +32,10 @@ class CompressReport:
     calibration_tokens: int = 0
     block_error: dict | None = None
     """Learned rounding: mean relative output error of a decoder block with plain rounding and learned rounding."""
+    kept_dense: dict | None = None
+    """Linears kept dense by the recipe's dense budget → their estimated quantization cost (nats per token)."""
+    quantization_cost: float | None = None
+    """Estimated loss increase of quantizing every linear the recipe quantizes, before any was kept dense."""
 
 
 def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, tokenizer,
@@ -103,3 +107,31 @@ def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer
     if done:
         report.error_reduction = sum(c.error_after / c.error_before for c in done) / len(done)
     return report
+
+
+def keep_sensitive_dense(model, structure: ModelStructure, recipe: Recipe, tokenizer,
+                         report: CompressReport | None = None) -> Recipe:
+    """The recipe with its most costly linears added to `overrides` as dense, within `recipe.dense_budget`
+    (measured on the model as transformed, so after smoothing); the layers already dense count against the budget."""
+    if recipe.dense_budget <= 0:
+        return recipe
+    from dataclasses import replace
+
+    from advisor.assignment import DENSE, module_schemes
+    from advisor.calibrate import CalibConfig, calibration_windows
+    from advisor.sensitivity import choose_dense, quantization_costs
+
+    chosen = module_schemes(recipe, structure)
+    cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
+    # The cost ranking settles within a few windows (the top layers agree with leave-one-out evaluation at 8).
+    windows = calibration_windows(tokenizer, cal)[:8]
+    costs = quantization_costs(model, chosen, windows, recipe.int8_pair_sum)
+    sizes = {li.name: li.in_features * li.out_features for li in structure.linears}
+    already = sum(sizes[n] for n, s in chosen.items() if s is None)
+    keep = choose_dense(costs, recipe.dense_budget, already)
+    if report is not None:
+        report.quantization_cost = sum(c.cost for c in costs.values())
+        report.kept_dense = {n: costs[n].cost for n in keep}
+    if not keep:
+        return recipe
+    return replace(recipe, overrides={**recipe.overrides, **dict.fromkeys(keep, DENSE)})

@@ -40,6 +40,10 @@ class Recipe:
     """Per-channel scaling before quantization, folded into the preceding op: `none`, or `search` (the strength
     searched per layer group on calibration text: SmoothQuant for schemes that quantize activations, AWQ-style
     activation-aware scaling for weight-only schemes)."""
+    dense_budget: float = 0.0
+    """Share of the linear weights (by parameter count) that may stay dense: the linears whose quantization costs
+    the most loss per parameter, measured on calibration text (advisor.sensitivity), are added to `overrides` as
+    `dense` until the share is reached. 0: every linear gets its scheme."""
     calibration: dict | None = None
     """Calibration text and amount, when a step needs it: {text, windows, seq_len}."""
     int8_pair_sum: int | None = None
@@ -76,4 +80,7 @@ class Recipe:
             raise AdvisorError("recipe `overrides` must map module names (or `re:` regexes) to scheme ids or `dense`")
         if recipe.method not in METHODS:
             raise AdvisorError(f"unknown method '{recipe.method}'", hint=f"known methods: {', '.join(METHODS)}")
+        if isinstance(recipe.dense_budget, bool) or not isinstance(recipe.dense_budget, (int, float)) \
+                or not 0 <= recipe.dense_budget < 1:
+            raise AdvisorError(f"recipe `dense_budget` must be a share between 0 and 1, not {recipe.dense_budget!r}")
         return recipe

@@ -45,13 +45,22 @@ def default_method(scheme: Scheme, target) -> str:
     return "autoround" if int8_gemm and target.int8_pair_sum is not None else "rtn"
 
 
+def default_dense_budget(scheme: Scheme) -> float:
+    """1% of the weights stay dense where activations are quantized (W8A8, FP8): there the loss concentrates in a
+    few layers (on the demo model, layer 0's down_proj alone carries a fifth of it) and keeping them costs little
+    memory; weight-only schemes quantize every linear."""
+    return 0.01 if scheme.input_activations is not None else 0.0
+
+
 def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
          smoothing: str | None = None, calibration: dict | None = None, method: str | None = "rtn",
-         iterations: int | None = None, overrides: dict[str, str] | None = None) -> Recipe:
+         iterations: int | None = None, overrides: dict[str, str] | None = None,
+         dense_budget: float | None = None) -> Recipe:
     """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix; `method` None
-    takes default_method."""
+    takes default_method, `dense_budget` None default_dense_budget."""
     scheme = get_scheme(scheme_name or target.default_scheme)
     method = method or default_method(scheme, target)
+    dense_budget = default_dense_budget(scheme) if dense_budget is None else dense_budget
     if method not in METHODS:
         raise ShapeError(f"unknown method '{method}'", hint=f"use one of {', '.join(METHODS)}")
     if smoothing is None:
@@ -62,7 +71,8 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
         smoothing=smoothing,
         calibration=(calibration or {"text": "wikitext2-valid", "windows": 16 if method == "rtn" else 32,
                                      "seq_len": 512})
-        if smoothing != "none" or method != "rtn" else None,
+        if smoothing != "none" or method != "rtn" or dense_budget > 0 else None,
+        dense_budget=dense_budget,
         target=target.name,
         method=method,
         iterations=iterations,
@@ -100,6 +110,9 @@ def check_recipe(recipe: Recipe, structure: ModelStructure, target) -> Recipe:
     elif group_size is not None:
         raise ShapeError(f"scheme {recipe.scheme} quantizes per channel; --group-size does not apply",
                          hint="drop --group-size, or use w4a16")
+    if not 0 <= recipe.dense_budget < 1:
+        raise ShapeError(f"dense budget {recipe.dense_budget} is not a share of the weights",
+                         hint="use a value from 0 (quantize every linear) to below 1, e.g. --dense-budget 0.01")
     if recipe.iterations is not None and (recipe.method != "autoround" or recipe.iterations < 1):
         raise ShapeError("--iterations sets the learning steps of --method autoround (a positive number)",
                          hint="drop --iterations, or use --method autoround with --iterations ≥ 1")

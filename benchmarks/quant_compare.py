@@ -85,6 +85,8 @@ class Row:
     """Learned rounding's minibatch order: hubc's `seed`, llm-compressor's AutoRound seed 42 + this."""
     iterations: int | None = None
     """Learned-rounding steps per decoder layer when not the settings' `autoround_iters` (hubc rows)."""
+    dense_budget: float = 0.0
+    """Share of the linear weights hubc keeps dense, the costliest to quantize first (hubc rows)."""
 
     @property
     def tool(self) -> str:
@@ -108,7 +110,7 @@ class Row:
         """What the row's cache key hashes: its fields, the seed and step count only where not the default (so rows
         measured before these fields existed keep their key)."""
         fields = dataclasses.asdict(self)
-        for name in ("seed", "iterations"):
+        for name in ("seed", "iterations", "dense_budget"):
             if fields[name] == getattr(Row, name):
                 del fields[name]
         return fields
@@ -149,6 +151,10 @@ ROWS = [
     Row("hubc/w8a8-int8/rtn", "W8A8 int8, rtn", 8, scheme="w8a8-int8"),
     Row("hubc/w8a8-int8/smoothed", "W8A8 int8, smoothing search + rtn", 8, scheme="w8a8-int8", smoothing="search"),
     Row("hubc/fp8/smoothed", "FP8 dynamic, smoothing search + rtn", 8, scheme="fp8", smoothing="search"),
+    Row("hubc/w8a8-int8/smoothed+dense1", "W8A8 int8, smoothing search + rtn, costliest 1% of weights dense", 8,
+        scheme="w8a8-int8", smoothing="search", dense_budget=0.01),
+    Row("hubc/fp8/smoothed+dense1", "FP8 dynamic, smoothing search + rtn, costliest 1% of weights dense", 8,
+        scheme="fp8", smoothing="search", dense_budget=0.01),
 ]
 
 
@@ -321,25 +327,26 @@ def hubc_unavailable(row: Row, structure) -> str | None:
 
 def quantize_hubc(row: Row, model_path: Path, structure, tokenizer, settings: Settings, work: Path):
     """Transforms, calibrated quantization and export, timed; returns the model load_for_eval reads back."""
-    from advisor.compress import apply_transforms, calibrated_quantization
+    from advisor.compress import apply_transforms, calibrated_quantization, keep_sensitive_dense
     from advisor.export import load_for_eval, quantize_and_export
     from advisor.model import load_model
     from advisor.recipe import Recipe
     from advisor.schemes import get_scheme
 
-    calibrated = row.smoothing != "none" or row.method != "rtn"
+    calibrated = row.smoothing != "none" or row.method != "rtn" or row.dense_budget > 0
     recipe = Recipe(scheme=row.scheme, target="cpu", method=row.method,
                     iterations=row.iterations or settings.autoround_iters if row.method == "autoround" else None,
                     seed=row.seed if row.method == "autoround" else None,
                     group_size=GROUP_SIZE if get_scheme(row.scheme).grouped else None, smoothing=row.smoothing,
                     calibration={"text": "wikitext2-valid", "windows": settings.calib_windows,
                                  "seq_len": settings.seq_len} if calibrated else None,
-                    ignore=list(structure.skipped))
+                    dense_budget=row.dense_budget, ignore=list(structure.skipped))
     model = load_model(model_path)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     started = time.monotonic()
     transforms = apply_transforms(model, structure, recipe, tokenizer)
+    recipe = keep_sensitive_dense(model, structure, recipe, tokenizer, transforms)
     quantized = calibrated_quantization(model, structure, recipe, tokenizer)
     exported = quantize_and_export(model, structure, recipe, work, quantized)
     seconds = time.monotonic() - started

@@ -34,7 +34,8 @@ def build(source, pair_limited: bool, method: str, out: Path) -> None:
     flags = {"avx", "avx2", "fma"} if pair_limited else {"avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw",
                                                           "avx512dq", "avx512_vnni"}
     structure = inspect_structure(source.path)
-    recipe = plan(structure, get_target("cpu", flags=flags), "w8a8-int8", None, method=method)
+    recipe = plan(structure, get_target("cpu", flags=flags), "w8a8-int8", None, method=method,
+                  dense_budget=0.0)  # every linear int8: the rows compare rounding methods
     assert (recipe.int8_pair_sum is not None) == pair_limited
     model = load_model(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)

@@ -182,9 +182,17 @@ def _method_text(result) -> str:
                      "layer groups")
     if recipe.calibration:
         parts.append(f"calibrated on {t.get('calibration_tokens')} tokens of {recipe.calibration['text']}")
-    if recipe.overrides:
-        kinds = sorted(set(recipe.overrides.values()))
-        parts.append(f"mixed precision: {len(recipe.overrides)} per-module overrides to {', '.join(kinds)} "
+    kept = t.get("kept_dense") or {}
+    if kept:
+        total = t.get("quantization_cost") or 0.0
+        share = f", {sum(kept.values()) / total:.0%} of the estimated quantization loss" if total > 0 else ""
+        parts.append(f"{len(kept)} linear layer{'s' if len(kept) > 1 else ''} kept dense within a "
+                     f"{recipe.dense_budget:.1%} weight budget, the most costly to quantize as measured on the "
+                     f"calibration text ({', '.join(kept)}{share})")
+    manual = {k: v for k, v in recipe.overrides.items() if k not in kept}
+    if manual:
+        kinds = sorted(set(manual.values()))
+        parts.append(f"mixed precision: {len(manual)} per-module overrides to {', '.join(kinds)} "
                      "(listed in recipe.yaml)")
     if recipe.group_size:
         parts.append(f"group size {recipe.group_size}")

@@ -39,6 +39,9 @@ class OptimizeConfig:
     """Learning steps per decoder block for `autoround` (default 50)."""
     smoothing: str | None = None
     """Per-channel scaling: `search` or `none`; default: `search` for schemes that quantize activations."""
+    dense_budget: float | None = None
+    """Share of the linear weights kept dense, the most costly to quantize first; default:
+    advisor.validate.default_dense_budget (1% where activations are quantized, else 0)."""
     out: Path | None = None
     """Output folder; default ./<model>-<scheme>-<target>."""
     overwrite: bool = False
@@ -146,7 +149,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
         recipe = check_recipe(config.recipe, structure, target)
     else:
         recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing,
-                      method=config.method, iterations=config.iterations)
+                      method=config.method, iterations=config.iterations, dense_budget=config.dense_budget)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -191,7 +194,7 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     from transformers import AutoTokenizer
 
     from advisor import evaluate as ev
-    from advisor.compress import apply_transforms, calibrated_quantization
+    from advisor.compress import apply_transforms, calibrated_quantization, keep_sensitive_dense
     from advisor.export import load_for_eval, quantize_and_export
     from advisor.model import load_model
     from advisor.schemes import get_scheme
@@ -210,6 +213,9 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
         what = "smoothing activation outliers" if get_scheme(recipe.scheme).input_activations else "activation-aware scaling"
         progress(f"calibrating and searching per-channel scales ({what})")
     transforms = apply_transforms(model, structure, recipe, tokenizer)
+    if recipe.dense_budget > 0:
+        progress(f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the weights stay dense)")
+        recipe = keep_sensitive_dense(model, structure, recipe, tokenizer, transforms)
     progress(f"quantizing with {recipe.scheme} ({recipe.method})")
     quantized = calibrated_quantization(model, structure, recipe, tokenizer, transforms)
     exported = quantize_and_export(model, structure, recipe, staging, quantized)

@@ -40,6 +40,10 @@ def summary(result) -> None:
             b, v = lat.base[key], lat.variant[key]
             table.add_row(label, engine, _f(b, ".1f"), _f(v, ".1f"), f"{v / b - 1:+.0%}" if b else "")
     console.print(table)
+    kept = (result.transforms or {}).get("kept_dense")
+    if kept:
+        console.print(f"kept dense ({result.recipe.dense_budget:.1%} weight budget, most costly to quantize first): "
+                      + ", ".join(kept), markup=False)
     if result.latency is not None:
         console.print(speed_note(result))
         console.print(f"latency measured on {result.latency.hardware}")

@@ -167,6 +167,21 @@ def test_mixed_precision_recipe_file_is_applied_and_recorded(tiny_llama_dir, tmp
     assert json.loads(result.stdout)["quantized_modules"] == 14 - 3
 
 
+def test_dense_budget_keeps_the_costliest_layers_dense_and_says_so(tiny_llama_dir, tmp_path):
+    out = tmp_path / "o"
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--dense-budget", "0.2", "--out", str(out),
+                 *SMALL_EVAL)
+    assert result.exit_code == 0, result.output
+    kept = json.loads((out / "report.json").read_text())["transforms"]["kept_dense"]
+    assert kept
+    written = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert written["dense_budget"] == 0.2 and all(written["overrides"][n] == "dense" for n in kept)
+    assert set(kept) <= set(json.loads((out / "config.json").read_text())["quantization_config"]["ignore"])
+    card = (out / "README.md").read_text()
+    assert "kept dense" in card and all(n in card for n in kept)
+    assert "kept dense" in result.stdout
+
+
 @pytest.mark.parametrize("content,extra,fragments", [
     ({"scheme": "w8a8-int8", "target": "cpu"}, ["--scheme", "fp8"], ["--recipe", "--scheme"]),
     ({"scheme": "w8a8-int8", "target": "cpu", "overrides": {"model.layers.0.self_attn.k_proj": "dense"}}, [],

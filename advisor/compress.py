@@ -125,7 +125,11 @@ def keep_sensitive_dense(model, structure: ModelStructure, recipe: Recipe, token
     cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
     # The cost ranking settles within a few windows (the top layers agree with leave-one-out evaluation at 8).
     windows = calibration_windows(tokenizer, cal)[:8]
-    costs = quantization_costs(model, chosen, windows, recipe.int8_pair_sum)
+    # GPTQ and learned rounding recover most of what an int8 pair limit costs round-to-nearest (weights), never
+    # what activation quantization costs: for them a layer is ranked by its cost with unconstrained codes. Ranked
+    # with the limit, the AVX2 demo kept a down_proj whose pair-limited rounding learned rounding then fixed anyway.
+    pair_sum = recipe.int8_pair_sum if recipe.method == "rtn" else None
+    costs = quantization_costs(model, chosen, windows, pair_sum)
     sizes = {li.name: li.in_features * li.out_features for li in structure.linears}
     already = sum(sizes[n] for n, s in chosen.items() if s is None)
     keep = choose_dense(costs, recipe.dense_budget, already)

@@ -141,3 +141,47 @@ def test_dense_budget_defaults_to_one_percent_where_activations_are_quantized(ti
     assert plan(structure, get_target("cpu"), "w8a8-int8", None).dense_budget == 0.01
     assert plan(structure, get_target("a10g"), "w4a16", None).dense_budget == 0.0
     assert plan(structure, get_target("cpu"), "w8a8-int8", None, dense_budget=0.0).calibration is not None  # smoothing
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "phi3"])
+def test_every_linear_gets_a_cost_on_other_architectures(kind):
+    """q/k norms (Qwen3), scaled and tied embeddings with sandwich norms (Gemma 2), fused qkv/gate_up (Phi-3)."""
+    import transformers
+
+    cls, cfg = {"qwen3": ("Qwen3ForCausalLM", "Qwen3Config"), "gemma2": ("Gemma2ForCausalLM", "Gemma2Config"),
+                "phi3": ("Phi3ForCausalLM", "Phi3Config")}[kind]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, cfg)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, vocab_size=256, initializer_range=0.2, pad_token_id=0)).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    costs = quantization_costs(model, dict.fromkeys(names, W8A8), _windows(2, 32))
+    assert set(costs) == set(names)
+    assert all(0 < c.cost < float("inf") for c in costs.values())
+
+
+def test_calibrated_methods_rank_layers_without_the_pair_limit_rounding_to_nearest_has(tiny_llama_dir):
+    """GPTQ and learned rounding work around an int8 pair limit; only round-to-nearest keeps its whole cost."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from advisor.compress import CompressReport, keep_sensitive_dense
+    from advisor.model import inspect_structure, load_model
+    from advisor.recipe import Recipe
+
+    structure = inspect_structure(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = load_model(tiny_llama_dir)
+    base = Recipe(scheme="w8a8-int8", target="cpu", dense_budget=0.1,
+                  calibration={"text": "wikitext2-valid", "windows": 2, "seq_len": 64})
+
+    def cost(**changes):
+        report = CompressReport()
+        keep_sensitive_dense(model, structure, replace(base, **changes), tokenizer, report)
+        return report.quantization_cost
+
+    unconstrained = cost(method="rtn", int8_pair_sum=None)
+    assert cost(method="autoround", int8_pair_sum=128) == unconstrained
+    assert cost(method="gptq", int8_pair_sum=128) == unconstrained
+    assert cost(method="rtn", int8_pair_sum=128) > unconstrained

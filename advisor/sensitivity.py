@@ -49,7 +49,8 @@ def quantization_costs(model, schemes: dict[str, Scheme | None], windows: list[l
                 return
             x = args[0].detach().float()
             xq = x if scheme.input_activations is None else fake_quantize_activations(x, scheme.input_activations)
-            delta = xq @ dequantized[name].T - x @ module.weight.detach().float().T
+            exact = out.detach().float() - (0 if module.bias is None else module.bias.detach().float())
+            delta = xq @ dequantized[name].T - exact
 
             def grad_hook(g):
                 totals[name] += 0.5 * (g.float() * delta).sum(-1).pow(2).sum().item()
@@ -94,7 +95,8 @@ def _fused_units(names: list[str]) -> list[list[str]]:
         unit = [name]
         for siblings in FUSED_SIBLINGS:
             if leaf in siblings:
-                unit = [f"{parent}.{s}" if parent else s for s in siblings if (f"{parent}.{s}" if parent else s) in present]
+                full = [f"{parent}.{s}" if parent else s for s in siblings]
+                unit = [n for n in full if n in present]
         seen.update(unit)
         units.append(unit)
     return units

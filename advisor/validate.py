@@ -47,8 +47,8 @@ def default_method(scheme: Scheme, target) -> str:
 
 def default_dense_budget(scheme: Scheme) -> float:
     """1% of the weights stay dense where activations are quantized (W8A8, FP8): there the loss concentrates in a
-    few layers (on the demo model, layer 0's down_proj alone carries a fifth of it) and keeping them costs little
-    memory; weight-only schemes quantize every linear."""
+    few layers (on the demo model, keeping layer 0's down_proj alone dense lowers the KL on licenses.txt by a fifth)
+    and keeping them costs little memory; weight-only schemes quantize every linear."""
     return 0.01 if scheme.input_activations is not None else 0.0
 
 

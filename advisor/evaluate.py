@@ -129,29 +129,89 @@ def hardware_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@dataclass
+class TokenScores:
+    """What a Measurement needs from one model on one text: a few numbers per scored position. The next-token
+    distributions themselves (positions × vocabulary: 4 GB for 40×512 tokens of a 49k vocabulary, 21 GB with a 256k
+    one) are never kept; KL is taken window by window while both distributions exist (`score`)."""
+
+    targets: torch.Tensor
+    """[N] the text's actual next tokens."""
+    target_logprob: torch.Tensor
+    """[N] the model's log-probability of each of them."""
+    top1: torch.Tensor
+    """[N] the model's most likely next token."""
+    top1_logprob: torch.Tensor
+    """[N] its log-probability (the model's confidence)."""
+    kl: torch.Tensor | None = None
+    """[N] KL(reference ‖ model) at each position, when scored against a reference."""
+    agrees: torch.Tensor | None = None
+    """[N] whether the model's top-1 equals the reference's."""
+
+    @classmethod
+    def of(cls, logprobs: torch.Tensor, window: list[int], reference: torch.Tensor | None = None) -> TokenScores:
+        """From one window's next-token log-probabilities [n-1, vocab] (and the reference's, same shape)."""
+        targets = torch.tensor(window[1:])
+        top = logprobs.max(-1)
+        kl = agrees = None
+        if reference is not None:
+            kl = (reference.exp() * (reference - logprobs)).sum(-1)
+            agrees = reference.argmax(-1) == top.indices
+        return cls(targets, logprobs.gather(1, targets[:, None])[:, 0], top.indices, top.values, kl, agrees)
+
+    @classmethod
+    def cat(cls, parts: list[TokenScores]) -> TokenScores:
+        def joined(name):
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        return cls(*(joined(f) for f in ("targets", "target_logprob", "top1", "top1_logprob", "kl", "agrees")))
+
+    def top1_per_window(self, windows: list[list[int]]) -> list[list[int]]:
+        return [t.tolist() for t in self.top1.split([len(w) - 1 for w in windows])]
+
+
 @torch.inference_mode()
-def logits_of(model, windows: list[list[int]], desc: str) -> list[torch.Tensor]:
-    """Next-token log-probabilities for positions 0..n-2 of each window, kept as float32 on the CPU."""
-    out = []
+def next_token_logprobs(model, window: list[int]) -> torch.Tensor:
+    """Log-probabilities of every next token at positions 0..n-2 of one window, float32 on the CPU."""
+    return torch.log_softmax(model(torch.tensor([window])).logits[0, :-1].float(), dim=-1)
+
+
+def score(model, windows: list[list[int]], desc: str, reference=None) -> tuple[TokenScores, TokenScores | None]:
+    """Score `model` on the windows; with a `reference` model, score both in lockstep, window by window, so KL and
+    top-1 agreement are exact over the full vocabulary while memory holds one window's distributions. Returns the
+    model's scores and the reference's (None without one)."""
+    parts, ref_parts = [], []
     for w in tqdm(windows, desc=desc, unit="window", leave=False):
-        logits = model(torch.tensor([w])).logits[0, :-1].float()
-        out.append(torch.log_softmax(logits, dim=-1))
-    return out
+        lp = next_token_logprobs(model, w)
+        ref_lp = None if reference is None else next_token_logprobs(reference, w)
+        parts.append(TokenScores.of(lp, w, ref_lp))
+        if ref_lp is not None:
+            ref_parts.append(TokenScores.of(ref_lp, w))
+        del lp, ref_lp
+    return TokenScores.cat(parts), (TokenScores.cat(ref_parts) if ref_parts else None)
 
 
-def perplexity(logprobs: list[torch.Tensor], windows: list[list[int]]) -> float:
-    nll, n = 0.0, 0
-    for lp, w in zip(logprobs, windows):
-        target = torch.tensor(w[1:])
-        nll -= lp.gather(1, target[:, None]).sum().item()
-        n += len(target)
-    return math.exp(nll / n)
+def logits_of(model, windows: list[list[int]], desc: str) -> list[torch.Tensor]:
+    """Full next-token log-probabilities of each window, kept (vocabulary × tokens of float32: for callers that
+    store a reference on disk and score many variants against it, chunk by chunk)."""
+    return [next_token_logprobs(model, w) for w in tqdm(windows, desc=desc, unit="window", leave=False)]
 
 
-def expected_calibration_error(logprobs: list[torch.Tensor], windows: list[list[int]], bins: int = 15) -> float:
+def scores_of(logprobs: list[torch.Tensor], windows: list[list[int]], reference: list[torch.Tensor] | None = None
+              ) -> TokenScores:
+    refs = reference if reference is not None else [None] * len(windows)
+    return TokenScores.cat([TokenScores.of(lp, w, r) for lp, w, r in zip(logprobs, windows, refs)])
+
+
+def perplexity(scores: TokenScores) -> float:
+    return math.exp(-scores.target_logprob.double().mean().item())
+
+
+def expected_calibration_error(scores: TokenScores, bins: int = 15) -> float:
     """How far the model's top-1 confidence is from its top-1 accuracy, binned by confidence (Guo et al., 2017)."""
-    conf = torch.cat([lp.max(-1).values.exp() for lp in logprobs])
-    correct = torch.cat([(lp.argmax(-1) == torch.tensor(w[1:])).float() for lp, w in zip(logprobs, windows)])
+    conf = scores.top1_logprob.exp()
+    correct = (scores.top1 == scores.targets).float()
     edges = torch.linspace(0, 1, bins + 1)
     ece = 0.0
     for lo, hi in itertools.pairwise(edges):
@@ -161,32 +221,20 @@ def expected_calibration_error(logprobs: list[torch.Tensor], windows: list[list[
     return ece
 
 
-def compare(base: list[torch.Tensor], variant: list[torch.Tensor]) -> tuple[float, float]:
-    """Mean KL(base || variant) per token, and the share of positions where both pick the same top-1 token."""
-    kl_sum, agree, n = 0.0, 0, 0
-    for b, v in zip(base, variant):
-        kl_sum += (b.exp() * (b - v)).sum(-1).sum().item()
-        agree += (b.argmax(-1) == v.argmax(-1)).sum().item()
-        n += b.shape[0]
-    return kl_sum / n, agree / n
-
-
-def measure(logprobs, windows, text: str, engine_dtype: str, reference=None, note=None) -> Measurement:
+def measure(scores: TokenScores, text: str, engine_dtype: str, note=None) -> Measurement:
+    """A Measurement of transformers' numbers; KL and top-1 agreement when `scores` were taken against a reference."""
     import transformers
 
-    kl = top1 = None
-    if reference is not None:
-        kl, top1 = compare(reference, logprobs)
     return Measurement(
         engine="transformers",
         engine_version=transformers.__version__,
         dtype=engine_dtype,
         hardware=hardware_name(),
         text=text,
-        tokens=sum(len(w) - 1 for w in windows),
-        perplexity=perplexity(logprobs, windows),
-        kl=kl,
-        top1_agreement=top1,
-        ece=expected_calibration_error(logprobs, windows),
+        tokens=len(scores.targets),
+        perplexity=perplexity(scores),
+        kl=None if scores.kl is None else scores.kl.double().mean().item(),
+        top1_agreement=None if scores.agrees is None else scores.agrees.float().mean().item(),
+        ece=expected_calibration_error(scores),
         note=note,
     )

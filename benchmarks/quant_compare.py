@@ -246,7 +246,7 @@ def reference(model_path: Path, tokenizer, settings: Settings, cache: Path) -> R
                 lp = ev.logits_of(model, chunk, f"base on {t.name} [{i}]")
                 torch.save(lp, path.with_suffix(".partial"))
                 path.with_suffix(".partial").rename(path)
-            parts.append(ev.measure(lp, chunk, t.name, "float32"))
+            parts.append(ev.measure(ev.scores_of(lp, chunk), t.name, "float32"))
         base[t.name] = _combine(parts)
     summary.write_text(json.dumps(base, indent=2))
     return Reference(texts, folder, base)
@@ -262,7 +262,7 @@ def score(model, ref: Reference, label: str) -> dict[str, dict]:
         for i, chunk in enumerate(_chunks(t.windows)):
             lp = ev.logits_of(model, chunk, f"{label} on {t.name} [{i}]")
             base = torch.load(ref.folder / f"{t.name}-{i}.pt")
-            parts.append(ev.measure(lp, chunk, t.name, "float32", reference=base))
+            parts.append(ev.measure(ev.scores_of(lp, chunk, reference=base), t.name, "float32"))
             del lp, base
         quality[t.name] = _combine(parts)
     return quality

@@ -67,7 +67,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(source.path)
     windows = {t: ev.make_windows(tok, ev.read_text(t)[1], 512, args.windows) for t in TEXTS}
     base = load_model(source.path)
-    base_ppl = {t: ev.perplexity(ev.logits_of(base, w, "base"), w) for t, w in windows.items()}
+    base_ppl = {t: ev.perplexity(ev.score(base, w, "base")[0]) for t, w in windows.items()}
     del base
     work = Path(tempfile.mkdtemp(prefix="w8a8-isa-"))
     rows = []
@@ -77,7 +77,7 @@ def main() -> None:
             ckpt = work / f"{'pairs' if pair_limited else 'full'}-{method}"
             build(source, pair_limited, method, ckpt)
             variant = load_for_eval(ckpt)
-            evaluated = {t: ev.perplexity(ev.logits_of(variant, w, "variant"), w) for t, w in windows.items()}
+            evaluated = {t: ev.perplexity(ev.score(variant, w, "variant")[0]) for t, w in windows.items()}
             del variant
             for isa in ("native", "AVX2"):
                 env = {} if isa == "native" else {"ONEDNN_MAX_CPU_ISA": isa}

@@ -207,8 +207,6 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     for name in config.eval.texts:
         label, text = ev.read_text(name)
         texts.append(ev.EvalText(label, ev.make_windows(tokenizer, text, config.eval.seq_len, config.eval.windows)))
-    progress("evaluating the base")
-    base_lp = {t.name: ev.logits_of(model, t.windows, f"base on {t.name}") for t in texts}
     if recipe.smoothing != "none":
         what = "smoothing activation outliers" if get_scheme(recipe.scheme).input_activations else "activation-aware scaling"
         progress(f"calibrating and searching per-channel scales ({what})")
@@ -222,22 +220,23 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     copy_tokenizer_files(source.path, staging)
 
     del model
-    progress("evaluating the variant")
-    variant = load_for_eval(staging)
-    quality = []
+    # Base and variant are scored side by side, window by window (the base read again from its files, the variant
+    # from the exported checkpoint), so KL is exact over the vocabulary while only one window's distributions exist.
+    progress("evaluating the variant against the base")
+    base, variant = load_model(source.path), load_for_eval(staging)
+    quality, base_top1 = [], {}
     for t in texts:
-        var_lp = ev.logits_of(variant, t.windows, f"variant on {t.name}")
+        var_scores, base_scores = ev.score(variant, t.windows, f"base and variant on {t.name}", reference=base)
         quality.append(
             TextResult(
                 text=t.name,
-                base=ev.measure(base_lp[t.name], t.windows, t.name, "float32"),
-                variant=ev.measure(var_lp, t.windows, t.name, "float32", reference=base_lp[t.name],
+                base=ev.measure(base_scores, t.name, "float32"),
+                variant=ev.measure(var_scores, t.name, "float32",
                                    note="hubc evaluation of the exported checkpoint (weights read back, activations quantized per token as the kernels do)"),
             )
         )
-    del variant
-    base_top1 = {t.name: [lp.argmax(-1).tolist() for lp in base_lp[t.name]] for t in texts}
-    del base_lp
+        base_top1[t.name] = base_scores.top1_per_window(t.windows)
+    del base, variant
 
     result = OptimizeResult(
         source=source,

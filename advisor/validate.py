@@ -46,10 +46,13 @@ def default_method(scheme: Scheme, target) -> str:
 
 
 def default_dense_budget(scheme: Scheme) -> float:
-    """1% of the weights stay dense where activations are quantized (W8A8, FP8): there the loss concentrates in a
-    few layers (on the demo model, keeping layer 0's down_proj alone dense lowers the KL on licenses.txt by a fifth)
-    and keeping them costs little memory; weight-only schemes quantize every linear."""
-    return 0.01 if scheme.input_activations is not None else 0.0
+    """2% of the weights stay dense where activations are quantized (W8A8, FP8): there the loss concentrates in a
+    few layers and keeping them costs little memory; weight-only schemes quantize every linear. Measured on the
+    demo model (W8A8 smoothed, 16×512 tokens of six texts: wikitext-2, licenses, Node.js docs, Python source, Rust
+    release notes, Vim manual): KL to the base 0.0089-0.0169 with no layer dense, 0.0081-0.0134 at 1% (layer 0's
+    down_proj), 0.0074-0.0133 at 2% (+6.3 MB, three layers), 0.0068-0.0119 at 4% (+12 MB); Δppl at 2% at most
+    +0.72% on every text, against +1.23% at 1%."""
+    return 0.02 if scheme.input_activations is not None else 0.0
 
 
 def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
@@ -112,7 +115,7 @@ def check_recipe(recipe: Recipe, structure: ModelStructure, target) -> Recipe:
                          hint="drop --group-size, or use w4a16")
     if not 0 <= recipe.dense_budget < 1:
         raise ShapeError(f"dense budget {recipe.dense_budget} is not a share of the weights",
-                         hint="use a value from 0 (quantize every linear) to below 1, e.g. --dense-budget 0.01")
+                         hint="use a value from 0 (quantize every linear) to below 1, e.g. --dense-budget 0.02")
     if recipe.iterations is not None and (recipe.method != "autoround" or recipe.iterations < 1):
         raise ShapeError("--iterations sets the learning steps of --method autoround (a positive number)",
                          hint="drop --iterations, or use --method autoround with --iterations ≥ 1")

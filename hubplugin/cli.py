@@ -27,8 +27,22 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["HUBC_SET_OMP_WAIT_POLICY"] = "1"  # vLLM servers started by hubc do not inherit it (serving.server)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a job runner stopping hubc) unwinds like Ctrl-C: the `finally` blocks remove partial outputs and
+    stop the vLLM servers this process started, instead of the process dying with them in place."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def _run(fn):
     """Call a command body; typed errors become one line on stderr and exit code 2 (HUBC_DEBUG=1 re-raises)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return fn()
     except HintedError as exc:
@@ -37,6 +51,9 @@ def _run(fn):
         line = exc.message if not exc.hint else f"{exc.message}; {exc.hint}"
         click.echo(f"error: {' '.join(line.split())}", err=True)
         sys.exit(2)
+    except _Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -106,7 +123,7 @@ def _target_dict(t) -> dict:
                    "activation-aware (AWQ-style) for weight-only schemes")
 @click.option("--dense-budget", type=click.FloatRange(min=0, max=1, max_open=True),
               help="share of the linear weights left unquantized, the layers whose quantization costs the most loss "
-                   "(measured on calibration text) first. Default: 0.01 for w8a8-int8/fp8, 0 for weight-only")
+                   "(measured on calibration text) first. Default: 0.02 for w8a8-int8/fp8, 0 for weight-only")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False),
               help="recipe YAML to apply (e.g. per-module mixed precision) instead of --scheme/--method/...")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")

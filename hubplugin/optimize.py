@@ -41,7 +41,7 @@ class OptimizeConfig:
     """Per-channel scaling: `search` or `none`; default: `search` for schemes that quantize activations."""
     dense_budget: float | None = None
     """Share of the linear weights kept dense, the most costly to quantize first; default:
-    advisor.validate.default_dense_budget (1% where activations are quantized, else 0)."""
+    advisor.validate.default_dense_budget (2% where activations are quantized, else 0)."""
     out: Path | None = None
     """Output folder; default ./<model>-<scheme>-<target>."""
     overwrite: bool = False

@@ -177,16 +177,26 @@ def quantize_weight(w: torch.Tensor, args: QuantArgs, pair_sum: int | None = Non
 
 
 def fake_quantize_activations(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Quantize-dequantize activations per token, the way vLLM's dynamic int8 / FP8 input quantization does."""
+    """Quantize-dequantize activations per token, the way vLLM's dynamic int8 / FP8 input quantization does.
+
+    Asymmetric int8 follows vLLM's kernels (CPU `dynamic_scaled_int8_quant` with azp, CUDA `scaled_int8_quant`):
+    each token's [min, max] spans the 255 steps, zero point round(-128 - min/scale), codes round(x/scale + zp)
+    clamped to int8; the matmul subtracts zp·Σw, so the layer sees scale·(code - zp)."""
     if args.strategy != "token" or not args.dynamic:
         raise ValueError("only dynamic per-token activation quantization is supported")
-    absmax = x.abs().amax(-1, keepdim=True).to(torch.float32)
+    xf = x.to(torch.float32)
     if args.type == "float":
-        scale = (absmax / FP8_MAX).clamp_min(_EPS)
-        return ((x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32) * scale).to(x.dtype)
+        scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(_EPS)
+        return ((xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32) * scale).to(x.dtype)
     lo, hi = int_range(args.num_bits)
-    scale = (absmax / hi).clamp_min(_EPS)
-    return (torch.round(x / scale).clamp(lo, hi) * scale).to(x.dtype)
+    if args.symmetric:
+        scale = (xf.abs().amax(-1, keepdim=True) / hi).clamp_min(_EPS)
+        return (torch.round(xf / scale).clamp(lo, hi) * scale).to(x.dtype)
+    mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    scale = ((mx - mn) / (hi - lo)).clamp_min(_EPS)
+    zp = torch.round(lo - mn / scale)
+    codes = torch.round(xf * (1.0 / scale) + zp).clamp(lo, hi)
+    return ((codes - zp) * scale).to(x.dtype)
 
 
 class FakeQuantLinear(torch.nn.Module):

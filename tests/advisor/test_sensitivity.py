@@ -132,13 +132,13 @@ def test_recipe_rejects_a_dense_budget_that_is_not_a_share(budget):
         Recipe.from_yaml(text)
 
 
-def test_dense_budget_defaults_to_one_percent_where_activations_are_quantized(tiny_llama_dir):
+def test_dense_budget_defaults_to_two_percent_where_activations_are_quantized(tiny_llama_dir):
     from advisor.model import inspect_structure
     from advisor.targets import get_target
     from advisor.validate import plan
 
     structure = inspect_structure(tiny_llama_dir)
-    assert plan(structure, get_target("cpu"), "w8a8-int8", None).dense_budget == 0.01
+    assert plan(structure, get_target("cpu"), "w8a8-int8", None).dense_budget == 0.02
     assert plan(structure, get_target("a10g"), "w4a16", None).dense_budget == 0.0
     assert plan(structure, get_target("cpu"), "w8a8-int8", None, dense_budget=0.0).calibration is not None  # smoothing
 

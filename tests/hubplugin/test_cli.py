@@ -349,3 +349,26 @@ def test_predict_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes").mkdir()
     result = run("predict", str(tmp_path / "notes"), "--target", "a10g", "--store", str(tmp_path / "results.sqlite"))
     assert_one_line_error(result, "no config.json")
+
+
+def test_sigterm_mid_run_leaves_no_partial_checkpoint(tiny_llama_dir, tmp_path):
+    """A job runner stopping hubc (SIGTERM) gets the same clean unwinding as Ctrl-C: no output folder, no staging
+    folder, exit code 143."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hubplugin.cli", "optimize", str(tiny_llama_dir), "--target", "cpu",
+                             "--out", str(out), "--no-serve", "--eval-windows", "64", "--seq-len", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".o.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated"
+    assert not out.exists() and not list(tmp_path.glob(".o*"))

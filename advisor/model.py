@@ -32,6 +32,8 @@ class ModelStructure:
     """Linear layers left dense: the output head (shares the embedding when tied)."""
     num_parameters: int
     tied_embeddings: bool
+    context_length: int | None = None
+    """Longest sequence the model's positions cover (config `max_position_embeddings` or its older names)."""
 
 
 def load_config(path: Path):
@@ -80,7 +82,17 @@ def inspect_structure(path: Path) -> ModelStructure:
         skipped=tuple(skipped),
         num_parameters=sum(p.numel() for p in model.parameters()),
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        context_length=_context_length(config),
     )
+
+
+def _context_length(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model(path: Path, dtype=None):

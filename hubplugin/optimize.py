@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from advisor.errors import AdvisorError
 from advisor.evaluate import EvalConfig, Measurement, TextResult
 from advisor.recipe import Recipe
 from hubplugin.errors import HubcError, OutputExistsError
@@ -145,6 +146,11 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     from advisor.validate import check_recipe, plan
 
     structure = inspect_structure(source.path)
+    if structure.context_length and config.eval.seq_len > structure.context_length:
+        raise AdvisorError(f"--seq-len {config.eval.seq_len} is longer than the model's context "
+                           f"({structure.context_length} tokens)",
+                           hint=f"use --seq-len {min(512, structure.context_length)} or any value up to "
+                                f"{structure.context_length}")
     if config.recipe is not None:
         recipe = check_recipe(config.recipe, structure, target)
     else:

@@ -372,3 +372,9 @@ def test_sigterm_mid_run_leaves_no_partial_checkpoint(tiny_llama_dir, tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "terminated"
     assert not out.exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_evaluation_windows_longer_than_the_models_context_fail_before_any_work(tiny_llama_dir, tmp_path):
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--out", str(tmp_path / "o"), "--seq-len", "1024")
+    assert_one_line_error(result, "--seq-len 1024", "context (512 tokens)")
+    assert not (tmp_path / "o").exists()

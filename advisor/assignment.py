@@ -28,7 +28,8 @@ def _matches(key: str, name: str) -> bool:
 
 def module_schemes(recipe: Recipe, structure: ModelStructure) -> dict[str, Scheme | None]:
     """Every quantizable linear → its scheme (group size applied), or None when it stays dense."""
-    default = get_scheme(recipe.scheme).with_group_size(recipe.group_size)
+    symmetric = recipe.activations == "symmetric"
+    default = get_scheme(recipe.scheme).with_group_size(recipe.group_size).with_activations(symmetric)
     chosen: dict[str, Scheme | None] = {}
     used = set()
     exact = {k: v for k, v in recipe.overrides.items() if not k.startswith("re:")}
@@ -40,7 +41,8 @@ def module_schemes(recipe: Recipe, structure: ModelStructure) -> dict[str, Schem
             chosen[li.name] = default
             continue
         used.add(key)
-        chosen[li.name] = None if value == DENSE else get_scheme(value).with_group_size(recipe.group_size)
+        chosen[li.name] = None if value == DENSE else \
+            get_scheme(value).with_group_size(recipe.group_size).with_activations(symmetric)
     unused = [k for k in recipe.overrides if k not in used]
     if unused:
         raise ShapeError(f"recipe override '{unused[0]}' matches no quantizable linear layer of {structure.architecture}",

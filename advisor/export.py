@@ -32,7 +32,7 @@ class ExportResult:
 
 
 def scheme_of(recipe: Recipe) -> Scheme:
-    return get_scheme(recipe.scheme).with_group_size(recipe.group_size)
+    return get_scheme(recipe.scheme).with_group_size(recipe.group_size).with_activations(recipe.activations == "symmetric")
 
 
 def _group(scheme: Scheme, targets: list[str], with_format: bool) -> dict:

@@ -61,6 +61,19 @@ class Scheme:
             self.ct_format,
         )
 
+    def with_activations(self, symmetric: bool) -> Scheme:
+        """The scheme with its int8 activations quantized symmetrically, or asymmetrically (a per-token zero point:
+        each token's [min, max] gets all 256 steps)."""
+        acts = self.input_activations
+        if acts is None or acts.symmetric == symmetric:
+            return self
+        if acts.type != "int":
+            raise UnsupportedSchemeError(f"{self.name} quantizes activations to FP8, which has no zero point",
+                                         hint="use --activations symmetric with fp8")
+        return Scheme(self.name, self.description, self.weights,
+                      QuantArgs(acts.num_bits, acts.type, symmetric, acts.strategy, acts.group_size, acts.dynamic),
+                      self.ct_format)
+
     @property
     def weight_bits(self) -> int:
         return self.weights.num_bits

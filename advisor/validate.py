@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from advisor.errors import ShapeError
 from advisor.model import LinearInfo, ModelStructure
-from advisor.recipe import METHODS, Recipe
+from advisor.recipe import ACTIVATIONS, METHODS, Recipe
 from advisor.schemes import Scheme, get_scheme
 
 # Group sizes vLLM's GPU kernels (Marlin) take, largest first; 128 is the usual default when it divides.
@@ -58,7 +58,7 @@ def default_dense_budget(scheme: Scheme) -> float:
 def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
          smoothing: str | None = None, calibration: dict | None = None, method: str | None = "rtn",
          iterations: int | None = None, overrides: dict[str, str] | None = None,
-         dense_budget: float | None = None) -> Recipe:
+         dense_budget: float | None = None, activations: str = "symmetric") -> Recipe:
     """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix; `method` None
     takes default_method, `dense_budget` None default_dense_budget."""
     scheme = get_scheme(scheme_name or target.default_scheme)
@@ -76,6 +76,7 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
                                      "seq_len": 512})
         if smoothing != "none" or method != "rtn" or dense_budget > 0 else None,
         dense_budget=dense_budget,
+        activations=activations,
         target=target.name,
         method=method,
         iterations=iterations,
@@ -95,9 +96,15 @@ def check_recipe(recipe: Recipe, structure: ModelStructure, target) -> Recipe:
 
     if recipe.method not in METHODS:
         raise ShapeError(f"unknown method '{recipe.method}'", hint=f"use one of {', '.join(METHODS)}")
+    if recipe.activations not in ACTIVATIONS:
+        raise ShapeError(f"unknown activations '{recipe.activations}'", hint=f"use one of {', '.join(ACTIVATIONS)}")
     chosen = module_schemes(replace(recipe, group_size=None), structure)
     check_fused(chosen)
     schemes = used_schemes(chosen)
+    if recipe.activations == "asymmetric" and not any(
+            s.input_activations is not None and s.input_activations.type == "int" for s in schemes):
+        raise ShapeError(f"asymmetric activations apply to int8 activations; {recipe.scheme} has none",
+                         hint="drop --activations, or use --scheme w8a8-int8")
     for scheme in schemes:
         target.require_scheme(scheme.name)
         if recipe.method != "rtn" and scheme.weights.type != "int":

@@ -67,7 +67,8 @@ def card_context(result) -> dict:
     ctx = {
         "title": f"{base_name.split('/')[-1]} · {recipe.scheme} for {result.target}",
         "scheme": recipe.scheme,
-        "scheme_description": scheme.description,
+        "scheme_description": scheme.description.replace("(dynamic)", "(dynamic, asymmetric: a zero point per token)")
+        if recipe.activations == "asymmetric" else scheme.description,
         "base_name": base_name,
         "base_url": f"https://huggingface.co/{base_name}" if result.source.hub_id else base_name,
         "base_revision": result.source.revision,

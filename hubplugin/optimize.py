@@ -43,6 +43,8 @@ class OptimizeConfig:
     dense_budget: float | None = None
     """Share of the linear weights kept dense, the most costly to quantize first; default:
     advisor.validate.default_dense_budget (2% where activations are quantized, else 0)."""
+    activations: str = "symmetric"
+    """int8 activations per token: `symmetric` or `asymmetric` (advisor.recipe.Recipe.activations)."""
     out: Path | None = None
     """Output folder; default ./<model>-<scheme>-<target>."""
     overwrite: bool = False
@@ -155,7 +157,8 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
         recipe = check_recipe(config.recipe, structure, target)
     else:
         recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing,
-                      method=config.method, iterations=config.iterations, dense_budget=config.dense_budget)
+                      method=config.method, iterations=config.iterations, dense_budget=config.dense_budget,
+                      activations=config.activations)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

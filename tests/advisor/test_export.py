@@ -217,3 +217,17 @@ def test_mixed_precision_recipe_errors_name_the_module_and_fix(tiny_llama_dir, o
     structure = inspect_structure(tiny_llama_dir)
     with pytest.raises(AdvisorError, match=match):
         plan(structure, get_target("h100"), "w4a16", None, overrides=overrides)
+
+
+@pytest.mark.parametrize("target", ["cpu", "l4"])
+def test_asymmetric_activations_reach_vllms_int8_scheme(tiny_llama_dir, vllm_scheme_of, target):
+    """vLLM takes a per-token zero point for int8 activations (CPU oneDNN, CUDA CUTLASS): the exported config must
+    select its W8A8 int8 scheme with asymmetric input quantization."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+
+    recipe = plan(inspect_structure(tiny_llama_dir), get_target(target, flags=AVX512_VNNI), "w8a8-int8", None,
+                  activations="asymmetric")
+    qcfg = quantization_config(recipe)
+    assert vllm_scheme_of(qcfg, "model.layers.0.mlp.down_proj") == "CompressedTensorsW8A8Int8"
+    groups = CompressedTensorsConfig.from_config(qcfg).target_scheme_map.values()
+    assert {g["input_activations"].symmetric for g in groups} == {False}

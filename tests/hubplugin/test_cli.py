@@ -378,3 +378,20 @@ def test_evaluation_windows_longer_than_the_models_context_fail_before_any_work(
     result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--out", str(tmp_path / "o"), "--seq-len", "1024")
     assert_one_line_error(result, "--seq-len 1024", "context (512 tokens)")
     assert not (tmp_path / "o").exists()
+
+
+def test_asymmetric_activations_are_exported_carded_and_refused_where_they_do_not_apply(tiny_llama_dir, tmp_path):
+    out = tmp_path / "o"
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--out", str(out), "--activations", "asymmetric",
+                 "--no-serve", *SMALL_EVAL)
+    assert result.exit_code == 0, result.output
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {g["input_activations"]["symmetric"] for g in groups.values()} == {False}
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["activations"] == "asymmetric"
+    assert "a zero point per token" in (out / "README.md").read_text()
+
+    for scheme, fragment in (("fp8", "no zero point"), ("w8a16", "w8a16 has none")):
+        bad = run("optimize", str(tiny_llama_dir), "--target", "a10g", "--scheme", scheme, "--out",
+                  str(tmp_path / scheme), "--activations", "asymmetric")
+        assert_one_line_error(bad, fragment)
+        assert not (tmp_path / scheme).exists()

@@ -223,7 +223,9 @@ def test_mixed_precision_recipe_errors_name_the_module_and_fix(tiny_llama_dir, o
 def test_asymmetric_activations_reach_vllms_int8_scheme(tiny_llama_dir, vllm_scheme_of, target):
     """vLLM takes a per-token zero point for int8 activations (CPU oneDNN, CUDA CUTLASS): the exported config must
     select its W8A8 int8 scheme with asymmetric input quantization."""
-    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
 
     recipe = plan(inspect_structure(tiny_llama_dir), get_target(target, flags=AVX512_VNNI), "w8a8-int8", None,
                   activations="asymmetric")

@@ -31,8 +31,9 @@ class EvalConfig:
     """Names of texts shipped with hubc (wikitext2-test, licenses) or paths to UTF-8 text files."""
     seq_len: int = 512
     """Tokens per window (each window is scored independently, teacher-forced)."""
-    windows: int = 4
-    """Windows per text, taken from its start."""
+    windows: int = 16
+    """Windows per text, taken from its start. 4 are too few to judge a 1% change: on the demo model's W8A8 variant
+    licenses.txt was served at +1.08% and evaluated at +0.60% on 4 windows, +0.59% and +0.58% on 40."""
 
 
 @dataclass

@@ -87,6 +87,8 @@ class Row:
     """Learned-rounding steps per decoder layer when not the settings' `autoround_iters` (hubc rows)."""
     dense_budget: float = 0.0
     """Share of the linear weights hubc keeps dense, the costliest to quantize first (hubc rows)."""
+    activations: str = "symmetric"
+    """hubc's int8 activation quantization per token: symmetric or asymmetric (a zero point per token)."""
 
     @property
     def tool(self) -> str:
@@ -110,7 +112,7 @@ class Row:
         """What the row's cache key hashes: its fields, the seed and step count only where not the default (so rows
         measured before these fields existed keep their key)."""
         fields = dataclasses.asdict(self)
-        for name in ("seed", "iterations", "dense_budget"):
+        for name in ("seed", "iterations", "dense_budget", "activations"):
             if fields[name] == getattr(Row, name):
                 del fields[name]
         return fields
@@ -155,6 +157,13 @@ ROWS = [
         scheme="w8a8-int8", smoothing="search", dense_budget=0.01),
     Row("hubc/fp8/smoothed+dense1", "FP8 dynamic, smoothing search + rtn, costliest 1% of weights dense", 8,
         scheme="fp8", smoothing="search", dense_budget=0.01),
+    Row("hubc/w8a8-int8/smoothed+dense2", "W8A8 int8, smoothing search + rtn, costliest 2% of weights dense", 8,
+        scheme="w8a8-int8", smoothing="search", dense_budget=0.02),
+    Row("hubc/fp8/smoothed+dense2", "FP8 dynamic, smoothing search + rtn, costliest 2% of weights dense", 8,
+        scheme="fp8", smoothing="search", dense_budget=0.02),
+    Row("hubc/w8a8-int8/asym+smoothed+dense2",
+        "W8A8 int8, asymmetric activations, smoothing search + rtn, costliest 2% of weights dense", 8,
+        scheme="w8a8-int8", smoothing="search", dense_budget=0.02, activations="asymmetric"),
 ]
 
 
@@ -340,7 +349,7 @@ def quantize_hubc(row: Row, model_path: Path, structure, tokenizer, settings: Se
                     group_size=GROUP_SIZE if get_scheme(row.scheme).grouped else None, smoothing=row.smoothing,
                     calibration={"text": "wikitext2-valid", "windows": settings.calib_windows,
                                  "seq_len": settings.seq_len} if calibrated else None,
-                    dense_budget=row.dense_budget, ignore=list(structure.skipped))
+                    dense_budget=row.dense_budget, activations=row.activations, ignore=list(structure.skipped))
     model = load_model(model_path)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -602,9 +611,11 @@ def render(rows: list[Row], records: dict, status: dict, base: dict, settings: S
         ("- 8- and 3-bit weight-only rows use benchmark-only schemes (w4a16 with 8 or 3 bits per code); 3-bit is "
         "exported as pack-quantized with num_bits 3, which vLLM does not serve, and read back the same way."),
         "- hubc int8 rows use unconstrained codes like llm-compressor's (no int8 pair limit: they are built for this AVX-512 VNNI CPU).",
-        ("- Rows with the costliest 1% of weights dense keep the linears with the highest estimated quantization cost "
-        "per parameter unquantized (advisor.sensitivity, measured on 8 of the calibration windows after smoothing; "
-        "on this model layer 0's down_proj); that time is in the row's time. Δppl differences below about half a "
+        ("- Rows with the costliest 1% or 2% of weights dense keep the linears with the highest estimated quantization "
+        "cost per parameter unquantized (advisor.sensitivity, measured on 8 of the calibration windows after "
+        "smoothing; at 1% on this model layer 0's down_proj); that time is in the row's time. Asymmetric activations "
+        "quantize each token's [min, max] with a zero point, as vLLM's int8 kernels do for "
+        "`symmetric: false`. Δppl differences below about half a "
         "point move with the calibration amount while KL does not (the smoothed W8A8 row with 16 calibration windows, "
         "`hubc optimize`'s default, is evaluated at +0.30% / +0.72% with KL 0.0090 / 0.0159): compare KL first."),
         ("- The demo model was distributed as GGUF Q4_1 (asymmetric 4-bit, blocks of 32): its weights already sit on a "

@@ -44,8 +44,9 @@ class Recipe:
     activations: str = "symmetric"
     """How int8 activations are quantized per token: `symmetric` ([-absmax, absmax]) or `asymmetric` (each token's
     [min, max] with a zero point, which vLLM's int8 kernels take on CPU and CUDA). Asymmetric measured on the demo
-    model (W8A8 smoothed, 2% dense, six texts): KL to the base 8-20% lower and top-1 agreement higher on every text,
-    yet perplexity rises more on every text (+0.44% to +1.25% vs +0.04% to +0.72%)."""
+    model (W8A8 smoothed, 2% dense): KL to the base 7-20% lower and top-1 agreement higher on each of six texts; its
+    perplexity rose more than symmetric's on all six with 16 calibration windows, less on both texts of
+    benchmarks/quant_compare with 64 (README.md has the numbers)."""
     dense_budget: float = 0.0
     """Share of the linear weights (by parameter count) that may stay dense: the linears whose quantization costs
     the most loss per parameter, measured on calibration text (advisor.sensitivity), are added to `overrides` as

@@ -26,10 +26,15 @@ def _matches(key: str, name: str) -> bool:
     return re.fullmatch(key[3:], name) is not None if key.startswith("re:") else key == name
 
 
+def scheme_of(recipe: Recipe, name: str | None = None) -> Scheme:
+    """The recipe's scheme (or the scheme `name` from its overrides) with the recipe's group size and activations."""
+    scheme = get_scheme(name or recipe.scheme).with_group_size(recipe.group_size)
+    return scheme.with_activations(recipe.activations == "symmetric")
+
+
 def module_schemes(recipe: Recipe, structure: ModelStructure) -> dict[str, Scheme | None]:
     """Every quantizable linear → its scheme (group size applied), or None when it stays dense."""
-    symmetric = recipe.activations == "symmetric"
-    default = get_scheme(recipe.scheme).with_group_size(recipe.group_size).with_activations(symmetric)
+    default = scheme_of(recipe)
     chosen: dict[str, Scheme | None] = {}
     used = set()
     exact = {k: v for k, v in recipe.overrides.items() if not k.startswith("re:")}
@@ -41,8 +46,7 @@ def module_schemes(recipe: Recipe, structure: ModelStructure) -> dict[str, Schem
             chosen[li.name] = default
             continue
         used.add(key)
-        chosen[li.name] = None if value == DENSE else \
-            get_scheme(value).with_group_size(recipe.group_size).with_activations(symmetric)
+        chosen[li.name] = None if value == DENSE else scheme_of(recipe, value)
     unused = [k for k in recipe.overrides if k not in used]
     if unused:
         raise ShapeError(f"recipe override '{unused[0]}' matches no quantizable linear layer of {structure.architecture}",

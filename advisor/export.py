@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from advisor.assignment import scheme_of
 from advisor.errors import AdvisorError
 from advisor.model import ModelStructure
 from advisor.quantize.rtn import FakeQuantLinear, QuantizedWeight, pair_sums, quantize_weight
 from advisor.recipe import Recipe
-from advisor.schemes import QuantArgs, Scheme, get_scheme
+from advisor.schemes import QuantArgs, Scheme
 
 MAX_SHARD = "4GB"
 
@@ -29,10 +30,6 @@ class ExportResult:
     weight_bytes: int
     """Bytes of all safetensors files written."""
     quantized_modules: int
-
-
-def scheme_of(recipe: Recipe) -> Scheme:
-    return get_scheme(recipe.scheme).with_group_size(recipe.group_size).with_activations(recipe.activations == "symmetric")
 
 
 def _group(scheme: Scheme, targets: list[str], with_format: bool) -> dict:

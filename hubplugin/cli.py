@@ -126,7 +126,8 @@ def _target_dict(t) -> dict:
                    "(measured on calibration text) first. Default: 0.02 for w8a8-int8/fp8, 0 for weight-only")
 @click.option("--activations", type=click.Choice(["symmetric", "asymmetric"]),
               help="int8 activations per token: symmetric (default) or asymmetric, a zero point per token: closer "
-                   "to the base by KL and top-1 agreement, though perplexity measured higher on the demo model")
+                   "to the base by KL and top-1 agreement on the demo model; its perplexity change varied with the "
+                   "calibration setting (README)")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False),
               help="recipe YAML to apply (e.g. per-module mixed precision) instead of --scheme/--method/...")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")

@@ -8,7 +8,6 @@ over regexes, as in vLLM's target matching. vLLM fuses some sibling linears into
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from typing import NamedTuple
 
 from advisor.errors import ShapeError
@@ -54,22 +53,37 @@ def module_schemes(recipe: Recipe, structure: ModelStructure) -> dict[str, Schem
     return chosen
 
 
+def fused_units(names: list[str]) -> list[list[str]]:
+    """Linears that must share a scheme (vLLM fuses them) form one unit, in sibling order; every other linear is
+    its own."""
+    units, seen = [], set()
+    present = set(names)
+    for name in names:
+        if name in seen:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        unit = [name]
+        for siblings in FUSED_SIBLINGS:
+            if leaf in siblings:
+                full = [f"{parent}.{s}" if parent else s for s in siblings]
+                unit = [n for n in full if n in present]
+        seen.update(unit)
+        units.append(unit)
+    return units
+
+
 def check_fused(chosen: dict[str, Scheme | None]) -> None:
     """Refuse assignments that give siblings vLLM fuses into one layer different schemes."""
-    by_parent: dict[str, dict[str, Scheme | None]] = defaultdict(dict)
-    for name, scheme in chosen.items():
-        parent, _, leaf = name.rpartition(".")
-        by_parent[parent][leaf] = scheme
-    for parent, leaves in by_parent.items():
-        for siblings in FUSED_SIBLINGS:
-            present = [s for s in siblings if s in leaves]
-            kinds = {leaves[s].name if leaves[s] else DENSE for s in present}
-            if len(kinds) > 1:
-                names = ", ".join(f"{parent}.{s}={leaves[s].name if leaves[s] else DENSE}" for s in present)
-                raise ShapeError(
-                    f"vLLM fuses {'/'.join(present)} into one layer, so they need one scheme ({names})",
-                    hint=f"give {parent}.{{{','.join(present)}}} the same scheme in the recipe overrides",
-                )
+    for unit in fused_units(list(chosen)):
+        kinds = {chosen[n].name if chosen[n] else DENSE for n in unit}
+        if len(kinds) > 1:
+            parent = unit[0].rpartition(".")[0]
+            leaves = [n.rpartition(".")[2] for n in unit]
+            names = ", ".join(f"{n}={chosen[n].name if chosen[n] else DENSE}" for n in unit)
+            raise ShapeError(
+                f"vLLM fuses {'/'.join(leaves)} into one layer, so they need one scheme ({names})",
+                hint=f"give {parent}.{{{','.join(leaves)}}} the same scheme in the recipe overrides",
+            )
 
 
 def pair_limit(scheme: Scheme, pair_sum: int | None) -> int | None:

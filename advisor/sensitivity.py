@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from advisor.assignment import FUSED_SIBLINGS, pair_limit
+from advisor.assignment import fused_units, pair_limit
 from advisor.quantize.rtn import fake_quantize_activations, quantize_weight
 from advisor.schemes import Scheme
 
@@ -84,30 +84,12 @@ def quantization_costs(model, schemes: dict[str, Scheme | None], windows: list[l
     return {n: LayerCost(n, totals[n] / max(tokens, 1), modules[n].weight.numel()) for n in wanted}
 
 
-def _fused_units(names: list[str]) -> list[list[str]]:
-    """Linears that must share a scheme (vLLM fuses them) form one unit; every other linear is its own."""
-    units, seen = [], set()
-    present = set(names)
-    for name in names:
-        if name in seen:
-            continue
-        parent, _, leaf = name.rpartition(".")
-        unit = [name]
-        for siblings in FUSED_SIBLINGS:
-            if leaf in siblings:
-                full = [f"{parent}.{s}" if parent else s for s in siblings]
-                unit = [n for n in full if n in present]
-        seen.update(unit)
-        units.append(unit)
-    return units
-
-
 def choose_dense(costs: dict[str, LayerCost], budget: float, already_dense_params: int = 0) -> list[str]:
     """The linears to keep dense: the highest cost per parameter first (fused siblings together), while the dense
     weights stay within `budget` (a share of all linear weights, counting those already dense)."""
     total = sum(c.params for c in costs.values()) + already_dense_params
     allowed = budget * total - already_dense_params
-    units = _fused_units(list(costs))
+    units = fused_units(list(costs))
     units.sort(key=lambda u: sum(costs[n].cost for n in u) / sum(costs[n].params for n in u), reverse=True)
     chosen = []
     for unit in units:

@@ -111,8 +111,9 @@ def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer
 
 def keep_sensitive_dense(model, structure: ModelStructure, recipe: Recipe, tokenizer,
                          report: CompressReport | None = None) -> Recipe:
-    """The recipe with its most costly linears added to `overrides` as dense, within `recipe.dense_budget`
-    (measured on the model as transformed, so after smoothing); the layers already dense count against the budget."""
+    """The recipe with its most costly linears added to `overrides` as `recipe.budget_scheme` (dense, or a scheme
+    with more bits), within `recipe.dense_budget` (measured on the model as transformed, so after smoothing); the
+    layers already dense or at the budget's scheme count against the budget."""
     if recipe.dense_budget <= 0:
         return recipe
     from dataclasses import replace
@@ -131,11 +132,13 @@ def keep_sensitive_dense(model, structure: ModelStructure, recipe: Recipe, token
     pair_sum = recipe.int8_pair_sum if recipe.method == "rtn" else None
     costs = quantization_costs(model, chosen, windows, pair_sum)
     sizes = {li.name: li.in_features * li.out_features for li in structure.linears}
-    already = sum(sizes[n] for n, s in chosen.items() if s is None)
+    protected = None if recipe.budget_scheme == DENSE else recipe.budget_scheme
+    already = sum(sizes[n] for n, s in chosen.items() if (s.name if s else None) == protected)
+    costs = {n: c for n, c in costs.items() if (chosen[n].name if chosen[n] else None) != protected}
     keep = choose_dense(costs, recipe.dense_budget, already)
     if report is not None:
         report.quantization_cost = sum(c.cost for c in costs.values())
         report.kept_dense = {n: costs[n].cost for n in keep}
     if not keep:
         return recipe
-    return replace(recipe, overrides={**recipe.overrides, **dict.fromkeys(keep, DENSE)})
+    return replace(recipe, overrides={**recipe.overrides, **dict.fromkeys(keep, recipe.budget_scheme)})

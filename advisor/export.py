@@ -75,10 +75,18 @@ def quantization_config(recipe: Recipe, chosen: dict[str, Scheme | None] | None 
     return config.model_dump(exclude_none=False, mode="json")
 
 
-def _compressed_tensors(qw: QuantizedWeight, scheme: Scheme) -> dict[str, torch.Tensor]:
+def scale_dtype(scheme: Scheme, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype vLLM holds a scheme's weight scales in: float32 for the int8/FP8 GEMMs (their per-channel scales),
+    the model's dtype for weight-only kernels (Marlin, CPU WNA16), so the checkpoint stores what is computed with."""
+    if scheme.input_activations is not None or dtype is None:
+        return torch.float32
+    return dtype
+
+
+def _compressed_tensors(qw: QuantizedWeight, scheme: Scheme, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors import pack_to_int32
 
-    out: dict[str, torch.Tensor] = {"weight_scale": qw.scale.to(torch.float32).contiguous()}
+    out: dict[str, torch.Tensor] = {"weight_scale": qw.scale.to(scale_dtype(scheme, dtype)).contiguous()}
     if scheme.ct_format == "pack-quantized":
         out["weight_packed"] = pack_to_int32(qw.codes, scheme.weights.num_bits)
         out["weight_shape"] = torch.tensor(qw.codes.shape)
@@ -92,11 +100,14 @@ def _compressed_tensors(qw: QuantizedWeight, scheme: Scheme) -> dict[str, torch.
 
 
 def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: Path,
-                        quantized: dict[str, QuantizedWeight] | None = None) -> ExportResult:
+                        quantized: dict[str, QuantizedWeight] | None = None,
+                        dtype: torch.dtype | None = None) -> ExportResult:
     """Quantize every linear of `structure` under `recipe` and write a compressed-tensors checkpoint to `out`
     (which must exist and be empty; the caller moves it into place once everything else is written).
 
-    `quantized` holds weights a calibrated method already quantized; the others are rounded to nearest here."""
+    `quantized` holds weights a calibrated method already quantized; the others are rounded to nearest here.
+    `dtype` is the checkpoint's: the unquantized tensors (embeddings, norms, dense linears, the head) and the scales
+    of weight-only schemes are written in it, and config.json names it; None keeps the model's own."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -122,9 +133,16 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
             raise AdvisorError(f"{info.name}: int8 codes exceed the target's pair limit {pair_sum}",
                                hint="report this as a hubc bug; --method rtn is not affected")
         del state[f"{info.name}.weight"]
-        for suffix, tensor in _compressed_tensors(qw, scheme).items():
+        for suffix, tensor in _compressed_tensors(qw, scheme, dtype).items():
             state[f"{info.name}.{suffix}"] = tensor
-    state = {k: v.detach().contiguous() for k, v in state.items()}
+    written = set()
+    for name, scheme in chosen.items():
+        if scheme is not None:
+            written.update(f"{name}.{s}" for s in ("weight_scale", "weight_zero_point", "weight_packed", "weight_shape"))
+            if scheme.ct_format != "pack-quantized":
+                written.add(f"{name}.weight")
+    state = {k: (v.to(dtype) if dtype is not None and k not in written and v.is_floating_point() else v).detach().contiguous()
+             for k, v in state.items()}
 
     split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD)
     total = 0
@@ -136,6 +154,9 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     config = model.config.to_dict()
+    if dtype is not None:
+        # Both spellings: transformers 5 reads `dtype`, older readers (and other tools) `torch_dtype`.
+        config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = quantization_config(recipe, chosen)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return ExportResult(out, total, sum(c is not None for c in chosen.values()))

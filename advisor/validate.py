@@ -38,6 +38,10 @@ def check_group_size(structure: ModelStructure, group_size: int, linears: list[L
             )
 
 
+# Share of the linear weights a 4-bit recipe keeps at 8 bits by default, where the target serves w8a16.
+LOW_BIT_BUDGET = 0.1
+
+
 def default_method(scheme: Scheme, target) -> str:
     """Round to nearest, except for int8 GEMMs under a pair limit (CPUs without VNNI): there learned rounding is
     served within 1% of the base and round-to-nearest is not (benchmarks/results/w8a8_cpu_isa.md)."""
@@ -45,25 +49,34 @@ def default_method(scheme: Scheme, target) -> str:
     return "autoround" if int8_gemm and target.int8_pair_sum is not None else "rtn"
 
 
-def default_dense_budget(scheme: Scheme) -> float:
+def default_dense_budget(scheme: Scheme, target=None) -> tuple[float, str]:
     """2% of the weights stay dense where activations are quantized (W8A8, FP8): there the loss concentrates in a
     few layers and keeping them costs little memory; weight-only schemes quantize every linear. Measured on the
     demo model (W8A8 smoothed, 16×512 tokens of six texts: wikitext-2, licenses, Node.js docs, Python source, Rust
     release notes, Vim manual): KL to the base 0.0089-0.0169 with no layer dense, 0.0081-0.0134 at 1% (layer 0's
     down_proj), 0.0074-0.0133 at 2% (+6.3 MB, three layers), 0.0068-0.0119 at 4% (+12 MB); Δppl at 2% at most
-    +0.72% on every text, against +1.23% at 1%."""
-    return 0.02 if scheme.input_activations is not None else 0.0
+    +0.72% on every text, against +1.23% at 1%.
+
+    Returns (share, what the share gets: `dense` or a scheme id)."""
+    if scheme.input_activations is not None:
+        return 0.02, "dense"
+    if scheme.weights.num_bits <= 4 and target is not None and target.supports("w8a16"):
+        return LOW_BIT_BUDGET, "w8a16"
+    return 0.0, "dense"
 
 
 def plan(structure: ModelStructure, target, scheme_name: str | None, group_size: int | None,
          smoothing: str | None = None, calibration: dict | None = None, method: str | None = "rtn",
          iterations: int | None = None, overrides: dict[str, str] | None = None,
-         dense_budget: float | None = None, activations: str = "symmetric") -> Recipe:
+         dense_budget: float | None = None, activations: str = "symmetric",
+         budget_scheme: str | None = None) -> Recipe:
     """Turn the user's choices into a recipe the target serves, or fail in seconds with the fix; `method` None
-    takes default_method, `dense_budget` None default_dense_budget."""
+    takes default_method, `dense_budget` / `budget_scheme` None default_dense_budget."""
     scheme = get_scheme(scheme_name or target.default_scheme)
     method = method or default_method(scheme, target)
-    dense_budget = default_dense_budget(scheme) if dense_budget is None else dense_budget
+    default_share, default_raised = default_dense_budget(scheme, target)
+    dense_budget = default_share if dense_budget is None else dense_budget
+    budget_scheme = budget_scheme or (default_raised if dense_budget > 0 else "dense")
     if method not in METHODS:
         raise ShapeError(f"unknown method '{method}'", hint=f"use one of {', '.join(METHODS)}")
     if smoothing is None:
@@ -76,6 +89,7 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
                                      "seq_len": 512})
         if smoothing != "none" or method != "rtn" or dense_budget > 0 else None,
         dense_budget=dense_budget,
+        budget_scheme=budget_scheme,
         activations=activations,
         target=target.name,
         method=method,
@@ -120,6 +134,17 @@ def check_recipe(recipe: Recipe, structure: ModelStructure, target) -> Recipe:
     elif group_size is not None:
         raise ShapeError(f"scheme {recipe.scheme} quantizes per channel; --group-size does not apply",
                          hint="drop --group-size, or use w4a16")
+    if recipe.budget_scheme != "dense" and recipe.dense_budget > 0:
+        from advisor.schemes import SCHEMES
+
+        if recipe.budget_scheme not in SCHEMES:
+            raise ShapeError(f"unknown budget scheme '{recipe.budget_scheme}'",
+                             hint=f"use dense or one of {', '.join(SCHEMES)}")
+        raised = get_scheme(recipe.budget_scheme)
+        if raised.weights.num_bits <= get_scheme(recipe.scheme).weights.num_bits:
+            raise ShapeError(f"budget scheme {recipe.budget_scheme} has no more bits than {recipe.scheme}",
+                             hint="use --budget-scheme dense, or one with more bits (e.g. w8a16 for w4a16)")
+        target.require_scheme(raised.name)
     if not 0 <= recipe.dense_budget < 1:
         raise ShapeError(f"dense budget {recipe.dense_budget} is not a share of the weights",
                          hint="use a value from 0 (quantize every linear) to below 1, e.g. --dense-budget 0.02")

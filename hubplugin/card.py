@@ -79,6 +79,10 @@ def card_context(result) -> dict:
         "size_before": _size(result.size_before),
         "size_after": _size(result.size_after),
         "size_ratio": f"{result.size_after / result.size_before:.0%}",
+        "checkpoint_dtype": result.checkpoint_dtype,
+        "size_original": _size(result.size_original) if result.size_original else None,
+        "size_original_ratio": f"{result.size_after / result.size_original:.0%}" if result.size_original else None,
+        "gate_text": _gate_text(result),
         "quantized_modules": result.quantized_modules,
         "method_text": _method_text(result),
         "ignore_text": ", ".join(f"`{m}`" for m in recipe.ignore) or "none",
@@ -162,6 +166,16 @@ def _bits(recipe) -> int:
     from advisor.schemes import get_scheme
 
     return get_scheme(recipe.scheme).weights.num_bits
+
+
+def _gate_text(result) -> str | None:
+    gate = result.gate
+    if not gate or gate.get("worst") is None:
+        return None
+    w = gate["worst"]
+    verdict = "passes" if gate["passed"] else "**fails**"
+    return (f"Quality gate: this variant {verdict} hubc's gate of at most {gate['threshold']:+.0%} perplexity over "
+            f"the base on every evaluation text (largest: {w['increase']:+.2%} on {w['text']}, {w['engine']}).")
 
 
 def _method_text(result) -> str:

@@ -124,6 +124,8 @@ def _target_dict(t) -> dict:
 @click.option("--dense-budget", type=click.FloatRange(min=0, max=1, max_open=True),
               help="share of the linear weights left unquantized, the layers whose quantization costs the most loss "
                    "(measured on calibration text) first. Default: 0.02 for w8a8-int8/fp8, 0 for weight-only")
+@click.option("--budget-scheme", help="what the --dense-budget layers get: dense, or a scheme with more bits "
+                                      "(e.g. w8a16 under w4a16). Default: dense, w8a16 for w4a16 on GPUs")
 @click.option("--activations", type=click.Choice(["symmetric", "asymmetric"]),
               help="int8 activations per token: symmetric (default) or asymmetric, a zero point per token: closer "
                    "to the base by KL and top-1 agreement on the demo model; its perplexity change varied with the "
@@ -136,6 +138,11 @@ def _target_dict(t) -> dict:
 @click.option("--private", is_flag=True, help="create the pushed repo as private")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL")
 @click.option("--no-serve", is_flag=True, help="skip the vLLM serving check and latency measurement")
+@click.option("--max-ppl-increase", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="quality gate: a variant whose perplexity on any evaluation text (evaluated or served) rises more "
+                   "than this share over the base is flagged in the summary and card, and --push refuses it")
+@click.option("--accept-quality-loss", is_flag=True,
+              help="push a variant even when it fails the --max-ppl-increase gate (it stays flagged in its card)")
 @click.option("--eval-text", "eval_texts", multiple=True,
               help="evaluation text: wikitext2-test, licenses or a file path (repeatable; default both shipped texts)")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=16, show_default=True,
@@ -143,8 +150,9 @@ def _target_dict(t) -> dict:
                    "Δppl as +1.08% where 40 read +0.59%)")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
-def optimize(model, target, scheme, group_size, method, iterations, smoothing, dense_budget, activations, recipe_file, out, overwrite, push_repo, private, revision, no_serve, eval_texts,
-             eval_windows, seq_len, fmt) -> None:
+def optimize(model, target, scheme, group_size, method, iterations, smoothing, dense_budget, budget_scheme, activations,
+             recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
+             eval_texts, eval_windows, seq_len, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
     def body():
@@ -157,12 +165,13 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
         if recipe_file is not None:
             recipe = _read_recipe(recipe_file, scheme=scheme, group_size=group_size, method=method,
                                   iterations=iterations, smoothing=smoothing, dense_budget=dense_budget,
-                                  activations=activations)
+                                  budget_scheme=budget_scheme, activations=activations)
         config = OptimizeConfig(
             recipe=recipe,
             scheme=scheme, group_size=group_size, method=method, iterations=iterations, smoothing=smoothing,
-            dense_budget=dense_budget, activations=activations or "symmetric", out=out, overwrite=overwrite, push=push_repo, private=private,
-            serve=not no_serve, revision=revision,
+            dense_budget=dense_budget, budget_scheme=budget_scheme, activations=activations or "symmetric", out=out,
+            overwrite=overwrite, push=push_repo, private=private, serve=not no_serve, revision=revision,
+            max_ppl_increase=max_ppl_increase, accept_quality_loss=accept_quality_loss,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
         )
         result = run(model, target, config, progress=lambda s: click.echo(f"» {s}", err=True))
@@ -170,6 +179,12 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
             click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         else:
             summary(result)
+        if result.push_refused:
+            from hubplugin.errors import QualityGateError
+
+            raise QualityGateError(result.push_refused,
+                                   hint=f"the checkpoint is complete at {result.out}; to publish it anyway: "
+                                        f"hubc push {result.out} {push_repo} --accept-quality-loss")
 
     _run(body)
 
@@ -201,12 +216,22 @@ def _read_recipe(path: Path, **flags):
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="create the repo as private")
 @click.option("--message", default=None, help="commit message")
-def push(folder, repo_id, private, message) -> None:
+@click.option("--accept-quality-loss", is_flag=True,
+              help="push even though `hubc optimize` flagged the variant for failing its quality gate")
+def push(folder, repo_id, private, message, accept_quality_loss) -> None:
     """Push a checkpoint folder made by `hubc optimize` to REPO_ID on the Hub, in one commit."""
 
     def body():
         from hubplugin import hub
         from hubplugin.card import refresh_bench_section
+        from hubplugin.optimize import failed_gate
+
+        failed = failed_gate(folder)
+        if failed and not accept_quality_loss:
+            from hubplugin.errors import QualityGateError
+
+            raise QualityGateError(f"not pushed: {failed}",
+                                   hint=f"publish it anyway with hubc push {folder} {repo_id} --accept-quality-loss")
 
         runs = refresh_bench_section(folder)
         if runs:

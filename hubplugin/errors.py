@@ -27,3 +27,7 @@ class OutputExistsError(HubcError):
 
 class PushError(HubcError):
     """Pushing to the Hub failed; nothing was committed."""
+
+
+class QualityGateError(HubcError):
+    """The variant lost more quality than the gate allows, so it was not pushed (the local checkpoint is kept)."""

@@ -43,6 +43,8 @@ class OptimizeConfig:
     dense_budget: float | None = None
     """Share of the linear weights kept dense, the most costly to quantize first; default:
     advisor.validate.default_dense_budget (2% where activations are quantized, else 0)."""
+    budget_scheme: str | None = None
+    """What the dense budget's linears get: `dense` or a scheme with more bits; default: advisor.validate."""
     activations: str = "symmetric"
     """int8 activations per token: `symmetric` or `asymmetric` (advisor.recipe.Recipe.activations)."""
     out: Path | None = None
@@ -52,6 +54,10 @@ class OptimizeConfig:
     push: str | None = None
     """Hub repo id to push the variant to, in one commit."""
     private: bool = False
+    max_ppl_increase: float = 0.05
+    """Quality gate: a perplexity rise over the base beyond this share, on any text (evaluated or served), is
+    flagged, and the variant is not pushed unless `accept_quality_loss`."""
+    accept_quality_loss: bool = False
     serve: bool = True
     """Serve base and variant with vLLM and measure served quality and latency (targets this machine runs)."""
     revision: str | None = None
@@ -85,9 +91,14 @@ class OptimizeResult:
     recipe: Recipe
     out: Path
     size_before: int
+    """Bytes of the base's weights in the checkpoint dtype (what a user would otherwise deploy on the target)."""
     size_after: int
     quantized_modules: int
     quality: list[TextResult]
+    checkpoint_dtype: str = "bfloat16"
+    """The dtype of the variant's unquantized tensors (and of the base size it is compared with)."""
+    size_original: int | None = None
+    """Bytes of the base's weight files as given, when they are in another dtype (e.g. float32 from a GGUF)."""
     transforms: dict = field(default_factory=dict)
     """What the pre-quantization transforms did (smoothing groups, chosen strengths, calibration tokens)."""
     latency: LatencyPair | None = None
@@ -96,9 +107,15 @@ class OptimizeResult:
     """A greedy text completion from the served variant: proof it generates text."""
     not_served_reason: str | None = None
     flags: list[str] = field(default_factory=list)
+    push_refused: str | None = None
+    """Why the variant was not pushed although --push was given (the quality gate)."""
     push_url: str | None = None
     push_commit: str | None = None
     seconds: float = 0.0
+    gate: dict | None = None
+    """The quality gate: {threshold, passed, worst: {text, engine, increase}, failures: [...]}."""
+    timings: dict = field(default_factory=dict)
+    """Seconds per step of the run (load, transforms, dense budget, quantization, export, evaluation, serving)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -113,8 +130,35 @@ def default_out(source: ModelSource, scheme: str, target: str) -> Path:
     return Path.cwd() / f"{name}-{scheme}-{target}"
 
 
-def _weights_size(path: Path) -> int:
+def weights_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def weights_size_in(path: Path, dtype: str) -> int:
+    """Bytes of the safetensors weights in `path` with every floating-point tensor stored in `dtype` (read from the
+    files' headers; integer tensors keep their size), plus the headers as they are."""
+    import struct
+
+    bits = {"float32": 32, "float16": 16, "bfloat16": 16}[dtype]
+    floats = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if info["dtype"] in floats:
+                count = 1
+                for d in info["shape"]:
+                    count *= d
+                total += count * bits // 8
+            else:
+                total += end - start
+    return total
 
 
 def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Callable[[str], None] = lambda s: None) -> OptimizeResult:
@@ -158,12 +202,15 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     else:
         recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing,
                       method=config.method, iterations=config.iterations, dense_budget=config.dense_budget,
-                      activations=config.activations)
+                      activations=config.activations, budget_scheme=config.budget_scheme)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         result = _build(source, target, recipe, structure, staging, out, config, progress)
+        result.gate = quality_gate(result, config.max_ppl_increase)
+        if not result.gate["passed"]:
+            result.flags.insert(0, gate_message(result))
         _write_outputs(result, staging)
         if out.exists():
             shutil.rmtree(out)
@@ -173,6 +220,13 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
+    if config.push and not result.gate["passed"] and not config.accept_quality_loss:
+        result.seconds = time.monotonic() - started
+        result.push_refused = (
+            f"not pushed to {config.push}: {gate_summary(result.gate)}"
+        )
+        (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        return result
     if config.push:
         from hubplugin import hub
 
@@ -192,11 +246,75 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     return result
 
 
+def quality_gate(result: OptimizeResult, threshold: float) -> dict:
+    """Whether every evaluation text's perplexity stays within `threshold` (a share) of the base's, as hubc evaluates
+    the checkpoint and, where it was served, as vLLM serves it against the served base."""
+    failures, worst = [], None
+    for tr in result.quality:
+        checks = [("hubc", tr.variant.perplexity / tr.base.perplexity - 1)]
+        if tr.served_variant is not None and tr.served_base is not None:
+            checks.append(("vLLM", tr.served_variant.perplexity / tr.served_base.perplexity - 1))
+        for engine, increase in checks:
+            if worst is None or increase > worst["increase"]:
+                worst = {"text": tr.text, "engine": engine, "increase": increase}
+            if increase > threshold:
+                failures.append({"text": tr.text, "engine": engine, "increase": increase})
+    return {"threshold": threshold, "passed": not failures, "worst": worst, "failures": failures}
+
+
+def gate_summary(gate: dict) -> str:
+    parts = [f"{f['text']} {f['increase']:+.1%} ({f['engine']})" for f in gate["failures"]]
+    return f"perplexity over the base beyond the {gate['threshold']:.0%} quality gate on {', '.join(parts)}"
+
+
+def failed_gate(folder: Path) -> str | None:
+    """Why the checkpoint in `folder` failed the quality gate of the `hubc optimize` run that made it (its
+    report.json), or None when it passed or has no report."""
+    try:
+        gate = json.loads((folder / "report.json").read_text()).get("gate")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(gate, dict) or gate.get("passed", True):
+        return None
+    return gate_summary(gate)
+
+
+def gate_message(result: OptimizeResult) -> str:
+    """The flag a variant failing the quality gate carries in the summary and the card, with what to try."""
+    recipe = result.recipe
+    tries = []
+    if recipe.method == "rtn":
+        tries.append("--method gptq (fast) or --method autoround (best, slower)")
+    elif recipe.method == "gptq":
+        tries.append("--method autoround")
+    raised = "w8a16" if recipe.scheme == "w4a16" else "dense"
+    tries.append(f"a larger --dense-budget (e.g. {min(0.5, max(0.1, 2 * recipe.dense_budget)):.2f}"
+                 + (f" with --budget-scheme {raised}" if raised != "dense" else "") + ")")
+    if recipe.scheme == "w4a16":
+        tries.append("--scheme w8a16")
+    return (f"quality gate failed: {gate_summary(result.gate)}; try {'; '.join(tries)}. "
+            "--push refuses this variant unless --accept-quality-loss is given")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output folder {out} already exists", hint="pass --overwrite, or choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder", hint="choose another --out")
+
+
+class _Clock:
+    """Seconds spent in each step, for report.json and the benchmarks that choose defaults by time."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._step, self._since = None, time.monotonic()
+
+    def step(self, name: str | None) -> None:
+        now = time.monotonic()
+        if self._step is not None:
+            self.timings[self._step] = round(self.timings.get(self._step, 0.0) + now - self._since, 2)
+        self._step, self._since = name, now
 
 
 def _build(source, target, recipe, structure, staging, out, config, progress) -> OptimizeResult:
@@ -209,6 +327,8 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     from advisor.schemes import get_scheme
     from hubplugin.source import copy_tokenizer_files
 
+    clock = _Clock()
+    clock.step("load")
     progress("loading the model")
     model = load_model(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
@@ -219,19 +339,27 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     if recipe.smoothing != "none":
         what = "smoothing activation outliers" if get_scheme(recipe.scheme).input_activations else "activation-aware scaling"
         progress(f"calibrating and searching per-channel scales ({what})")
+    clock.step("smoothing")
     transforms = apply_transforms(model, structure, recipe, tokenizer)
     if recipe.dense_budget > 0:
         progress(f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the weights stay dense)")
+        clock.step("dense budget")
         recipe = keep_sensitive_dense(model, structure, recipe, tokenizer, transforms)
     progress(f"quantizing with {recipe.scheme} ({recipe.method})")
+    clock.step("quantization")
     quantized = calibrated_quantization(model, structure, recipe, tokenizer, transforms)
-    exported = quantize_and_export(model, structure, recipe, staging, quantized)
+    clock.step("export")
+    import torch
+
+    exported = quantize_and_export(model, structure, recipe, staging, quantized,
+                                   dtype=getattr(torch, target.checkpoint_dtype))
     copy_tokenizer_files(source.path, staging)
 
     del model
     # Base and variant are scored side by side, window by window (the base read again from its files, the variant
     # from the exported checkpoint), so KL is exact over the vocabulary while only one window's distributions exist.
     progress("evaluating the variant against the base")
+    clock.step("evaluation")
     base, variant = load_model(source.path), load_for_eval(staging)
     quality, base_top1 = [], {}
     for t in texts:
@@ -254,12 +382,16 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
         serve_dtype=target.schemes[recipe.scheme].serve_dtype or target.serve_dtype,
         recipe=recipe,
         out=out,
-        size_before=_weights_size(source.path),
+        size_before=weights_size_in(source.path, target.checkpoint_dtype),
         size_after=exported.weight_bytes,
+        checkpoint_dtype=target.checkpoint_dtype,
         quantized_modules=exported.quantized_modules,
         quality=quality,
         transforms=asdict(transforms),
     )
+    original = weights_size(source.path)
+    if abs(original - result.size_before) > 0.01 * original:
+        result.size_original = original
     if not config.serve:
         result.not_served_reason = "serving was skipped (--no-serve)"
     elif not target.served_here:
@@ -268,7 +400,10 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
             f"but not served here ({target.not_served_reason or 'this machine has no such GPU'})"
         )
     else:
+        clock.step("serving")
         _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress)
+    clock.step(None)
+    result.timings = clock.timings
     return result
 
 

@@ -18,8 +18,11 @@ def summary(result) -> None:
     table.add_column("base", justify="right")
     table.add_column("variant", justify="right")
     table.add_column("change", justify="right")
-    table.add_row("weights on disk", "—", _size(result.size_before), _size(result.size_after),
-                  f"{result.size_after / result.size_before - 1:+.0%}")
+    table.add_row(f"weights on disk ({result.checkpoint_dtype})", "—", _size(result.size_before),
+                  _size(result.size_after), f"{result.size_after / result.size_before - 1:+.0%}")
+    if result.size_original:
+        table.add_row("weights on disk (base as given)", "—", _size(result.size_original), _size(result.size_after),
+                      f"{result.size_after / result.size_original - 1:+.0%}")
     for tr in result.quality:
         measured = [(tr.base, tr.variant)]
         if tr.served_variant is not None:
@@ -54,6 +57,10 @@ def summary(result) -> None:
                       markup=False)
     for flag in result.flags:
         console.print(f"[bold yellow]warning:[/] {flag}")
+    if result.gate and result.gate["passed"]:
+        w = result.gate["worst"]
+        console.print(f"quality gate passed: at most {result.gate['threshold']:+.0%} perplexity over the base "
+                      f"(largest {w['increase']:+.2%}, {w['text']}, {w['engine']})")
     console.print(f"checkpoint: {result.out}")
     if result.push_url:
         console.print(f"pushed: {result.push_url}")

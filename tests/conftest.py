@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `hubc` sets it (hubplugin/cli.py), before torch loads
 
 from fakehub import FakeHub  # tests/ is on sys.path: pytest inserts the rootdir conftest's folder
-from helpers import build_tiny_llama
+from helpers import build_tiny_llama, trained_copy
 
 # huggingface_hub reads these when it is imported (progress bars, telemetry, Xet), possibly before any fixture
 # runs, so they are set for the whole test process here; the autouse fixture below sets them again per test.
@@ -104,3 +104,10 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers' default init (std 0.02): the quantization tolerances of tests/advisor are set for weights that
     small."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), initializer_range=0.02)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama trained briefly on wikitext-2 valid (`helpers.trained_copy`): low-bit quantization costs it
+    perplexity, as it does a real model."""
+    return trained_copy(tiny_llama_dir, tmp_path_factory.mktemp("trained") / "tiny-trained")

@@ -131,6 +131,42 @@ def test_checkpoint_reads_the_same_in_compressed_tensors_and_hubc(tiny_llama_dir
 
 
 
+@pytest.mark.parametrize("scheme,target,scale_dtype", [
+    ("w4a16", "a10g", torch.bfloat16), ("w8a16", "t4", torch.float16), ("w8a8-int8", "cpu", torch.float32),
+])
+def test_checkpoint_is_written_in_the_targets_dtype(tiny_llama_dir, tmp_path, scheme, target, scale_dtype):
+    """Unquantized tensors in the 16-bit dtype the target serves, scales in the dtype vLLM's kernel holds them in
+    (the weight-only kernels: the model's; int8/FP8 GEMMs: float32), and config.json saying so."""
+    from safetensors import safe_open
+
+    structure = inspect_structure(tiny_llama_dir)
+    t = get_target(target, flags=AVX512_VNNI)
+    recipe = plan(structure, t, scheme, None, dense_budget=0)
+    model = load_model(tiny_llama_dir)
+    dtype = getattr(torch, t.checkpoint_dtype)
+    assert dtype == (torch.float16 if target == "t4" else torch.bfloat16)
+    quantize_and_export(model, structure, recipe, tmp_path, dtype=dtype)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    want = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == want[dtype]
+    assert dtypes["model.layers.0.self_attn.q_proj.weight_scale"] == want[scale_dtype]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == t.checkpoint_dtype
+    # The evaluation reads exactly these tensors back: the embedding it computes with is the rounded one.
+    ours = load_for_eval(tmp_path)
+    assert torch.equal(ours.model.embed_tokens.weight, model.model.embed_tokens.weight.to(dtype).float())
+
+
+def test_base_size_is_counted_in_the_checkpoint_dtype(tiny_llama_dir):
+    from hubplugin.optimize import weights_size, weights_size_in
+
+    as_given = weights_size(tiny_llama_dir)  # the tiny model is written in float32
+    half = weights_size_in(tiny_llama_dir, "bfloat16")
+    assert weights_size_in(tiny_llama_dir, "float32") == pytest.approx(as_given, abs=64)
+    assert half == pytest.approx(as_given / 2, rel=0.01)
+
+
 VLLM_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 

@@ -249,6 +249,37 @@ def test_cpu_flags_reads_cpuinfo(tmp_path: Path) -> None:
     assert get_target("cpu", flags=cpu_flags(cpuinfo)).isa == "avx2"
 
 
+ZEN5_FLAGS = ("fpu sse2 avx avx2 fma f16c avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 avx512_vnni "
+              "avx512vbmi avx_vnni avx512_fp16")
+
+
+def test_hubc_cpu_isa_takes_this_cpu_for_a_narrower_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HUBC_CPU_ISA=avx2 on an AVX-512 machine: flags cut to AVX2's, `cpu` resolves to the AVX2 variant with its
+    pair limit, calibration stops using bf16, and vLLM is served with oneDNN capped to AVX2."""
+    import advisor.targets as targets
+    from advisor.quantize.sequential import native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {ZEN5_FLAGS}\n")
+    monkeypatch.setattr(targets, "_CPUINFO", cpuinfo)
+    monkeypatch.delenv("HUBC_CPU_ISA", raising=False)
+    assert get_target("cpu").isa == "avx512-vnni" and native_bf16()
+    monkeypatch.setenv("HUBC_CPU_ISA", "avx2")
+    flags = cpu_flags(cpuinfo)
+    assert {"avx2", "fma", "f16c"} <= flags and not any(f.startswith(("avx512", "avx_vnni")) for f in flags)
+    cpu = get_target("cpu")
+    assert (cpu.isa, cpu.int8_pair_sum, cpu.served_here) == ("avx2", 128, True)
+    assert cpu.serve_env == {"ONEDNN_MAX_CPU_ISA": "AVX2"} and "HUBC_CPU_ISA" in cpu.description
+    assert get_target("cpu-avx2").serve_env == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert not native_bf16()
+    monkeypatch.setenv("HUBC_CPU_ISA", "avx512-amx")  # up: this CPU has no AMX
+    with pytest.raises(UnknownTargetError, match="lacks amx"):
+        get_target("cpu")
+    monkeypatch.setenv("HUBC_CPU_ISA", "sse9")
+    with pytest.raises(UnknownTargetError, match="names no CPU variant"):
+        get_target("cpu")
+
+
 def test_this_machine_resolves_from_its_own_flags() -> None:
     flags = cpu_flags()
     if not any(set(v.requires) <= flags for v in cpu_variants()):

@@ -127,6 +127,35 @@ def test_optimize_downloads_compresses_and_pushes_one_commit(fake_hub, tiny_llam
     assert report["push_url"].endswith("org/tiny-w8-cpu")
 
 
+def test_quality_gate_flags_the_variant_and_push_refuses_it(fake_hub, trained_tiny_llama_dir, tmp_path, monkeypatch):
+    """A variant over --max-ppl-increase is flagged in summary, card and report; --push keeps it local and commits
+    nothing, `hubc push` refuses it too, and both accept it with --accept-quality-loss."""
+    monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    out = tmp_path / "o"
+    lossy = ["--target", "a10g", "--scheme", "w4a16", "--method", "rtn", "--dense-budget", "0",
+             "--max-ppl-increase", "0.001", "--out", str(out), *SMALL_EVAL]
+    result = run("optimize", str(trained_tiny_llama_dir), *lossy, "--push", "org/tiny-w4")
+    assert_one_line_error(result, "not pushed to org/tiny-w4", "quality gate", "--accept-quality-loss")
+    assert "quality gate failed" in result.stdout and "--method gptq" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["gate"]["passed"] is False and report["gate"]["threshold"] == 0.001
+    assert report["push_url"] is None and "quality gate" in report["push_refused"]
+    card = (out / "README.md").read_text()
+    assert "**fails**" in card and "Warning:** quality gate failed" in card
+    assert "org/tiny-w4" not in fake_hub.repos or not fake_hub.commits("org/tiny-w4")
+
+    refused = run("push", str(out), "org/tiny-w4")
+    assert_one_line_error(refused, "not pushed", "--accept-quality-loss")
+    accepted = run("push", str(out), "org/tiny-w4", "--accept-quality-loss")
+    assert accepted.exit_code == 0, accepted.output
+    assert "**fails**" in fake_hub.files("org/tiny-w4")["README.md"].decode()  # the card keeps saying so
+
+    again = run("optimize", str(trained_tiny_llama_dir), *lossy, "--overwrite", "--push", "org/tiny-w4-b",
+                "--accept-quality-loss")
+    assert again.exit_code == 0, again.output
+    assert "quality gate failed" in fake_hub.files("org/tiny-w4-b")["README.md"].decode()
+
+
 @pytest.mark.slow
 def test_push_that_fails_midway_leaves_no_repo(fake_hub, tiny_llama_dir, tmp_path, monkeypatch):
     fake_hub.add_repo("org/tiny", tiny_llama_dir)
@@ -248,7 +277,7 @@ def test_optimize_refuses_empty_evaluation_or_groups_before_any_work(tmp_path, o
 
 def _latency_checkpoint(folder, scheme=None):
     """A tiny Llama-shaped checkpoint for `hubc predict` (zero weights: only its files' shapes are read), dense or
-    compressed-tensors w4a16."""
+    compressed-tensors w4a16 or w8a8-int8."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -266,6 +295,9 @@ def _latency_checkpoint(folder, scheme=None):
                 tensors[f"{prefix}.weight_packed"] = np.zeros((out, inp // 8), np.int32)
                 tensors[f"{prefix}.weight_scale"] = np.zeros((out, inp // 32), np.float32)
                 tensors[f"{prefix}.weight_shape"] = np.array([out, inp], np.int64)
+            elif scheme == "w8a8-int8":
+                tensors[f"{prefix}.weight"] = np.zeros((out, inp), np.int8)
+                tensors[f"{prefix}.weight_scale"] = np.zeros((out, 1), np.float32)
             else:
                 tensors[f"{prefix}.weight"] = np.zeros((out, inp), np.float32)
     if scheme == "w4a16":
@@ -273,6 +305,14 @@ def _latency_checkpoint(folder, scheme=None):
             "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                 "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
+        }
+    if scheme == "w8a8-int8":
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "int-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+                "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                      "dynamic": True}}},
         }
     (folder / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(folder / "model.safetensors"))
@@ -301,7 +341,8 @@ def test_predict_on_cpu_without_measurements_says_to_run_bench(tmp_path):
 def test_predict_shows_measured_next_to_predicted(tmp_path):
     from serving.store import LATENCY, Measurement, ResultsStore, describe, hardware
 
-    dense, w4 = _latency_checkpoint(tmp_path / "dense"), _latency_checkpoint(tmp_path / "w4", "w4a16")
+    # W8A8-int8: the quantized scheme every CPU variant serves (4-bit needs AVX-512).
+    dense, w4 = _latency_checkpoint(tmp_path / "dense"), _latency_checkpoint(tmp_path / "w4", "w8a8-int8")
     rewritten = _latency_checkpoint(tmp_path / "rewritten")
     store = ResultsStore(tmp_path / "results.sqlite")
     runs = [(dense, "in=128,out=32,concurrency=1", 50.0, 20.0, hardware()),

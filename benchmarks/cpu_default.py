@@ -1,0 +1,166 @@
+"""Which rounding method `hubc optimize --target cpu` should use by default, per kind of CPU: runs the demo's main job
+(`hubc optimize demo --target cpu`, W8A8-int8 with smoothing and the 2% dense budget) once per (CPU kind, method
+setting) and records the time of every step and the Δppl on wikitext-2 test and licenses.txt, evaluated by hubc and,
+with --serve, as vLLM serves it.
+
+    .venv/bin/python benchmarks/cpu_default.py [--kinds native,avx2] [--only REGEX] [--serve] [--windows 16]
+
+CPU kinds: `native` is this machine as it is; `avx2` takes it for an AVX2-only CPU (no AVX-512, VNNI or native
+bf16): `HUBC_CPU_ISA=avx2` (hubc resolves `cpu` to the AVX2 variant, with its int8 pair limit, and calibrates in
+fp32), torch's kernels and MKL capped to AVX2 (`ATEN_CPU_CAPABILITY`, `MKL_ENABLE_INSTRUCTIONS`) and oneDNN capped
+to AVX2 in hubc and in the vLLM servers (`ONEDNN_MAX_CPU_ISA`). On a CPU with AMX, vLLM's AMX int8 kernel ignores
+oneDNN's cap: served numbers then come from exact int8 arithmetic, which is what the pair limit makes oneDNN's AVX2
+GEMM compute (tests/advisor/test_targets.py::test_int8_pair_sum_matches_onednn), but served latency is not an AVX2
+CPU's.
+
+Results accumulate in benchmarks/results/cpu_default.json (a row per kind × setting, replaced when rerun) and the
+Markdown table benchmarks/results/cpu_default.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+HUBC = [sys.executable, "-m", "hubplugin.cli"]
+
+KINDS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"HUBC_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+# Setting name → recipe fields over the W8A8 defaults (smoothing search, 2% dense). `None` iterations: the default.
+SETTINGS: dict[str, dict] = {
+    "rtn": {"method": "rtn"},
+    "gptq": {"method": "gptq", "calibration": {"windows": 16}},
+    "autoround-50-w32": {"method": "autoround", "iterations": 50, "calibration": {"windows": 32}},
+    "autoround-20-w16": {"method": "autoround", "iterations": 20, "calibration": {"windows": 16}},
+    "autoround-10-w16": {"method": "autoround", "iterations": 10, "calibration": {"windows": 16}},
+    "autoround-5-w16": {"method": "autoround", "iterations": 5, "calibration": {"windows": 16}},
+    "rtn-dense4": {"method": "rtn", "dense_budget": 0.04},
+}
+
+
+def recipe_for(setting: dict) -> dict:
+    calibration = {"text": "wikitext2-valid", "windows": 16, "seq_len": 512}
+    calibration.update(setting.get("calibration", {}))
+    recipe = {"scheme": "w8a8-int8", "target": "cpu", "smoothing": "search", "dense_budget": 0.02,
+              "calibration": calibration}
+    recipe.update({k: v for k, v in setting.items() if k != "calibration"})
+    return recipe
+
+
+def run_one(kind: str, name: str, windows: int, serve: bool, work: Path) -> dict:
+    recipe_path = work / f"{kind}-{name}.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_for(SETTINGS[name]), sort_keys=False))
+    out = work / f"{kind}-{name}"
+    cmd = [*HUBC, "optimize", "demo", "--target", "cpu", "--recipe", str(recipe_path), "--out", str(out),
+           "--overwrite", "--format", "json", "--eval-windows", str(windows)]
+    if not serve:
+        cmd.append("--no-serve")
+    env = {**os.environ, **KINDS[kind], "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=ROOT)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        sys.exit(f"{kind}/{name}: hubc failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    report = json.loads(proc.stdout)
+    quality = {}
+    for tr in report["quality"]:
+        base, var = tr["base"]["perplexity"], tr["variant"]["perplexity"]
+        row = {"base": base, "evaluated": var / base - 1, "kl": tr["variant"].get("kl")}
+        if tr.get("served_variant"):
+            row["served"] = tr["served_variant"]["perplexity"] / tr["served_base"]["perplexity"] - 1
+        quality[tr["text"]] = row
+    block = (report.get("transforms") or {}).get("block_error")
+    return {"kind": kind, "setting": name, "recipe": recipe_for(SETTINGS[name]), "windows": windows,
+            "served": bool(report.get("served")), "wall_s": round(wall, 1), "timings": report.get("timings", {}),
+            "quality": quality, "block_error": block, "cpu": _cpu_name(), "target": report["target_description"],
+            "served_latency_ms": _tpot(report)}
+
+
+def _tpot(report: dict) -> dict | None:
+    lat = report.get("latency")
+    if not lat:
+        return None
+    return {role: lat[role]["tpot_ms_p50"] for role in ("base", "variant")}
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def write_markdown(rows: list[dict]) -> None:
+    lines = [
+        "# Default rounding for `hubc optimize --target cpu` (W8A8-int8), per kind of CPU",
+        "",
+        "`.venv/bin/python benchmarks/cpu_default.py` (see its docstring for how the `avx2` kind is emulated).",
+        "Demo model, smoothing search, 2% dense budget; calibration on wikitext-2 valid; Δppl of the exported",
+        "checkpoint against the base on the first N×512 tokens of each text (evaluated: hubc in transformers, fp32;",
+        "served: vLLM prompt logprobs against the served base). Times in seconds on the machine named in the row.",
+        "",
+        ("| CPU kind | setting | calibration windows | quantization s | whole run s | wikitext-2 Δppl eval / served |"
+        " licenses Δppl eval / served | KL wikitext-2 / licenses | N | CPU |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["kind"], list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else 99)):
+        t = r["timings"]
+        q = r["quality"]
+
+        def cell(text: str, q: dict = q) -> str:
+            x = q.get(text, {})
+            served = f"{x['served']:+.2%}" if "served" in x else "—"
+            return f"{x.get('evaluated', float('nan')):+.2%} / {served}"
+
+        kl = " / ".join(f"{q[t_]['kl']:.4f}" if q.get(t_, {}).get("kl") is not None else "—"
+                        for t_ in ("wikitext2-test", "licenses"))
+        quant = t.get("quantization", 0) + t.get("export", 0)
+        lines.append(f"| {r['kind']} | {r['setting']} | {r['recipe']['calibration']['windows']} | {quant:.0f} | "
+                     f"{r['wall_s']:.0f} | {cell('wikitext2-test')} | {cell('licenses')} | {kl} | {r['windows']} | "
+                     f"{r['cpu']} |")
+    lines += ["", "Quantization s: rounding (and learning) plus export; whole run: everything `hubc optimize` does,",
+              "serving base and variant included where served."]
+    (RESULTS / "cpu_default.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kinds", default="native,avx2")
+    ap.add_argument("--only", default=".*", help="regex over setting names")
+    ap.add_argument("--serve", action="store_true", help="also serve base and variant with vLLM")
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows per text")
+    args = ap.parse_args()
+    path = RESULTS / "cpu_default.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    with tempfile.TemporaryDirectory(prefix="cpu-default-") as tmp:
+        for kind in args.kinds.split(","):
+            for name in SETTINGS:
+                if not re.search(args.only, name):
+                    continue
+                row = run_one(kind, name, args.windows, args.serve, Path(tmp))
+                rows = [r for r in rows if not (r["kind"] == kind and r["setting"] == name
+                                                and r["served"] == row["served"])] + [row]
+                path.write_text(json.dumps(rows, indent=2))
+                write_markdown(rows)
+                print(f"{kind}/{name}: {row['wall_s']:.0f} s, {json.dumps(row['quality'])}", file=sys.stderr,
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -240,10 +240,12 @@ served with oneDNN capped to it. Only down: a CPU cannot be taken for one with i
 _WIDE_PREFIXES = ("avx512", "amx", "avx_vnni", "avx_ne_convert", "avx_ifma", "avx_vnni_int8")
 
 
-def cpu_flags(cpuinfo: str | Path = _CPUINFO) -> frozenset[str]:
+def cpu_flags(cpuinfo: str | Path | None = None) -> frozenset[str]:
     """The CPU feature flags listed in ``cpuinfo`` (x86 ``flags``, Arm ``Features``); empty if unreadable.
 
-    For this machine's own /proc/cpuinfo, ``$HUBC_CPU_ISA`` (see FORCE_ISA_ENV) cuts them down to one ISA variant."""
+    For this machine's own /proc/cpuinfo (the default), ``$HUBC_CPU_ISA`` (see FORCE_ISA_ENV) cuts them down to one
+    ISA variant."""
+    cpuinfo = _CPUINFO if cpuinfo is None else cpuinfo
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:

@@ -43,10 +43,19 @@ LOW_BIT_BUDGET = 0.1
 
 
 def default_method(scheme: Scheme, target) -> str:
-    """Round to nearest, except for int8 GEMMs under a pair limit (CPUs without VNNI): there learned rounding is
-    served within 1% of the base and round-to-nearest is not (benchmarks/results/w8a8_cpu_isa.md)."""
-    int8_gemm = scheme.weights.type == "int" and scheme.input_activations is not None
-    return "autoround" if int8_gemm and target.int8_pair_sum is not None else "rtn"
+    """GPTQ where round-to-nearest loses too much and GPTQ is fast everywhere; round to nearest elsewhere.
+
+    - Weights of 4 bits or fewer: round-to-nearest cost the demo model +42.5% / +46.8% perplexity (wikitext-2 /
+      licenses) at W4A16, GPTQ a quarter of that in about a minute (benchmarks/results/default_method_a10g.md).
+    - int8 GEMMs under a pair limit (CPUs without VNNI): round-to-nearest needs coarser scales there and lost
+      +1.61% on licenses; GPTQ +0.48%, learned rounding as much at 4-10× the time when it learns in fp32 (no native
+      bf16 on those CPUs; benchmarks/results/default_method_cpu.md)."""
+    if scheme.weights.type != "int":
+        return "rtn"
+    if scheme.weights.num_bits <= 4:
+        return "gptq"
+    int8_gemm = scheme.input_activations is not None
+    return "gptq" if int8_gemm and target.int8_pair_sum is not None else "rtn"
 
 
 def default_dense_budget(scheme: Scheme, target=None) -> tuple[float, str]:
@@ -85,7 +94,7 @@ def plan(structure: ModelStructure, target, scheme_name: str | None, group_size:
     recipe = Recipe(
         scheme=scheme.name,
         smoothing=smoothing,
-        calibration=(calibration or {"text": "wikitext2-valid", "windows": 16 if method == "rtn" else 32,
+        calibration=(calibration or {"text": "wikitext2-valid", "windows": 32 if method == "autoround" else 16,
                                      "seq_len": 512})
         if smoothing != "none" or method != "rtn" or dense_budget > 0 else None,
         dense_budget=dense_budget,

@@ -201,7 +201,8 @@ def _method_text(result) -> str:
     if kept:
         total = t.get("quantization_cost") or 0.0
         share = f", {sum(kept.values()) / total:.0%} of the estimated quantization loss" if total > 0 else ""
-        parts.append(f"{len(kept)} linear layer{'s' if len(kept) > 1 else ''} kept dense within a "
+        how = "dense" if recipe.budget_scheme == "dense" else f"at {recipe.budget_scheme}"
+        parts.append(f"{len(kept)} linear layer{'s' if len(kept) > 1 else ''} kept {how} within a "
                      f"{recipe.dense_budget:.1%} weight budget, the most costly to quantize as measured on the "
                      f"calibration text ({', '.join(kept)}{share})")
     manual = {k: v for k, v in recipe.overrides.items() if k not in kept}

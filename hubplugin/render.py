@@ -45,7 +45,8 @@ def summary(result) -> None:
     console.print(table)
     kept = (result.transforms or {}).get("kept_dense")
     if kept:
-        console.print(f"kept dense ({result.recipe.dense_budget:.1%} weight budget, most costly to quantize first): "
+        how = "dense" if result.recipe.budget_scheme == "dense" else f"at {result.recipe.budget_scheme}"
+        console.print(f"kept {how} ({result.recipe.dense_budget:.1%} weight budget, most costly to quantize first): "
                       + ", ".join(kept), markup=False)
     if result.latency is not None:
         console.print(speed_note(result))

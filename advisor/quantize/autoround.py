@@ -15,6 +15,8 @@ Memory: two activation streams (quantized and full precision) of one block's wid
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +230,18 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
     return before, after, outputs
 
 
+def estimate_seconds(forward_s: float, blocks: int, windows: int, config: RoundConfig) -> float:
+    """Time learned rounding takes, from the time of one block's fp32 forward pass over every calibration window:
+    per block, the targets (one pass), each step's forward and backward on `batch` windows (about 3 forward passes'
+    worth each, in bf16 where it runs in bf16) and three comparisons on every window. On the demo model it came
+    within ±25% of the measured time on the CPUs of benchmarks/results/cpu_default.md."""
+    bf16 = native_bf16() if config.bf16 is None else config.bf16
+    speed = 2.4 if bf16 else 1.0  # bf16 forward passes on CPUs with native bf16 (native_bf16's measurement)
+    per_window = forward_s / max(1, windows)
+    steps = config.iterations * min(config.batch, windows) * 3 * per_window / speed
+    return blocks * (forward_s + steps + 3 * forward_s / speed)
+
+
 def autoround_sequential(model, wanted: dict, windows: list[list[int]],
                          config: RoundConfig = RoundConfig()) -> tuple[dict[str, QuantizedWeight], list]:
     """Quantize the `wanted` decoder linears (name → advisor.assignment.QuantTarget) with learned rounding, block
@@ -241,11 +255,17 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
     q_inputs = captured
     results: dict[str, QuantizedWeight] = {}
     errors = []
-    for i, layer in enumerate(tqdm(layers, desc="learning rounding block by block", unit="block", leave=False)):
+    bar = tqdm(layers, desc="learning rounding block by block", unit="block", leave=False)
+    for i, layer in enumerate(bar):
         names = {n: m for n, m in layer.named_modules()
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
+        started = time.monotonic()
         with torch.no_grad():
             targets = [layer_output(layer(*a, **k)) for a, k in fp_inputs]
+        if i == 0:
+            minutes = estimate_seconds(time.monotonic() - started, len(layers), len(windows), config) / 60
+            bar.write(f"learned rounding: {len(layers)} blocks × {config.iterations} steps on {len(windows)} "
+                      f"windows; about {minutes:.0f} min on this CPU (estimated from one block's forward pass)", file=sys.stderr)
         spec = {n: wanted[f"{prefix}.{i}.{n}"] for n in names}
         learned = {n: _LearnedRounding(m.weight, spec[n].weights, spec[n].pair_sum) for n, m in names.items()}
         handles = quantize_activations_of(names, {n: spec[n].activations for n in names}, straight_through=True)

@@ -86,12 +86,22 @@ def test_plan_limits_int8_pairs_on_cpus_without_vnni(tiny_llama_dir):
     assert plan(structure, get_target("a10g"), "w8a8-int8", None).int8_pair_sum is None
 
 
-def test_default_method_is_learned_rounding_only_where_int8_codes_are_paired(tiny_llama_dir):
+def test_defaults_calibrate_where_rounding_to_nearest_loses_too_much(tiny_llama_dir):
+    """GPTQ for 4-bit weights and for int8 GEMMs under a pair limit, with 10% of a 4-bit model's weights kept at
+    8 bits where the target serves w8a16; round-to-nearest elsewhere (benchmarks/results/default_method_*.md)."""
     structure = inspect_structure(tiny_llama_dir)
-    assert plan(structure, get_target("cpu", flags=AVX2), None, None, method=None).method == "autoround"
-    assert plan(structure, get_target("cpu", flags=AVX2), "fp8", None, method=None).method == "rtn"
-    assert plan(structure, get_target("cpu", flags=AVX512_VNNI), None, None, method=None).method == "rtn"
-    assert plan(structure, get_target("cpu", flags=AVX2), None, None, method="gptq").method == "gptq"
+    avx2, vnni = get_target("cpu", flags=AVX2), get_target("cpu", flags=AVX512_VNNI)
+    assert plan(structure, avx2, None, None, method=None).method == "gptq"
+    assert plan(structure, avx2, "fp8", None, method=None).method == "rtn"
+    assert plan(structure, vnni, None, None, method=None).method == "rtn"
+    assert plan(structure, avx2, None, None, method="autoround").method == "autoround"
+    gpu = plan(structure, get_target("a10g"), None, None, method=None)
+    assert (gpu.scheme, gpu.method, gpu.dense_budget, gpu.budget_scheme) == ("w4a16", "gptq", 0.1, "w8a16")
+    cpu4 = plan(structure, vnni, "w4a16", None, method=None)  # no w8a16 kernel on CPUs: nothing raised
+    assert (cpu4.method, cpu4.dense_budget) == ("gptq", 0.0)
+    assert plan(structure, get_target("a10g"), "w8a16", None, method=None).method == "rtn"
+    with pytest.raises(ShapeError, match="no more bits"):
+        plan(structure, get_target("a10g"), "w8a16", None, dense_budget=0.1, budget_scheme="w4a16")
 
 
 def test_recipe_round_trips_and_rejects_unknown_keys():

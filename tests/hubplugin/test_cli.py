@@ -211,6 +211,26 @@ def test_dense_budget_keeps_the_costliest_layers_dense_and_says_so(tiny_llama_di
     assert "kept dense" in result.stdout
 
 
+def test_gpu_default_keeps_the_costliest_weights_at_8_bits(tiny_llama_dir, tmp_path):
+    """`--target a10g` with no other flag: W4A16 by GPTQ, the costliest 10% of the weights at w8a16, one config group
+    per scheme, the bf16 checkpoint sized against the bf16 base, and the card saying all of it."""
+    out = tmp_path / "o"
+    result = run("optimize", str(tiny_llama_dir), "--target", "a10g", "--out", str(out), *SMALL_EVAL)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    recipe = report["recipe"]
+    assert (recipe["scheme"], recipe["method"], recipe["budget_scheme"]) == ("w4a16", "gptq", "w8a16")
+    kept = report["transforms"]["kept_dense"]
+    assert kept and all(recipe["overrides"][n] == "w8a16" for n in kept)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    bits = sorted(g["weights"]["num_bits"] for g in qcfg["config_groups"].values())
+    assert bits == [4, 8] and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert report["checkpoint_dtype"] == "bfloat16" and report["size_original"] > report["size_before"]
+    card = (out / "README.md").read_text()
+    assert "kept at w8a16" in card and "(bfloat16)" in card and "Quality gate" in card
+    assert "kept at w8a16" in result.stdout
+
+
 @pytest.mark.parametrize("content,extra,fragments", [
     ({"scheme": "w8a8-int8", "target": "cpu"}, ["--scheme", "fp8"], ["--recipe", "--scheme"]),
     ({"scheme": "w8a8-int8", "target": "cpu", "overrides": {"model.layers.0.self_attn.k_proj": "dense"}}, [],

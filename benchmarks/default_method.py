@@ -1,9 +1,13 @@
-"""Which rounding method `hubc optimize --target cpu` should use by default, per kind of CPU: runs the demo's main job
-(`hubc optimize demo --target cpu`, W8A8-int8 with smoothing and the 2% dense budget) once per (CPU kind, method
-setting) and records the time of every step and the Δppl on wikitext-2 test and licenses.txt, evaluated by hubc and,
-with --serve, as vLLM serves it.
+"""Which rounding method (and precision budget) `hubc optimize` should use by default: runs the demo's main job once
+per (CPU kind, setting) and records the time of every step and the Δppl on wikitext-2 test and licenses.txt,
+evaluated by hubc and, with --serve, as vLLM serves it.
 
-    .venv/bin/python benchmarks/cpu_default.py [--kinds native,avx2] [--only REGEX] [--serve] [--windows 16]
+    .venv/bin/python benchmarks/default_method.py [--target cpu|a10g|...] [--kinds native,avx2] [--only REGEX]
+        [--serve] [--windows 16]
+
+`--target cpu` (default) compares W8A8-int8 settings (smoothing, 2% dense budget; the rounding varies); a GPU target
+compares W4A16 settings (method, smoothing, share of the weights kept at 8 bits), evaluated here in transformers
+(GPU targets are not served on this machine); their times are this CPU's.
 
 CPU kinds: `native` is this machine as it is; `avx2` takes it for an AVX2-only CPU (no AVX-512, VNNI or native
 bf16): `HUBC_CPU_ISA=avx2` (hubc resolves `cpu` to the AVX2 variant, with its int8 pair limit, and calibrates in
@@ -13,8 +17,8 @@ oneDNN's cap: served numbers then come from exact int8 arithmetic, which is what
 GEMM compute (tests/advisor/test_targets.py::test_int8_pair_sum_matches_onednn), but served latency is not an AVX2
 CPU's.
 
-Results accumulate in benchmarks/results/cpu_default.json (a row per kind × setting, replaced when rerun) and the
-Markdown table benchmarks/results/cpu_default.md.
+Results accumulate in benchmarks/results/default_method_<target>.json (a row per kind × setting, replaced when rerun)
+and the Markdown table benchmarks/results/default_method_<target>.md.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ KINDS: dict[str, dict[str, str]] = {
              "ONEDNN_MAX_CPU_ISA": "AVX2"},
 }
 
-# Setting name → recipe fields over the W8A8 defaults (smoothing search, 2% dense). `None` iterations: the default.
-SETTINGS: dict[str, dict] = {
+# Setting name → recipe fields over the W8A8 defaults (smoothing search, 2% dense).
+CPU_SETTINGS: dict[str, dict] = {
     "rtn": {"method": "rtn"},
     "gptq": {"method": "gptq", "calibration": {"windows": 16}},
     "autoround-50-w32": {"method": "autoround", "iterations": 50, "calibration": {"windows": 32}},
@@ -53,21 +57,40 @@ SETTINGS: dict[str, dict] = {
     "rtn-dense4": {"method": "rtn", "dense_budget": 0.04},
 }
 
+# Setting name → recipe fields over W4A16 without smoothing or budget.
+GPU_SETTINGS: dict[str, dict] = {
+    "rtn": {"method": "rtn"},
+    "gptq": {"method": "gptq"},
+    "gptq+8bit10": {"method": "gptq", "dense_budget": 0.1, "budget_scheme": "w8a16"},
+    "gptq+8bit20": {"method": "gptq", "dense_budget": 0.2, "budget_scheme": "w8a16"},
+    "smoothed+gptq+8bit10": {"method": "gptq", "smoothing": "search", "dense_budget": 0.1, "budget_scheme": "w8a16"},
+    "autoround+8bit10": {"method": "autoround", "dense_budget": 0.1, "budget_scheme": "w8a16"},
+}
 
-def recipe_for(setting: dict) -> dict:
+
+def settings(target: str) -> dict[str, dict]:
+    return CPU_SETTINGS if target.startswith("cpu") else GPU_SETTINGS
+
+
+def recipe_for(setting: dict, target: str) -> dict:
     calibration = {"text": "wikitext2-valid", "windows": 16, "seq_len": 512}
     calibration.update(setting.get("calibration", {}))
-    recipe = {"scheme": "w8a8-int8", "target": "cpu", "smoothing": "search", "dense_budget": 0.02,
-              "calibration": calibration}
+    if target.startswith("cpu"):
+        recipe = {"scheme": "w8a8-int8", "target": target, "smoothing": "search", "dense_budget": 0.02,
+                  "calibration": calibration}
+    else:
+        recipe = {"scheme": "w4a16", "target": target, "smoothing": "none", "dense_budget": 0.0,
+                  "calibration": calibration}
     recipe.update({k: v for k, v in setting.items() if k != "calibration"})
     return recipe
 
 
-def run_one(kind: str, name: str, windows: int, serve: bool, work: Path) -> dict:
+def run_one(target: str, kind: str, name: str, windows: int, serve: bool, work: Path) -> dict:
+    recipe = recipe_for(settings(target)[name], target)
     recipe_path = work / f"{kind}-{name}.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe_for(SETTINGS[name]), sort_keys=False))
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = work / f"{kind}-{name}"
-    cmd = [*HUBC, "optimize", "demo", "--target", "cpu", "--recipe", str(recipe_path), "--out", str(out),
+    cmd = [*HUBC, "optimize", "demo", "--target", target, "--max-ppl-increase", "1", "--recipe", str(recipe_path), "--out", str(out),
            "--overwrite", "--format", "json", "--eval-windows", str(windows)]
     if not serve:
         cmd.append("--no-serve")
@@ -77,7 +100,10 @@ def run_one(kind: str, name: str, windows: int, serve: bool, work: Path) -> dict
     wall = time.monotonic() - started
     if proc.returncode != 0:
         sys.exit(f"{kind}/{name}: hubc failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    report = json.loads(proc.stdout)
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        sys.exit(f"{kind}/{name}: hubc printed no JSON report: {proc.stdout[:300]!r}")
     quality = {}
     for tr in report["quality"]:
         base, var = tr["base"]["perplexity"], tr["variant"]["perplexity"]
@@ -86,7 +112,7 @@ def run_one(kind: str, name: str, windows: int, serve: bool, work: Path) -> dict
             row["served"] = tr["served_variant"]["perplexity"] / tr["served_base"]["perplexity"] - 1
         quality[tr["text"]] = row
     block = (report.get("transforms") or {}).get("block_error")
-    return {"kind": kind, "setting": name, "recipe": recipe_for(SETTINGS[name]), "windows": windows,
+    return {"kind": kind, "setting": name, "recipe": recipe, "windows": windows,
             "served": bool(report.get("served")), "wall_s": round(wall, 1), "timings": report.get("timings", {}),
             "quality": quality, "block_error": block, "cpu": _cpu_name(), "target": report["target_description"],
             "served_latency_ms": _tpot(report)}
@@ -106,12 +132,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def write_markdown(rows: list[dict]) -> None:
+def write_markdown(rows: list[dict], target: str) -> None:
+    what = ("W8A8-int8, smoothing search, 2% dense budget" if target.startswith("cpu")
+            else "W4A16 (group 64), no smoothing or budget unless the setting says so")
     lines = [
-        "# Default rounding for `hubc optimize --target cpu` (W8A8-int8), per kind of CPU",
+        f"# Default rounding for `hubc optimize --target {target}`, per kind of CPU",
         "",
-        "`.venv/bin/python benchmarks/cpu_default.py` (see its docstring for how the `avx2` kind is emulated).",
-        "Demo model, smoothing search, 2% dense budget; calibration on wikitext-2 valid; Δppl of the exported",
+        (f"`.venv/bin/python benchmarks/default_method.py --target {target}` (its docstring says how the `avx2` kind "
+        "is emulated)."),
+        f"Demo model, {what}; calibration on wikitext-2 valid; Δppl of the exported",
         "checkpoint against the base on the first N×512 tokens of each text (evaluated: hubc in transformers, fp32;",
         "served: vLLM prompt logprobs against the served base). Times in seconds on the machine named in the row.",
         "",
@@ -119,7 +148,8 @@ def write_markdown(rows: list[dict]) -> None:
         " licenses Δppl eval / served | KL wikitext-2 / licenses | N | CPU |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["kind"], list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else 99)):
+    order = list(settings(target))
+    for r in sorted(rows, key=lambda r: (r["kind"], order.index(r["setting"]) if r["setting"] in order else 99)):
         t = r["timings"]
         q = r["quality"]
 
@@ -136,28 +166,29 @@ def write_markdown(rows: list[dict]) -> None:
                      f"{r['cpu']} |")
     lines += ["", "Quantization s: rounding (and learning) plus export; whole run: everything `hubc optimize` does,",
               "serving base and variant included where served."]
-    (RESULTS / "cpu_default.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"default_method_{target}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="cpu")
     ap.add_argument("--kinds", default="native,avx2")
     ap.add_argument("--only", default=".*", help="regex over setting names")
     ap.add_argument("--serve", action="store_true", help="also serve base and variant with vLLM")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows per text")
     args = ap.parse_args()
-    path = RESULTS / "cpu_default.json"
+    path = RESULTS / f"default_method_{args.target}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
-    with tempfile.TemporaryDirectory(prefix="cpu-default-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="default-method-") as tmp:
         for kind in args.kinds.split(","):
-            for name in SETTINGS:
+            for name in settings(args.target):
                 if not re.search(args.only, name):
                     continue
-                row = run_one(kind, name, args.windows, args.serve, Path(tmp))
+                row = run_one(args.target, kind, name, args.windows, args.serve, Path(tmp))
                 rows = [r for r in rows if not (r["kind"] == kind and r["setting"] == name
                                                 and r["served"] == row["served"])] + [row]
                 path.write_text(json.dumps(rows, indent=2))
-                write_markdown(rows)
+                write_markdown(rows, args.target)
                 print(f"{kind}/{name}: {row['wall_s']:.0f} s, {json.dumps(row['quality'])}", file=sys.stderr,
                       flush=True)
 

@@ -63,7 +63,9 @@ GPU_SETTINGS: dict[str, dict] = {
     "gptq": {"method": "gptq"},
     "gptq+8bit10": {"method": "gptq", "dense_budget": 0.1, "budget_scheme": "w8a16"},
     "gptq+8bit20": {"method": "gptq", "dense_budget": 0.2, "budget_scheme": "w8a16"},
+    "gptq+8bit30": {"method": "gptq", "dense_budget": 0.3, "budget_scheme": "w8a16"},
     "smoothed+gptq+8bit10": {"method": "gptq", "smoothing": "search", "dense_budget": 0.1, "budget_scheme": "w8a16"},
+    "smoothed+gptq+8bit20": {"method": "gptq", "smoothing": "search", "dense_budget": 0.2, "budget_scheme": "w8a16"},
     "autoround+8bit10": {"method": "autoround", "dense_budget": 0.1, "budget_scheme": "w8a16"},
 }
 

@@ -114,18 +114,21 @@ def _target_dict(t) -> dict:
 @click.option("--scheme", help="w8a8-int8, w4a16, w8a16 or fp8 (default: the target's default)")
 @click.option("--group-size", type=click.IntRange(min=1), help="weights per scale for w4a16 (default: chosen per model)")
 @click.option("--method", type=click.Choice(METHODS),
-              help="weight rounding: rtn (round-to-nearest), gptq, or autoround (rounding learned block by block); "
-                   "calibrated methods use wikitext-2 valid. Default: rtn, or autoround for w8a8-int8 on CPUs without "
-                   "VNNI, whose paired int8 codes lose too much when rounded to nearest")
+              help="weight rounding: rtn (round-to-nearest, seconds), gptq (Hessian error compensation, about "
+                   "1.5 min for a 135M model on 2 cores), or autoround (rounding learned block by block: 3-5x GPTQ's "
+                   "time with native bf16, about 3x more without; it prints its estimate before starting). "
+                   "Calibrated methods use wikitext-2 valid. Default: gptq for 4-bit weights and for w8a8-int8 on "
+                   "CPUs without VNNI, rtn otherwise (benchmarks/results/default_method_*.md)")
 @click.option("--iterations", type=click.IntRange(min=1), help="learning steps per decoder block for --method autoround")
 @click.option("--smoothing", type=click.Choice(["search", "none"]),
               help="per-channel scaling searched on calibration text: SmoothQuant for w8a8-int8/fp8 (their default), "
                    "activation-aware (AWQ-style) for weight-only schemes")
 @click.option("--dense-budget", type=click.FloatRange(min=0, max=1, max_open=True),
               help="share of the linear weights left unquantized, the layers whose quantization costs the most loss "
-                   "(measured on calibration text) first. Default: 0.02 for w8a8-int8/fp8, 0 for weight-only")
+                   "(measured on calibration text) first. Default: 0.02 for w8a8-int8/fp8; 0.3, at w8a16, for w4a16 "
+                   "where the target serves w8a16; else 0")
 @click.option("--budget-scheme", help="what the --dense-budget layers get: dense, or a scheme with more bits "
-                                      "(e.g. w8a16 under w4a16). Default: dense, w8a16 for w4a16 on GPUs")
+                                      "(e.g. w8a16 under w4a16). Default: dense; w8a16 for w4a16 on GPUs")
 @click.option("--activations", type=click.Choice(["symmetric", "asymmetric"]),
               help="int8 activations per token: symmetric (default) or asymmetric, a zero point per token: closer "
                    "to the base by KL and top-1 agreement on the demo model; its perplexity change varied with the "

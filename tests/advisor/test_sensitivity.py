@@ -139,7 +139,9 @@ def test_dense_budget_defaults_to_two_percent_where_activations_are_quantized(ti
 
     structure = inspect_structure(tiny_llama_dir)
     assert plan(structure, get_target("cpu"), "w8a8-int8", None).dense_budget == 0.02
-    assert plan(structure, get_target("a10g"), "w4a16", None).dense_budget == 0.0
+    gpu = plan(structure, get_target("a10g"), "w4a16", None)
+    assert (gpu.dense_budget, gpu.budget_scheme) == (0.3, "w8a16")  # 4 bits: the costliest weights at 8 bits
+    assert plan(structure, get_target("a10g"), "w8a16", None).dense_budget == 0.0
     assert plan(structure, get_target("cpu"), "w8a8-int8", None, dense_budget=0.0).calibration is not None  # smoothing
 
 

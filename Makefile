@@ -8,10 +8,10 @@ STAMP := $(VENV)/.hubc-installed
 .PHONY: setup demo test lint serve-demo clean
 
 # `make demo CPU_ISA=avx2` / `make test CPU_ISA=avx2` take this CPU for an AVX2-only one: hubc resolves `cpu` to the
-# AVX2 variant (HUBC_CPU_ISA), and torch, MKL and oneDNN (hubc's and the vLLM servers') are capped to AVX2.
+# AVX2 variant (HUBC_CPU_ISA), torch and MKL are capped to AVX2, and hubc caps oneDNN in the vLLM servers where that
+# reaches the int8 GEMM (CPUs without AMX).
 ifeq ($(CPU_ISA),avx2)
 export HUBC_CPU_ISA := avx2
-export ONEDNN_MAX_CPU_ISA := AVX2
 export ATEN_CPU_CAPABILITY := avx2
 export MKL_ENABLE_INSTRUCTIONS := AVX2
 else ifneq ($(CPU_ISA),)

@@ -338,9 +338,12 @@ def _resolve_cpu(spec: CpuSpec, variant: IsaVariant, named: bool = False,
         serve_env = {"ONEDNN_MAX_CPU_ISA": ONEDNN_ISA[variant.isa]}
         if "amx_int8" in cpu_flags(_CPUINFO, cut=False) and "w8a8-int8" in schemes:
             # vLLM picks its AMX int8 kernel here whatever oneDNN's cap, and that kernel takes 16-bit activations
-            # only. Its int8 arithmetic is exact, as oneDNN's AVX2 GEMM is on pair-limited codes: quality served here
-            # is that CPU's, latency is not.
+            # only, which oneDNN capped below AVX-512 cannot run the rest of the model in (vLLM's workers abort).
+            # So no cap: the AMX kernel's int8 arithmetic is exact, as oneDNN's AVX2 GEMM is on pair-limited codes,
+            # and quality served here is that CPU's; latency is not.
             import dataclasses
+
+            serve_env = {}
 
             schemes["w8a8-int8"] = dataclasses.replace(
                 schemes["w8a8-int8"], serve_dtype="bfloat16",

@@ -11,11 +11,12 @@ compares W4A16 settings (method, smoothing, share of the weights kept at 8 bits)
 
 CPU kinds: `native` is this machine as it is; `avx2` takes it for an AVX2-only CPU (no AVX-512, VNNI or native
 bf16): `HUBC_CPU_ISA=avx2` (hubc resolves `cpu` to the AVX2 variant, with its int8 pair limit, and calibrates in
-fp32), torch's kernels and MKL capped to AVX2 (`ATEN_CPU_CAPABILITY`, `MKL_ENABLE_INSTRUCTIONS`) and oneDNN capped
-to AVX2 in hubc and in the vLLM servers (`ONEDNN_MAX_CPU_ISA`). On a CPU with AMX, vLLM's AMX int8 kernel ignores
-oneDNN's cap: served numbers then come from exact int8 arithmetic, which is what the pair limit makes oneDNN's AVX2
-GEMM compute (tests/advisor/test_targets.py::test_int8_pair_sum_matches_onednn), but served latency is not an AVX2
-CPU's.
+fp32), torch's kernels and MKL capped to AVX2 (`ATEN_CPU_CAPABILITY`, `MKL_ENABLE_INSTRUCTIONS`), and oneDNN capped
+to AVX2 in the vLLM servers (`ONEDNN_MAX_CPU_ISA`) on CPUs without AMX. With AMX, vLLM picks its AMX int8 kernel
+whatever oneDNN's cap (and a capped oneDNN cannot run the bf16 it needs), so it is served uncapped in bf16: served
+numbers then come from exact int8 arithmetic, which is what the pair limit makes oneDNN's AVX2 GEMM compute
+(tests/advisor/test_targets.py::test_int8_pair_sum_matches_onednn), but served latency is not an AVX2 CPU's. Rows
+measured before this change also had oneDNN capped in hubc's own process.
 
 Results accumulate in benchmarks/results/default_method_<target>.json (a row per kind × setting, replaced when rerun)
 and the Markdown table benchmarks/results/default_method_<target>.md.
@@ -42,8 +43,7 @@ HUBC = [sys.executable, "-m", "hubplugin.cli"]
 
 KINDS: dict[str, dict[str, str]] = {
     "native": {},
-    "avx2": {"HUBC_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-             "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx2": {"HUBC_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
 
 # Setting name → recipe fields over the W8A8 defaults (smoothing search, 2% dense).

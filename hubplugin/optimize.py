@@ -342,7 +342,8 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     clock.step("smoothing")
     transforms = apply_transforms(model, structure, recipe, tokenizer)
     if recipe.dense_budget > 0:
-        progress(f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the weights stay dense)")
+        how = "stay dense" if recipe.budget_scheme == "dense" else f"get {recipe.budget_scheme}"
+        progress(f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the weights {how})")
         clock.step("dense budget")
         recipe = keep_sensitive_dense(model, structure, recipe, tokenizer, transforms)
     progress(f"quantizing with {recipe.scheme} ({recipe.method})")

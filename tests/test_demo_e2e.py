@@ -46,13 +46,15 @@ def test_demo_leaves_a_complete_checkpoint(demo_run):
 
 
 def test_served_base_reproduces_transformers(demo_run):
-    """The harness itself: vLLM's prompt logprobs on the unquantized base equal transformers' (fp32)."""
+    """The harness itself: vLLM's prompt logprobs on the unquantized base equal transformers' (fp32), or come within
+    bf16's rounding of them."""
     report = json.loads((demo_run[0] / "report.json").read_text())
     for tr in report["quality"]:
         base, served = tr["base"], tr["served_base"]
         assert served["engine"] == "vllm" and base["engine"] == "transformers"
         assert abs(served["perplexity"] / base["perplexity"] - 1) <= 0.005, tr["text"]
-        assert served["top1_agreement"] >= 0.99, tr["text"]
+        # bf16 (AMX CPUs serve W8A8 in bf16, and the base with it) flips near-ties: 97.2% measured on a Xeon.
+        assert served["top1_agreement"] >= (0.99 if served["dtype"] == "float32" else 0.95), tr["text"]
 
 
 def test_served_variant_agrees_with_evaluation_or_is_flagged(demo_run):

@@ -225,6 +225,16 @@ class _Tensor:
             return struct.unpack(f"<{self.numel}{fmt}", f.read(self.numel * struct.calcsize(fmt)))
 
 
+def stored_bytes(path: Path | str, float_bytes: int) -> int:
+    """Bytes of the safetensors weights in `path` with every float tensor stored at `float_bytes` per element
+    (integer ones as stored), headers included: a checkpoint's size in another dtype, read from its headers."""
+    tensors = _tensors(Path(path))
+    headers: dict[Path, int] = {}
+    for t in tensors.values():  # a file's first tensor starts right after its header
+        headers[t.file] = min(headers.get(t.file, t.offset), t.offset)
+    return int(sum(t.served_bytes(float_bytes) for t in tensors.values())) + sum(headers.values())
+
+
 def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:

@@ -120,6 +120,7 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
     if structure.tied_embeddings and head is not None:
         # Tied heads share the embedding tensor; the checkpoint stores it once, as transformers does.
         state = {k: v for k, v in state.items() if not (k.startswith(_prefix_of(modules, head)) and k.endswith("weight"))}
+    packed: dict[str, torch.Tensor] = {}
     for info in tqdm(structure.linears, desc=f"quantizing ({recipe.scheme}, {recipe.method})", unit="layer"):
         scheme = chosen[info.name]
         if scheme is None:
@@ -134,15 +135,10 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
                                hint="report this as a hubc bug; --method rtn is not affected")
         del state[f"{info.name}.weight"]
         for suffix, tensor in _compressed_tensors(qw, scheme, dtype).items():
-            state[f"{info.name}.{suffix}"] = tensor
-    written = set()
-    for name, scheme in chosen.items():
-        if scheme is not None:
-            written.update(f"{name}.{s}" for s in ("weight_scale", "weight_zero_point", "weight_packed", "weight_shape"))
-            if scheme.ct_format != "pack-quantized":
-                written.add(f"{name}.weight")
-    state = {k: (v.to(dtype) if dtype is not None and k not in written and v.is_floating_point() else v).detach().contiguous()
-             for k, v in state.items()}
+            packed[f"{info.name}.{suffix}"] = tensor
+    # What stays unquantized is written in the checkpoint's dtype; the quantized tensors keep theirs.
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()} | packed
+    state = {k: v.detach().contiguous() for k, v in state.items()}
 
     split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD)
     total = 0

@@ -256,9 +256,8 @@ def cpu_flags(cpuinfo: str | Path | None = None, *, cut: bool = True) -> frozens
         if sep and key.strip() in ("flags", "Features"):
             flags = frozenset(value.split())
             break
-    if cut and Path(cpuinfo) == _CPUINFO and forced_isa():
-        flags = _cut_to(flags, forced_isa())
-    return flags
+    isa = forced_isa() if cut and Path(cpuinfo) == _CPUINFO else None
+    return _cut_to(flags, isa) if isa else flags
 
 
 def forced_isa() -> str | None:

@@ -137,28 +137,9 @@ def weights_size(path: Path) -> int:
 def weights_size_in(path: Path, dtype: str) -> int:
     """Bytes of the safetensors weights in `path` with every floating-point tensor stored in `dtype` (read from the
     files' headers; integer tensors keep their size), plus the headers as they are."""
-    import struct
+    from advisor.checkpoint_features import stored_bytes
 
-    bits = {"float32": 32, "float16": 16, "bfloat16": 16}[dtype]
-    floats = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-    total = 0
-    for f in sorted(path.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        total += 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            if info["dtype"] in floats:
-                count = 1
-                for d in info["shape"]:
-                    count *= d
-                total += count * bits // 8
-            else:
-                total += end - start
-    return total
+    return stored_bytes(path, {"float32": 4, "float16": 2, "bfloat16": 2}[dtype])
 
 
 def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Callable[[str], None] = lambda s: None) -> OptimizeResult:

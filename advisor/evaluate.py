@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from advisor.errors import AdvisorError
+from advisor.measurement import QualityMeasurement, hardware
 
 SHIPPED_TEXTS = {
     "wikitext2-test": "wikitext2-test.txt",
@@ -46,24 +46,8 @@ class EvalText:
         return sum(len(w) - 1 for w in self.windows)
 
 
-@dataclass
-class Measurement:
-    """A number with its provenance: which engine computed it, in what precision, on what text."""
-
-    engine: str
-    engine_version: str
-    dtype: str
-    hardware: str
-    text: str
-    tokens: int
-    perplexity: float
-    kl: float | None = None
-    top1_agreement: float | None = None
-    ece: float | None = None
-    note: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# The quality kind of hubc's one measurement record (advisor.measurement), under the name callers of this module use.
+Measurement = QualityMeasurement
 
 
 @dataclass
@@ -120,14 +104,8 @@ def make_windows(tokenizer, text: str, seq_len: int, windows: int) -> list[list[
 
 
 def hardware_name() -> str:
-    """CPU model name (Linux), for provenance."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The hardware transformers evaluates on (advisor.measurement.hardware), with torch's thread count."""
+    return hardware(threads=torch.get_num_threads())
 
 
 @dataclass

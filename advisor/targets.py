@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from advisor.errors import AdvisorError, UnknownTargetError, UnsupportedSchemeError
+from advisor.measurement import CPUINFO
+from advisor.measurement import cpuinfo as read_cpuinfo
 
 if TYPE_CHECKING:
     from advisor._catalog import Catalog, CpuSpec
@@ -50,7 +52,7 @@ PEAK_DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8", "int8")
 SERVE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 KINDS: tuple[str, ...] = ("gpu", "cpu")
 
-_CPUINFO = Path("/proc/cpuinfo")
+_CPUINFO = CPUINFO
 
 # ONEDNN_MAX_CPU_ISA value that makes oneDNN dispatch as each ISA variant would (oneDNN's documented CPU dispatcher
 # control: https://oneapi-src.github.io/oneDNN/dev_guide_cpu_dispatcher_control.html).
@@ -246,16 +248,10 @@ def cpu_flags(cpuinfo: str | Path | None = None, *, cut: bool = True) -> frozens
     For this machine's own /proc/cpuinfo (the default), ``$HUBC_CPU_ISA`` (see FORCE_ISA_ENV) cuts them down to one
     ISA variant, unless ``cut`` is False (the flags the CPU really has)."""
     cpuinfo = _CPUINFO if cpuinfo is None else cpuinfo
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
+    fields = read_cpuinfo(cpuinfo)
+    if not fields:  # unreadable
         return frozenset()
-    flags: frozenset[str] = frozenset()
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            flags = frozenset(value.split())
-            break
+    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
     isa = forced_isa() if cut and Path(cpuinfo) == _CPUINFO else None
     return _cut_to(flags, isa) if isa else flags
 

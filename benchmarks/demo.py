@@ -28,7 +28,10 @@ HUBC = [sys.executable, "-m", "hubplugin.cli"]
 # Run name → (target, environment over this one's), as the Makefile sets it.
 RUNS: dict[str, tuple[str, dict[str, str]]] = {
     "cpu": ("cpu", {}),
-    "cpu-as-avx2": ("cpu", {"HUBC_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+    "cpu-as-avx2": (
+        "cpu",
+        {"HUBC_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    ),
     "a10g": ("a10g", {}),
 }
 TEXTS = ("wikitext2-test", "licenses")
@@ -36,27 +39,51 @@ TEXTS = ("wikitext2-test", "licenses")
 
 def run_one(name: str, work: Path) -> dict:
     target, env = RUNS[name]
-    cmd = [*HUBC, "optimize", "demo", "--target", target, "--out", str(work / name), "--overwrite", "--format", "json"]
+    cmd = [
+        *HUBC,
+        "optimize",
+        "demo",
+        "--target",
+        target,
+        "--out",
+        str(work / name),
+        "--overwrite",
+        "--format",
+        "json",
+    ]
     started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **env}, cwd=ROOT)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env={**os.environ, **env}, cwd=ROOT
+    )
     wall = time.monotonic() - started
     if proc.returncode != 0:
         sys.exit(f"{name}: hubc failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     report = json.loads(proc.stdout)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=ROOT
+    )
     t = report.get("transforms") or {}
     kept, total = t.get("kept_dense") or {}, t.get("quantization_cost") or 0.0
     quality = {}
     for tr in report["quality"]:
-        row = {"base": tr["base"]["perplexity"], "variant": tr["variant"]["perplexity"], "kl": tr["variant"]["kl"]}
+        row = {
+            "base": tr["base"]["perplexity"],
+            "variant": tr["variant"]["perplexity"],
+            "kl": tr["variant"]["kl"],
+        }
         if tr.get("served_variant"):
-            row.update(served_base=tr["served_base"]["perplexity"], served_variant=tr["served_variant"]["perplexity"],
-                       served_dtype=tr["served_variant"]["dtype"], engine_version=tr["served_variant"]["engine_version"])
+            row.update(
+                served_base=tr["served_base"]["perplexity"],
+                served_variant=tr["served_variant"]["perplexity"],
+                served_dtype=tr["served_variant"]["dtype"],
+                engine_version=tr["served_variant"]["engine_version"],
+            )
         quality[tr["text"]] = row
     lat = report.get("latency")
     return {
         "name": name,
-        "command": " ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "")
+        "command": " ".join(f"{k}={v}" for k, v in env.items())
+        + (" " if env else "")
         + f"hubc optimize demo --target {target}",
         "target": report["target_description"],
         "cpu": _cpu_name(),
@@ -104,40 +131,61 @@ def write_markdown(rows: list[dict]) -> None:
         "",
     ]
     for r in rows:
-        lines += [f"## {r['name']}: `{r['command']}`", "",
-                  f"Target: {r['target']}. {r['cpu']}, hubc {r['hubc_commit']}"
-                  + (f", vLLM {r['vllm']}" if r["vllm"] else "") + ".", ""]
+        lines += [
+            f"## {r['name']}: `{r['command']}`",
+            "",
+            f"Target: {r['target']}. {r['cpu']}, hubc {r['hubc_commit']}"
+            + (f", vLLM {r['vllm']}" if r["vllm"] else "")
+            + ".",
+            "",
+        ]
         size = f"{_mb(r['size_after'])} ({r['size_after'] / r['size_before'] - 1:+.0%}"
         if r["size_original"]:
             size += f"; {r['size_after'] / r['size_original'] - 1:+.0%} against the {_mb(r['size_original'])} as given"
-        lines += ["| measure | engine | base | variant |", "|---|---|---|---|",
-                  f"| wall time | | | {r['wall_s']:.0f} s (quantization {r['timings'].get('quantization', 0):.0f} s) |",
-                  f"| scheme, method | | | {r['scheme']}, {r['method']} |",
-                  f"| weights on disk ({r['checkpoint_dtype']}) | — | {_mb(r['size_before'])} | {size}) |"]
+        lines += [
+            "| measure | engine | base | variant |",
+            "|---|---|---|---|",
+            f"| wall time | | | {r['wall_s']:.0f} s (quantization {r['timings'].get('quantization', 0):.0f} s) |",
+            f"| scheme, method | | | {r['scheme']}, {r['method']} |",
+            f"| weights on disk ({r['checkpoint_dtype']}) | — | {_mb(r['size_before'])} | {size}) |",
+        ]
         share = r["kept_share_of_estimated_loss"]
         kept = ", ".join(f"`{k}`" for k in r["kept"]) or "none"
         how = "dense" if r["budget_scheme"] in (None, "dense") else f"at {r['budget_scheme']}"
-        lines.append(f"| kept {how} by the budget | | | {kept}"
-                     + (f" ({share:.0%} of the estimated quantization loss)" if share is not None else "") + " |")
+        lines.append(
+            f"| kept {how} by the budget | | | {kept}"
+            + (f" ({share:.0%} of the estimated quantization loss)" if share is not None else "")
+            + " |"
+        )
         for text in TEXTS:
             q = r["quality"].get(text)
             if not q:
                 continue
-            lines.append(f"| perplexity, {text} | transformers (float32) | {q['base']:.3f} | "
-                         f"{_delta(q['variant'], q['base'])} |")
+            lines.append(
+                f"| perplexity, {text} | transformers (float32) | {q['base']:.3f} | "
+                f"{_delta(q['variant'], q['base'])} |"
+            )
             if "served_variant" in q:
-                lines.append(f"| perplexity, {text} | vLLM {q['engine_version']} ({q['served_dtype']}) | "
-                             f"{q['served_base']:.3f} | {_delta(q['served_variant'], q['served_base'])} |")
+                lines.append(
+                    f"| perplexity, {text} | vLLM {q['engine_version']} ({q['served_dtype']}) | "
+                    f"{q['served_base']:.3f} | {_delta(q['served_variant'], q['served_base'])} |"
+                )
         kl = " / ".join(f"{r['quality'][t]['kl']:.4f}" for t in TEXTS if t in r["quality"])
-        lines.append(f"| KL vs base ({' / '.join(t for t in TEXTS if t in r['quality'])}) | transformers | | {kl} |")
+        lines.append(
+            f"| KL vs base ({' / '.join(t for t in TEXTS if t in r['quality'])}) | transformers | | {kl} |"
+        )
         if r["tpot_ms_p50"]:
             b, v = r["tpot_ms_p50"]["base"], r["tpot_ms_p50"]["variant"]
-            lines.append(f"| time per output token, p50 | vLLM | {b:.1f} ms | {v:.1f} ms ({v / b - 1:+.0%}) |")
+            lines.append(
+                f"| time per output token, p50 | vLLM | {b:.1f} ms | {v:.1f} ms ({v / b - 1:+.0%}) |"
+            )
         gate = r.get("gate") or {}
         if gate.get("worst"):
             w = gate["worst"]
-            lines.append(f"| quality gate ({gate['threshold']:+.0%}) | | | {'passed' if gate['passed'] else 'failed'}: "
-                         f"largest {w['increase']:+.2%} on {w['text']} ({w['engine']}) |")
+            lines.append(
+                f"| quality gate ({gate['threshold']:+.0%}) | | | {'passed' if gate['passed'] else 'failed'}: "
+                f"largest {w['increase']:+.2%} on {w['text']} ({w['engine']}) |"
+            )
         lines.append("")
     (RESULTS / "demo.md").write_text("\n".join(lines))
 

@@ -1,13 +1,14 @@
 """Leave-one-out check of the latency cost model (advisor.latency) on every stored `hubc bench` measurement.
 
-    python benchmarks/latency_model.py [--store PATH] [--json OUT.json]
+    python benchmarks/latency_model.py [--store PATH] [--name latency_model]
 
 Groups the results store's latency records by hardware and served dtype (a GPU's records go to the catalog target
 whose name their hardware string carries, anything else to `cpu`), fits the model on each group and prints, for
 every record, the measured TTFT/TPOT p50 next to what a fit on all the *other* records of its group predicts, then
 the terms the full fit found (as effective bandwidths and compute rates) and the ones the data could not support.
-Numbers are printed, not asserted. Records whose checkpoint folder was removed or rewritten since are left out and
-listed (their files no longer say what was measured). The store is only read.
+Numbers are printed, not asserted, and written to benchmarks/results/NAME.txt (as printed) and NAME.json (every row
+and fitted term). Records whose checkpoint folder was removed or rewritten since are left out and listed (their files
+no longer say what was measured). The store is only read.
 """
 
 from __future__ import annotations
@@ -47,10 +48,16 @@ def _ms(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=default_path(), help="results store (default: hubc's)")
-    parser.add_argument("--json", type=Path, help="also write every row and fitted term here")
+    parser.add_argument("--name", default="latency_model", help="results file name (benchmarks/results/NAME.*)")
     args = parser.parse_args()
     if not args.store.is_file():
         raise SystemExit(f"no results store at {args.store}: run `hubc bench` first")
+    printed: list[str] = []
+
+    def say(line: str) -> None:
+        printed.append(line)
+        print(line, flush=True)
+
     records = ResultsStore(args.store).records(kind=LATENCY)
     catalog = load_catalog()
     stale = [
@@ -64,38 +71,41 @@ def main() -> None:
         if r not in stale:
             dtype = (r.settings.get("server") or {}).get("dtype") or "?"
             groups.setdefault((r.hardware, dtype), []).append(r)
-    print(f"results store {args.store}: {len(records)} latency records, {len(stale)} left out (folder gone or "
+    say(f"results store {args.store}: {len(records)} latency records, {len(stale)} left out (folder gone or "
           f"rewritten){': ids ' + ', '.join(str(r.id) for r in stale) if stale else ''}")  # fmt: skip
     out = []
     for (hardware, dtype), group in groups.items():
         target = _target_for(hardware, catalog)
         model = LatencyModel.fit(group, target, dtype)
-        print(f"\n{hardware} (target {target}), served in {dtype}: {len(model.rows)} records")
+        say(f"\n{hardware} (target {target}), served in {dtype}: {len(model.rows)} records")
         header = (f"{'id':>3}  {'checkpoint':<14} {'format':<10} {'traffic':<29} {'TTFT meas':>9} {'TTFT pred':>9} "
                   f"{'err':>5}  {'TPOT meas':>9} {'TPOT pred':>9} {'err':>5}")  # fmt: skip
-        print(header)
+        say(header)
         for h in model.held_out():
-            print(f"{h.record_id:>3}  {h.label:<14} {h.formats:<10} {h.traffic:<29} {h.ttft_ms:>9.1f} "
+            say(f"{h.record_id:>3}  {h.label:<14} {h.formats:<10} {h.traffic:<29} {h.ttft_ms:>9.1f} "
                   f"{_ms(h.predicted_ttft_ms):>9} {_pct(h.predicted_ttft_ms, h.ttft_ms):>5}  {h.tpot_ms:>9.1f} "
                   f"{_ms(h.predicted_tpot_ms):>9} {_pct(h.predicted_tpot_ms, h.tpot_ms):>5}")  # fmt: skip
         ttft, tpot, count = model.loo_error()
         if count:
-            print(f"leave-one-out mean |error| over the {count} records whose format has another measurement: "
+            say(f"leave-one-out mean |error| over the {count} records whose format has another measurement: "
                   f"TTFT {ttft:.1%}, TPOT {tpot:.1%}")  # fmt: skip
         coefficients = model.coefficients()
         for phase in ("tpot", "ttft"):
             terms = ", ".join(_term(k, v) for k, v in coefficients.get(phase, {}).items())
             dropped = ", ".join(coefficients.get(f"{phase}_not_identifiable", [])) or "none"
-            print(
+            say(
                 f"{phase.upper()} fit (all records): {terms}; not identifiable from these records: {dropped}"
             )
         for note in model.skipped:
-            print(f"skipped: {note}")
+            say(f"skipped: {note}")
         out.append({"hardware": hardware, "target": target, "dtype": dtype, "coefficients": coefficients,
                     "loo_error": {"ttft": ttft, "tpot": tpot, "records": count},
                     "held_out": [vars(h) for h in model.held_out()], "skipped": model.skipped})  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    command = "python benchmarks/latency_model.py" + ("" if args.name == "latency_model" else f" --name {args.name}")
+    (results / f"{args.name}.txt").write_text(f"$ {command}\n" + "\n".join(printed) + "\n")
+    (results / f"{args.name}.json").write_text(json.dumps({"command": command, "groups": out}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

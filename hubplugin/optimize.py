@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from advisor.errors import AdvisorError
-from advisor.evaluate import EvalConfig, Measurement, TextResult
+from advisor.evaluate import EvalConfig, TextResult
 from advisor.recipe import Recipe
 from hubplugin.errors import HubcError, OutputExistsError
 from hubplugin.source import ModelSource
@@ -72,13 +72,16 @@ class OptimizeConfig:
 
 @dataclass
 class LatencyPair:
-    """TTFT / per-token latency of the base and the variant, measured in one run on the same server settings."""
+    """TTFT / per-token latency of the base and the variant, measured in one interleaved `vllm bench serve` run on
+    the same server settings (serving.check), and stored in the results store like `hubc bench`'s."""
 
     base: dict
+    """TTFT/TPOT p50/p95 (ms, median over rounds), throughput_tok_s, rounds, tpot_ms_p50_spread, measurement_id."""
     variant: dict
     hardware: str
     vllm_version: str
     settings: dict
+    """Server settings, and requests, prompt/output tokens, warm-up, concurrency and rounds of the measurement."""
 
 
 @dataclass
@@ -390,60 +393,41 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
 
 
 def _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress) -> None:
-    from advisor.evaluate import hardware_name
-    from hubplugin.source import cache_dir
-    from serving.check import generate_text
-    from serving.latency import LatencyConfig, measure_latency
-    from serving.quality import served_quality, served_token_logprobs
-    from serving.server import ServerConfig, VllmServer
+    """Serve base and variant (serving.check: served quality, latency through `hubc bench`'s path, a completion),
+    put the numbers on `result`, and store them in the results store under the variant's final folder."""
+    import dataclasses
 
-    max_len = max(config.eval.seq_len, config.latency_prompt_tokens + config.latency_output_tokens) + 16
+    from advisor.measurement import Traffic
+    from serving.check import CheckConfig, EvalWindows, check
+    from serving.server import ServerConfig
+    from serving.store import ResultsStore, describe
+
+    traffic = Traffic(config.latency_prompt_tokens, config.latency_output_tokens, concurrency=1)
     support = target.schemes[result.recipe.scheme]
-    server_config = ServerConfig(dtype=support.serve_dtype or target.serve_dtype, max_model_len=max_len,
-                                 env=dict(target.serve_env))
-    hardware = hardware_name() + "".join(f", {k}={v}" for k, v in target.serve_env.items())
-    latency_config = LatencyConfig(
-        prompt_tokens=config.latency_prompt_tokens,
-        output_tokens=config.latency_output_tokens,
-        requests=config.latency_requests,
-    )
-    latency: dict[str, dict] = {}
-    vllm_version = ""
-    for role, path in (("base", source.path), ("variant", staging)):
-        progress(f"serving the {role} with vLLM")
-        with VllmServer(path, server_config, log_dir=cache_dir() / "logs") as server:
-            vllm_version = server.vllm_version
-            for tr in result.quality:
-                t = next(x for x in texts if x.name == tr.text)
-                served = served_token_logprobs(server, t.windows)
-                sq = served_quality(t.windows, served, base_top1[t.name])
-                m = Measurement(
-                    engine="vllm",
-                    engine_version=sq.vllm_version,
-                    dtype=sq.dtype,
-                    hardware=hardware,
-                    text=t.name,
-                    tokens=sq.tokens,
-                    perplexity=sq.perplexity,
-                    top1_agreement=sq.top1_agreement,
-                    note="vLLM prompt logprobs (teacher-forced) from the served checkpoint",
-                )
-                if role == "base":
-                    tr.served_base = m
-                else:
-                    tr.served_variant = m
-            latency[role] = asdict(measure_latency(server, latency_config))
-            if role == "variant":
-                prompt = "The capital of France is"
-                result.sample = {"prompt": prompt, "completion": generate_text(server, prompt)}
+    server = ServerConfig(dtype=support.serve_dtype or target.serve_dtype, env=dict(target.serve_env),
+                          max_model_len=max(config.eval.seq_len, traffic.input_len + traffic.output_len) + 16,
+                          extra_args=("--no-enable-prefix-caching",))  # as `hubc bench` serves
+    measured = {tr.text for tr in result.quality}
+    windows = [EvalWindows(t.name, t.windows, config.eval.seq_len, base_top1[t.name]) for t in texts
+               if t.name in measured]
+    base = describe(source.path, model_id=source.hub_id, revision=source.revision,
+                    name=source.ref if source.kind in ("hub", "demo") else source.hub_id)
+    variant = describe(staging)
+    # What describe() will read from the finished folder's report.json, so stored records name the final folder.
+    final = dataclasses.replace(variant, path=str(Path(result.out).resolve()), model_id=source.hub_id,
+                                revision=source.revision, base_model_id=source.hub_id, base_path=str(source.path),
+                                recipe=result.to_dict().get("recipe"), target=result.target)
+    checked = check(base, variant, CheckConfig(server=server, texts=windows, traffic=traffic,
+                                               num_prompts=config.latency_requests,
+                                               layout="frozen" if target.kind == "cpu" else "one-at-a-time"),
+                    store=ResultsStore(), variant_record=final, progress=progress)
+    for tr in result.quality:
+        tr.served_base, tr.served_variant = checked.quality["base"][tr.text], checked.quality["variant"][tr.text]
     result.served = True
-    result.latency = LatencyPair(
-        base=latency["base"],
-        variant=latency["variant"],
-        hardware=hardware,
-        vllm_version=vllm_version,
-        settings={**asdict(server_config), **asdict(latency_config), "concurrency": 1},
-    )
+    result.sample = checked.sample
+    result.latency = LatencyPair(base=checked.latency["base"], variant=checked.latency["variant"],
+                                 hardware=checked.hardware, vllm_version=checked.vllm_version,
+                                 settings=checked.settings)
     for tr in result.quality:
         sv, ev_ = tr.served_variant, tr.variant
         gap = sv.perplexity / ev_.perplexity - 1.0

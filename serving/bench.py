@@ -35,17 +35,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from serving._bench_procs import (
-    BenchClient,
-    BenchError,
-    Freezer,
-    PeakMemory,
-    quiesce,
-    signals_raise,
-)
-from serving._bench_results import (  # re-exported: the records a run produces are part of this module's API
+from advisor.measurement import LATENCY, CheckpointInfo, MeasurementRecord, Traffic, hardware
+from serving.bench_client import BenchClient, BenchError
+from serving.processes import Freezer, PeakMemory, quiesce, signals_raise
+from serving.results import (  # re-exported: the records a run produces are part of this module's API
     THROUGHPUT_METRICS,
     BenchReport,
     CheckpointResult,
@@ -55,7 +50,7 @@ from serving._bench_results import (  # re-exported: the records a run produces 
     throughput_percentiles,
 )
 from serving.server import ServerConfig, VllmServer, cpu_list
-from serving.store import LATENCY, CheckpointInfo, Measurement, ResultsStore, default_path, hardware
+from serving.store import ResultsStore, default_path
 
 __all__ = [
     "DEFAULT_DTYPE",
@@ -70,6 +65,8 @@ __all__ = [
     "Traffic",
     "bench",
     "percentile",
+    "run_once",
+    "store_report",
     "stored_throughput",
     "throughput_percentiles",
 ]
@@ -79,46 +76,6 @@ PERCENTILE_METRICS = ("ttft", "tpot", "itl")
 # bf16 is what vLLM's CPU backend is usually served in; one dtype for every checkpoint keeps the comparison fair.
 DEFAULT_DTYPE = "bfloat16"
 LAYOUTS = ("frozen", "one-at-a-time")
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """The traffic a benchmark sends: random prompts of `input_len` tokens, `output_len` generated tokens each
-    (EOS ignored), at most `concurrency` requests in flight, all requests queued at once."""
-
-    input_len: int = 512
-    """Prompt tokens per request."""
-    output_len: int = 128
-    """Generated tokens per request."""
-    concurrency: int = 8
-    """Requests in flight at once (`--max-concurrency`)."""
-
-    _KEYS: ClassVar[dict[str, str]] = {
-        "in": "input_len", "input": "input_len", "out": "output_len", "output": "output_len",
-        "concurrency": "concurrency", "c": "concurrency",
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.input_len < 1 or self.output_len < 2 or self.concurrency < 1:
-            raise ValueError("traffic needs in >= 1, out >= 2 (TPOT needs two tokens) and concurrency >= 1")
-
-    @classmethod
-    def parse(cls, text: str) -> Traffic:
-        """`in=512,out=128,concurrency=8` (any subset; the rest keep their defaults)."""
-        values: dict[str, int] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            key, sep, value = part.partition("=")
-            name = cls._KEYS.get(key.strip().lower())
-            if not sep or name is None:
-                raise ValueError(f"bad traffic item '{part}': use in=N,out=N,concurrency=N")
-            try:
-                values[name] = int(value)
-            except ValueError:
-                raise ValueError(f"bad traffic item '{part}': {value!r} is not an integer") from None
-        return cls(**values)
-
-    def __str__(self) -> str:
-        return f"in={self.input_len},out={self.output_len},concurrency={self.concurrency}"
 
 
 @dataclass
@@ -255,7 +212,7 @@ def bench(
                         notes.append(f"round {rounds}, {info.label}: the server was still busy after "
                                      f"{config.quiesce_timeout_s:g} s")  # fmt: skip
                     progress(f"round {rounds}: vllm bench serve on {info.label} ({config.traffic})")
-                    metrics = _run_once(client, server, info, config, rounds, index, run_id, log_dir)
+                    metrics = run_once(client, server, info, config, rounds, index, run_id, log_dir)
                     result.rounds.append(metrics)
                     progress(f"round {rounds}: {info.label}: TPOT p50 {metrics.tpot_ms_p50:.1f} ms, "
                              f"TTFT p50 {metrics.ttft_ms_p50:.0f} ms, {metrics.output_throughput_tok_s:.1f} tok/s")  # fmt: skip
@@ -279,7 +236,7 @@ def bench(
     report = BenchReport(
         traffic=config.traffic,
         results=results,
-        hardware=hardware(),
+        hardware=hardware(env=server_config.env),
         vllm_version=vllm_version,
         settings=settings,
         rounds=rounds,
@@ -289,20 +246,26 @@ def bench(
         log_dir=log_dir,
     )
     if store is not None:
-        for result in results:
-            record = store.add(
-                Measurement(
-                    kind=LATENCY,
-                    checkpoint=result.checkpoint,
-                    metrics={**result.metrics(), "converged": converged},
-                    hardware=report.hardware,
-                    engine_version=vllm_version,
-                    settings={**settings, "role": result.role},
-                    traffic=str(config.traffic),
-                )
-            )
-            result.measurement_id = record.id
+        store_report(report, store)
     return report
+
+
+def store_report(report: BenchReport, store: ResultsStore) -> None:
+    """Store one `latency` record per checkpoint of the run, and note each record's id on its result."""
+    for result in report.results:
+        record = store.add(
+            MeasurementRecord(
+                kind=LATENCY,
+                checkpoint=result.checkpoint,
+                metrics={**result.metrics(), "converged": report.converged},
+                hardware=report.hardware,
+                engine_version=report.vllm_version,
+                dtype=report.settings["server"]["dtype"],
+                settings={**report.settings, "role": result.role},
+                traffic=str(report.traffic),
+            )
+        )
+        result.measurement_id = record.id
 
 
 def _settings(
@@ -316,6 +279,7 @@ def _settings(
             "enforce_eager": server.enforce_eager,
             "threads": server.threads or os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_list(),
             "extra_args": list(server.extra_args),
+            **({"env": dict(server.env)} if server.env else {}),
         },
         "benchmark": {
             "tool": "vllm bench serve",
@@ -336,7 +300,7 @@ def _settings(
     }
 
 
-def _run_once(
+def run_once(
     client: BenchClient,
     server: VllmServer,
     info: CheckpointInfo,
@@ -346,6 +310,8 @@ def _run_once(
     run_id: str,
     log_dir: Path,
 ) -> RoundMetrics:
+    """One `vllm bench serve` run of `config.traffic` against a running server (round `round_no`, the `index`-th
+    checkpoint of run `run_id`), its result file in `log_dir`, while the server's memory is sampled."""
     traffic = config.traffic
     seed = config.seed + round_no - 1
     result_file = log_dir / f"bench-{run_id}-r{round_no}-{index}.json"

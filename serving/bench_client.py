@@ -1,5 +1,4 @@
-"""The processes around a benchmark run: vLLM's `bench serve` client, freezing idle servers (with a watchdog for
-when hubc dies), sampling a server's memory, waiting for it to go quiet, and signals that unwind the run."""
+"""vLLM's own `vllm bench serve`, as one client process that runs benchmark after benchmark (vLLM imported once)."""
 
 from __future__ import annotations
 
@@ -12,14 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Self
 
-import psutil
-
 from serving.errors import ServingError
-from serving.server import _PDEATHSIG_LAUNCHER, VllmServer, failure_reason
+from serving.logs import failure_reason
+from serving.processes import PDEATHSIG_LAUNCHER
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +42,7 @@ class BenchClient:
         env.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is a local folder; never look for the Hub
         args = [sys.executable, "-m", "serving.vllm_cli", "--serve-jobs"]
         if sys.platform == "linux" and threading.current_thread() is threading.main_thread():
-            args = [sys.executable, "-c", _PDEATHSIG_LAUNCHER, str(os.getpid()), *args]  # dies with hubc
+            args = [sys.executable, "-c", PDEATHSIG_LAUNCHER, str(os.getpid()), *args]  # dies with hubc
         self._log = open(self.log_path, "ab")  # closed in __exit__
         self._proc = subprocess.Popen(
             args,
@@ -128,171 +125,3 @@ class BenchClient:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-
-class PeakMemory:
-    """Samples the memory of a process tree in a thread; `peak_mib` is the largest sum seen."""
-
-    def __init__(self, pid: int | None, interval_s: float = 0.25) -> None:
-        self._pid = pid
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.peak_mib = 0.0
-
-    def __enter__(self) -> Self:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sample()
-
-    def _sample(self) -> None:
-        if self._pid is None:
-            return
-        total = sum(tree_memory_bytes(p) for p in process_tree(self._pid))
-        self.peak_mib = max(self.peak_mib, total / 2**20)
-
-
-def tree_memory_bytes(proc: psutil.Process) -> int:
-    """Proportional set size of one process (shared pages split among their users, so a tree's sum counts the
-    shared libraries once), from /proc/PID/smaps_rollup; its RSS where that is unreadable."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    with contextlib.suppress(psutil.Error):
-        return int(proc.memory_info().rss)
-    return 0
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def quiesce(server: VllmServer, max_cpu: float, timeout_s: float, window_s: float = 0.3) -> bool:
-    """Wait until the server's process tree uses less than `max_cpu` of one core; False after `timeout_s`."""
-    procs = process_tree(server.pid) if server.pid is not None else []
-    deadline = time.monotonic() + timeout_s
-    while True:
-        before = _cpu_seconds(procs)
-        time.sleep(window_s)
-        if (_cpu_seconds(procs) - before) / window_s < max_cpu:
-            return True
-        if time.monotonic() > deadline:
-            return False
-
-
-# Runs beside hubc while servers may be frozen. When its stdin closes (hubc finished, or died in any way, SIGKILL
-# included) it SIGCONTs every process group it was told about: a stopped process does not act on the SIGTERM that
-# hubc's death sends the API server (PR_SET_PDEATHSIG, serving/server.py), so without it a SIGKILLed hubc would leave
-# stopped servers behind for good.
-_THAW_ON_EXIT = (
-    "import os, signal, sys\n"
-    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-    "groups = [int(line) for line in sys.stdin]\n"
-    "for group in groups:\n"
-    "    try:\n"
-    "        os.killpg(group, signal.SIGCONT)\n"
-    "    except OSError:\n"
-    "        pass\n"
-)
-
-
-class Freezer:
-    """SIGSTOPs and SIGCONTs servers' process trees (a stopped process uses no CPU and never wakes up); a small
-    watchdog process resumes every frozen server if hubc dies without doing it."""
-
-    def __init__(self) -> None:
-        self._frozen: dict[int, list[psutil.Process]] = {}
-        self._watchdog: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> Self:
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", _THAW_ON_EXIT],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,  # never hold hubc's output pipes open
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for pid in list(self._frozen):
-            self._resume_pid(pid)
-        if self._watchdog is not None:
-            with contextlib.suppress(OSError, ValueError):
-                assert self._watchdog.stdin is not None
-                self._watchdog.stdin.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._watchdog.wait(timeout=5.0)
-
-    def freeze(self, server: VllmServer) -> None:
-        """Stop every process of the server until `resume`."""
-        if server.pid is None or server.pid in self._frozen:
-            return
-        if self._watchdog is not None and self._watchdog.stdin is not None:
-            self._watchdog.stdin.write(f"{server.pid}\n")  # the API server leads its process group
-            self._watchdog.stdin.flush()
-        procs = process_tree(server.pid)
-        self._frozen[server.pid] = procs
-        signal_procs(procs, signal.SIGSTOP)
-
-    def resume(self, server: VllmServer) -> None:
-        """Let a frozen server run again (no-op if it is not frozen)."""
-        if server.pid is not None:
-            self._resume_pid(server.pid)
-
-    def _resume_pid(self, pid: int) -> None:
-        procs = self._frozen.pop(pid, None)
-        if procs:
-            signal_procs(procs, signal.SIGCONT)
-
-
-def signal_procs(procs: list[psutil.Process], sig: int) -> None:
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)  # psutil refuses a pid that was reused
-
-
-def _cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
-
-
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise SystemExit (SIGINT already raises KeyboardInterrupt) while a run is going, so the
-    client and every server are stopped even between server contexts; the previous handlers come back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {}
-    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if signum is not None:
-            previous[signum] = signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)

@@ -15,15 +15,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from serving._pick_measurements import measure_quality, stored_latency, stored_quality
-from serving._pick_plot import pareto_plot
-from serving.bench import BenchConfig, bench, stored_throughput
+from advisor.measurement import LATENCY, QUALITY, CheckpointInfo, MeasurementRecord, hardware
+from serving.bench import BenchConfig, bench
 from serving.errors import ServingError
+from serving.pareto import pareto_plot
+from serving.quality import QualityConfig, measure_quality
+from serving.results import stored_throughput
 from serving.server import ServerConfig, VllmServer, installed_vllm_version
-from serving.store import LATENCY, QUALITY, CheckpointInfo, Measurement, ResultsStore, hardware
+from serving.store import ResultsStore, latest_latency, latest_quality
 
 TIE_FLOOR = 0.02
-"""Smallest relative TPOT difference that is not a tie, whatever the measured spread."""
+"""Smallest relative TPOT difference that is not a tie, whatever the measured spread (a setting, not a
+measurement: the reason says which of the two decided a tie)."""
+
+__all__ = ["SLO", "TIE_FLOOR", "Candidate", "PickConfig", "PickError", "PickResult", "QualityConfig", "base_ref",
+           "pick", "rank"]
 
 
 class PickError(ServingError):
@@ -44,18 +50,6 @@ class SLO:
     def __post_init__(self) -> None:
         if self.tpot_percentile not in (50, 95):
             raise ValueError("tpot_percentile must be 50 or 95 (what vllm bench serve is asked for)")
-
-
-@dataclass
-class QualityConfig:
-    """The text served perplexity is measured on: the same windows for every checkpoint."""
-
-    text: str = "wikitext2-test"
-    """A text shipped with hubc (wikitext2-test, licenses) or a path to a UTF-8 file."""
-    seq_len: int = 512
-    """Tokens per window."""
-    windows: int = 2
-    """Windows, from the start of the text."""
 
 
 @dataclass
@@ -94,8 +88,9 @@ class Candidate:
     throughput_tok_s: float
     """Output tokens/s, p50 across the rounds of the latency measurement."""
     peak_memory_mib: float
-    tpot_spread: float
-    """Round-to-round relative range of TPOT p50 in the latency measurement."""
+    tpot_spread: float | None
+    """Round-to-round relative range of TPOT p50 in the latency measurement; None when it is unknown (one
+    round)."""
     perplexity: float | None
     ppl_increase: float | None
     """Served perplexity over the base's, minus 1; None when it cannot be compared."""
@@ -188,12 +183,14 @@ def pick(
         raise PickError("a checkpoint was given twice", hint="pass each checkpoint once")
     server = config.server_config()
     hw, version = hardware(), installed_vllm_version() or ""
-    latency: dict[str, Measurement | None] = {}
-    quality: dict[str, Measurement | None] = {}
+    latency: dict[str, MeasurementRecord | None] = {}
+    quality: dict[str, MeasurementRecord | None] = {}
+    q = config.quality
+    text = Path(q.text).name  # the label advisor.evaluate.read_text gives shipped texts and files alike
     if not config.remeasure:
         for e in entries:
-            latency[e.fingerprint] = stored_latency(store, e, config, hw, version)
-            quality[e.fingerprint] = stored_quality(store, e, config, server, hw, version)
+            latency[e.fingerprint] = latest_latency(store, e, str(config.bench.traffic), server.dtype, hw, version)
+            quality[e.fingerprint] = latest_quality(store, e, text, q.seq_len, q.windows, server.dtype, hw, version)
     measured: dict[str, list[str]] = {e.fingerprint: [] for e in entries}
 
     need_latency = [e for e in entries if latency.get(e.fingerprint) is None]
@@ -298,14 +295,25 @@ def rank(candidates: list[Candidate], slo: SLO) -> tuple[Candidate | None, str]:
                 "measurement noise but not smaller"
             )
         return best, reason
-    noise = max(TIE_FLOOR, _finite(best.tpot_spread), _finite(fastest.tpot_spread))
     smaller = best.checkpoint.size_bytes < fastest.checkpoint.size_bytes
     return best, (
         f"{best.label} is as fast as {fastest.label} within the measurement noise (TPOT p{pct} "
-        f"{best.tpot(pct):.1f} vs {fastest.tpot(pct):.1f} ms; rounds varied by up to {noise:.0%}) and "
+        f"{best.tpot(pct):.1f} vs {fastest.tpot(pct):.1f} ms; {_noise_text(best, fastest)}) and "
         + (f"smaller ({_mb(best)} vs {_mb(fastest)})" if smaller else "better in quality")
         + f", the best {meets}, {quality}"
     )
+
+
+def _noise_text(a: Candidate, b: Candidate) -> str:
+    """What the tie rests on: the spreads measured, which are unknown, and the floor when it decided."""
+    known = [c.tpot_spread for c in (a, b) if c.tpot_spread is not None and math.isfinite(c.tpot_spread)]
+    unknown = [c.label for c in (a, b) if c.tpot_spread is None or not math.isfinite(c.tpot_spread)]
+    parts = [f"rounds varied by up to {max(known):.1%}"] if known else []
+    if unknown:
+        parts.append(f"the spread of {' and '.join(unknown)} is unknown (one round)")
+    if not known or max(known) < TIE_FLOOR:
+        parts.append(f"differences under {TIE_FLOOR:.0%} count as a tie")
+    return "; ".join(parts)
 
 
 def _mb(c: Candidate) -> str:
@@ -317,8 +325,8 @@ def _tied(a: Candidate, b: Candidate, pct: int) -> bool:
     return abs(a.tpot(pct) - b.tpot(pct)) <= noise * min(a.tpot(pct), b.tpot(pct))
 
 
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else 0.0
+def _finite(x: float | None) -> float:
+    return x if x is not None and math.isfinite(x) else 0.0
 
 
 def _slo_text(slo: SLO) -> str:
@@ -337,9 +345,9 @@ def _pct(value: float | None) -> str:
 def _candidate(
     info: CheckpointInfo,
     role: str,
-    latency: Measurement | None,
-    quality: Measurement | None,
-    base_quality: Measurement,
+    latency: MeasurementRecord | None,
+    quality: MeasurementRecord | None,
+    base_quality: MeasurementRecord,
     measured: list[str],
 ) -> Candidate:
     assert latency is not None and quality is not None
@@ -357,13 +365,18 @@ def _candidate(
         throughput_tok_s=float(throughput.get("output_throughput_tok_s_p50", m["output_throughput_tok_s"])),
         throughput_tok_s_p95=throughput.get("output_throughput_tok_s_p95"),
         peak_memory_mib=float(m.get("peak_memory_mib", 0.0)),
-        tpot_spread=float(m.get("tpot_ms_p50_spread") or 0.0),  # None: one round, spread unknown
+        tpot_spread=_spread(m.get("tpot_ms_p50_spread")),
         perplexity=ppl,
         ppl_increase=ppl / float(base_quality.metrics["perplexity"]) - 1.0 if comparable else None,
         latency_id=latency.id,
         quality_id=quality.id,
         measured_now=measured,
     )
+
+
+def _spread(value: Any) -> float | None:
+    """The stored spread; None (unknown) when a one-round record stored none."""
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _latest_version(records: Any) -> str:

@@ -7,16 +7,37 @@ transformers' emulation of the checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from advisor.measurement import QUALITY, CheckpointInfo, MeasurementRecord, hardware
 from serving.errors import ServingError
 from serving.server import VllmServer
+
+if TYPE_CHECKING:
+    from serving.store import ResultsStore
+
+SERVED_METHOD = "teacher-forced prompt logprobs (/v1/completions, prompt_logprobs=1)"
+"""How served perplexity is computed, as records name it."""
+
+
+@dataclass
+class QualityConfig:
+    """The text served perplexity is measured on: the same windows for every checkpoint."""
+
+    text: str = "wikitext2-test"
+    """A text shipped with hubc (wikitext2-test, licenses) or a path to a UTF-8 file."""
+    seq_len: int = 512
+    """Tokens per window."""
+    windows: int = 2
+    """Windows, from the start of the text."""
 
 
 @dataclass
@@ -169,3 +190,55 @@ def _error_text(response: httpx.Response) -> str:
     except (ValueError, KeyError, TypeError):
         message = response.text
     return " ".join(str(message).split())[:400]
+
+
+def quality_record(
+    info: CheckpointInfo,
+    text: str,
+    seq_len: int,
+    windows: list[list[int]],
+    quality: ServedQuality,
+    hw: str | None = None,
+) -> MeasurementRecord:
+    """The results-store record of a served perplexity of checkpoint `info` on `windows` of `text` (its label)."""
+    return MeasurementRecord(
+        kind=QUALITY,
+        checkpoint=info,
+        metrics={"perplexity": quality.perplexity, "tokens": quality.tokens},
+        hardware=hw or hardware(),
+        engine_version=quality.vllm_version,
+        dtype=quality.dtype,
+        text=text,
+        tokens=quality.tokens,
+        settings={
+            "text": text,
+            "seq_len": seq_len,
+            "windows": len(windows),
+            "windows_sha": hashlib.sha256(json.dumps(windows).encode()).hexdigest()[:16],
+            "dtype": quality.dtype,
+            "method": SERVED_METHOD,
+        },
+    )
+
+
+def measure_quality(
+    server: VllmServer,
+    info: CheckpointInfo,
+    config: QualityConfig,
+    store: ResultsStore | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> MeasurementRecord:
+    """Served perplexity of the checkpoint on `config`'s text windows (vLLM prompt logprobs), stored if `store`."""
+    from transformers import AutoTokenizer
+
+    from advisor.evaluate import make_windows, read_text
+
+    progress(
+        f"served perplexity of {info.label} on {config.windows} x {config.seq_len} tokens of {config.text}"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(info.path)
+    name, text = read_text(config.text)
+    windows = make_windows(tokenizer, text, config.seq_len, config.windows)
+    quality = served_quality(windows, served_token_logprobs(server, windows))
+    record = quality_record(info, name, config.seq_len, windows, quality, hardware(env=server.config.env))
+    return store.add(record) if store is not None else record

@@ -9,12 +9,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from serving.store import CheckpointInfo
-
-if TYPE_CHECKING:
-    from serving.bench import Traffic
+from advisor.measurement import CheckpointInfo, Traffic
 
 THROUGHPUT_METRICS = ("output_throughput_tok_s", "request_throughput_rps")
 """Per-run throughputs (vLLM's `output_throughput` and `request_throughput`), summarised as p50/p95 across rounds."""

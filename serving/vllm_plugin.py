@@ -12,13 +12,9 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from pathlib import Path
+    from advisor.measurement import cpuinfo
 
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return
-    if " amx_tile" not in flags:
+    if "amx_tile" not in cpuinfo().get("flags", "").split():
         return
     import torch
 

@@ -7,7 +7,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 from click.testing import CliRunner
 from helpers import build_tiny_llama, perturbed_copy  # tests/ is on sys.path (conftest.py)
 
@@ -32,7 +34,8 @@ CHECKPOINTS = {
 def fake_checkpoint(folder: Path, size: int, base: Path | None = None) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 1024}))
-    (folder / "model.safetensors").write_bytes(b"\0" * size)  # never loaded: only the store looks at it
+    # Never loaded: only the store (its size) and hubc's damaged-file checks (a valid header) look at it.
+    save_file({"weight": np.zeros(size, np.uint8)}, str(folder / "model.safetensors"))
     if base is not None:
         report = {
             "source": {"path": str(base), "hub_id": "org/base"},

@@ -18,7 +18,6 @@ import pytest
 from helpers import VOCAB, build_tiny_llama, leftovers, tree_of  # tests/ is on sys.path
 
 from serving.errors import ServerStartError
-from serving.latency import LatencyConfig, measure_latency
 from serving.quality import served_quality, served_token_logprobs
 from serving.server import ServerConfig, VllmServer, cpu_list, failure_reason
 
@@ -89,13 +88,21 @@ def test_served_quality_matches_transformers(server: VllmServer, tiny_dir: Path)
 
 
 @pytest.mark.vllm
-def test_latency_is_measured(server: VllmServer) -> None:
-    report = measure_latency(server, LatencyConfig(prompt_tokens=64, output_tokens=8, requests=3, warmup=1))
-    print(f"\n{report}")
-    assert report.requests == 3 and report.output_tokens == 8
-    assert 0 < report.ttft_ms_p50 <= report.ttft_ms_p95
-    assert 0 < report.tpot_ms_p50 <= report.tpot_ms_p95
-    assert report.throughput_tok_s > 0
+def test_latency_is_measured(server: VllmServer, tmp_path: Path) -> None:
+    """One `vllm bench serve` run on a running server: the path `hubc bench` and `hubc optimize` measure with."""
+    from advisor.measurement import Traffic
+    from serving.bench import BenchConfig, run_once
+    from serving.bench_client import BenchClient
+    from serving.store import describe
+
+    config = BenchConfig(traffic=Traffic(input_len=64, output_len=8, concurrency=1), num_prompts=3, warmups=1)
+    with BenchClient(tmp_path / "client.log") as client:
+        metrics = run_once(client, server, describe(server.model), config, 1, 0, "test", tmp_path)
+    print(f"\n{metrics}")
+    assert metrics.completed == 3
+    assert 0 < metrics.ttft_ms_p50 <= metrics.ttft_ms_p95
+    assert 0 < metrics.tpot_ms_p50 <= metrics.tpot_ms_p95
+    assert metrics.output_throughput_tok_s > 0 and metrics.peak_memory_mib > 0
 
 
 def _break(folder: Path, how: str) -> None:

@@ -37,7 +37,7 @@ Every `Prediction` is labelled a prediction and says what it rests on: the numbe
 and the fit's leave-one-out relative error on them (each record predicted by a fit without it; a record that is the
 only measurement of its format cannot be, and is counted apart).
 
-This module receives measurements as data (duck-typed `serving.store.Measurement`s: `.checkpoint.path`,
+This module receives measurements as data (`advisor.measurement.MeasurementRecord`s: `.checkpoint.path`,
 `.traffic`, `.metrics`, `.settings`, `.hardware`), already filtered to the target's hardware by the caller; it does
 not import the serving code.
 """
@@ -54,9 +54,9 @@ from advisor.checkpoint_features import (
     PEAK_KEY,
     CheckpointFeatures,
     LatencyModelError,
-    Load,
     checkpoint_features,
 )
+from advisor.measurement import Traffic
 from advisor.targets import KNOWN_SCHEMES, Target, get_target
 
 __all__ = [
@@ -87,7 +87,7 @@ def _peak(target: Target, key: str, dtype: str) -> float:
     return rate * 1e12
 
 
-def roofline(features: CheckpointFeatures, target: Target, load: Load) -> tuple[float, float] | None:
+def roofline(features: CheckpointFeatures, target: Target, load: Traffic) -> tuple[float, float] | None:
     """(TTFT, TPOT) in ms from the catalog's bandwidth and peak rates: a lower bound; None where the catalog has no
     bandwidth or peak rates (`cpu`)."""
     if not target.memory_bandwidth_gbs or not target.peak_tflops:
@@ -119,7 +119,7 @@ def measured_on(target: Target, hardware: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- fit
 
 
-def _decode_columns(f: CheckpointFeatures, load: Load) -> dict[str, float]:
+def _decode_columns(f: CheckpointFeatures, load: Traffic) -> dict[str, float]:
     cols = {f"weights {fmt}": b for fmt, b in f.weight_bytes.items() if b > 0}
     return cols | {
         "kv": f.decode_kv_bytes(load),
@@ -128,7 +128,7 @@ def _decode_columns(f: CheckpointFeatures, load: Load) -> dict[str, float]:
     }
 
 
-def _prefill_columns(f: CheckpointFeatures, load: Load) -> dict[str, float]:
+def _prefill_columns(f: CheckpointFeatures, load: Traffic) -> dict[str, float]:
     cols = {f"prefill {fmt}": flops for fmt, flops in f.prefill_flops(load).items() if flops > 0}
     return cols | {"overhead": 1.0, "weights": sum(f.weight_bytes.values())}
 
@@ -187,7 +187,7 @@ class HeldOut:
 class _Row:
     record: Any
     features: CheckpointFeatures
-    load: Load
+    load: Traffic
     ttft_ms: float
     tpot_ms: float
 
@@ -234,9 +234,11 @@ class LatencyModel:
     rows: list[_Row]
     skipped: list[str] = field(default_factory=list)
     """Why records were left out (another dtype, unreadable checkpoint folder, missing metrics)."""
-    _ttft: _Fit | None = None
-    _tpot: _Fit | None = None
-    _held_out: list[HeldOut] | None = None
+    ttft_fit: _Fit | None = None
+    """The TTFT fit over `rows` (None: nothing to fit)."""
+    tpot_fit: _Fit | None = None
+    """The TPOT fit over `rows`."""
+    _held_out: list[HeldOut] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def fit(cls, records: Sequence[Any], target: Target | str, dtype: str) -> LatencyModel:
@@ -260,19 +262,12 @@ class LatencyModel:
                     if r.checkpoint.path not in cache:
                         cache[r.checkpoint.path] = checkpoint_features(r.checkpoint.path, dtype)
                     rows.append(
-                        _Row(r, cache[r.checkpoint.path], Load.parse(r.traffic), float(ttft), float(tpot))
+                        _Row(r, cache[r.checkpoint.path], _traffic(r.traffic), float(ttft), float(tpot))
                     )
                 except LatencyModelError as exc:
                     skipped.append(f"record {r.id}: {exc.message}")
-        model = cls(target=target, dtype=dtype, rows=rows, skipped=skipped)
-        model._ttft, model._tpot = model._fit_rows(rows)
-        return model
-
-    @staticmethod
-    def _fit_rows(rows: Sequence[_Row]) -> tuple[_Fit | None, _Fit | None]:
-        ttft = _fit([(_prefill_columns(r.features, r.load), r.ttft_ms) for r in rows], PREFILL_SHARED)
-        tpot = _fit([(_decode_columns(r.features, r.load), r.tpot_ms) for r in rows], DECODE_SHARED)
-        return ttft, tpot
+        ttft_fit, tpot_fit = _fit_rows(rows)
+        return cls(target=target, dtype=dtype, rows=rows, skipped=skipped, ttft_fit=ttft_fit, tpot_fit=tpot_fit)
 
     @property
     def hardware(self) -> list[str]:
@@ -281,7 +276,7 @@ class LatencyModel:
     def coefficients(self) -> dict[str, dict[str, float]]:
         """The fitted coefficients, ms per byte / FLOP / step, and the shared terms the data could not support."""
         out: dict[str, Any] = {}
-        for name, fit in (("ttft", self._ttft), ("tpot", self._tpot)):
+        for name, fit in (("ttft", self.ttft_fit), ("tpot", self.tpot_fit)):
             if fit is not None:
                 out[name] = dict(fit.coef)
                 out[f"{name}_not_identifiable"] = list(fit.dropped)
@@ -292,7 +287,7 @@ class LatencyModel:
         if self._held_out is None:
             self._held_out = []
             for i, row in enumerate(self.rows):
-                ttft, tpot = self._fit_rows(self.rows[:i] + self.rows[i + 1 :])
+                ttft, tpot = _fit_rows(self.rows[:i] + self.rows[i + 1 :])
                 self._held_out.append(HeldOut(
                     record_id=row.record.id, label=_label(row), formats=row.features.label, traffic=str(row.load),
                     ttft_ms=row.ttft_ms, tpot_ms=row.tpot_ms,
@@ -312,7 +307,7 @@ class LatencyModel:
         tpot = sum(abs(h.predicted_tpot_ms / h.tpot_ms - 1) for h in done) / len(done)  # type: ignore[operator]
         return ttft, tpot, len(done)
 
-    def predict(self, features: CheckpointFeatures, load: Load, label: str | None = None) -> Prediction:
+    def predict(self, features: CheckpointFeatures, load: Traffic, label: str | None = None) -> Prediction:
         """Predict one checkpoint: from the fit where the measurements cover its formats, else from the target's
         roofline; NoMeasurementsError where neither is possible (`cpu` without measurements of its formats)."""
         for fmt in features.formats:
@@ -323,8 +318,8 @@ class LatencyModel:
                 f"features read for {features.dtype}, the model is fitted for {self.dtype}"
             )
         bound = roofline(features, self.target, load)
-        ttft = _apply(self._ttft, _prefill_columns(features, load), PREFILL_SHARED)
-        tpot = _apply(self._tpot, _decode_columns(features, load), DECODE_SHARED)
+        ttft = _apply(self.ttft_fit, _prefill_columns(features, load), PREFILL_SHARED)
+        tpot = _apply(self.tpot_fit, _decode_columns(features, load), DECODE_SHARED)
         common: dict[str, Any] = {
             "checkpoint": features.path, "label": label or Path(features.path).name, "formats": features.label,
             "target": self.target.name, "traffic": str(load), "dtype": self.dtype,
@@ -346,9 +341,22 @@ class LatencyModel:
         return Prediction(**common, ttft_ms_p50=bound[0], tpot_ms_p50=bound[1], basis="roofline", measurements=0,
                           hardware=[], loo_ttft_error=None, loo_tpot_error=None, loo_count=0)  # fmt: skip
 
-    def _measured(self, features: CheckpointFeatures, load: Load) -> HeldOut | None:
-        matches = [i for i, r in enumerate(self.rows) if r.features.path == features.path and r.load == load]
+    def _measured(self, features: CheckpointFeatures, load: Traffic) -> HeldOut | None:
+        matches = [i for i, r in enumerate(self.rows) if r.features.path == features.path and str(r.load) == str(load)]
         return self.held_out()[matches[-1]] if matches else None
+
+
+def _fit_rows(rows: Sequence[_Row]) -> tuple[_Fit | None, _Fit | None]:
+    ttft = _fit([(_prefill_columns(r.features, r.load), r.ttft_ms) for r in rows], PREFILL_SHARED)
+    tpot = _fit([(_decode_columns(r.features, r.load), r.tpot_ms) for r in rows], DECODE_SHARED)
+    return ttft, tpot
+
+
+def _traffic(text: str) -> Traffic:
+    try:
+        return Traffic.parse(text)
+    except ValueError as exc:
+        raise LatencyModelError(f"bad traffic '{text}' ({exc})", hint="use in=N,out=N,concurrency=N") from None
 
 
 def _apply(fit: _Fit | None, cols: dict[str, float], shared: Sequence[str]) -> float | None:

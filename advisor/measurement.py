@@ -127,6 +127,11 @@ class Traffic:
         """Prompt tokens prefilled before the median request of a wave gets its first token."""
         return self.input_len * (self.concurrency + 1) / 2
 
+    @property
+    def decode_context(self) -> float:
+        """Mean context length of a decode step."""
+        return self.input_len + self.output_len / 2
+
 
 def fingerprint(path: Path | str) -> str:
     """Content fingerprint of a checkpoint folder: sha256 (16 hex digits) over config.json, the safetensors index,

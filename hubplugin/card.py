@@ -9,23 +9,13 @@ from importlib import resources
 from pathlib import Path
 
 from hubplugin.errors import HubcError
+from hubplugin.formatting import number as _f
+from hubplugin.formatting import size as _size
 
 TEMPLATE = "variant.md.j2"
 # Strings that must never reach the Hub in a rendered card.
 _SAMPLE_SLOT = "\x00sample\x00"
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{%|%\}|\bNone\b|\bnan\b|\bNaN\b|\binf\b|\bTODO\b|\bTBD\b|<fill")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def _f(x: float | None, fmt: str = ".3f") -> str:
-    return "—" if x is None else format(x, fmt)
 
 
 def _quality_rows(result) -> list[dict]:
@@ -143,23 +133,50 @@ def _latency_settings(s: dict) -> str:
         server.append("enforce-eager")
     server += [str(arg) for arg in s.get("extra_args") or ()]
     warmup = f" after {s['warmup']} unmeasured warm-up request(s)" if s.get("warmup") else ""
+    rounds = (f", in each of {s['rounds']} interleaved rounds of `vllm bench serve` (median over rounds)"
+              if s.get("rounds") else "")  # fmt: skip
     return (
         f"{s['requests']} sequential requests (concurrency 1) of {s['prompt_tokens']} prompt tokens and "
-        f"{s['output_tokens']} output tokens{warmup}; server {', '.join(server)}; base and variant on the same "
-        "settings"
+        f"{s['output_tokens']} output tokens{warmup}{rounds}; server {', '.join(server)}; base and variant on the "
+        "same settings"
     )
 
 
 def speed_note(result) -> str:
+    """The variant's measured time per output token against the base's, and the kernel behind the difference: base
+    and variant ran on one server setting, so what differs is the quantized linears' kernel, named from the target
+    catalog for the scheme(s) served; a cause is stated only where the catalog records one."""
     lat = result.latency
     ratio = lat.variant["tpot_ms_p50"] / lat.base["tpot_ms_p50"]
+    dtype = lat.settings.get("dtype") or result.serve_dtype
+    kernels = "; ".join(f"{scheme}: `{s.kernel}` ({s.note.rstrip('.')})" for scheme, s in _served_kernels(result))
+    how = (f"Base and variant were served in {dtype} on the same settings; the variant's quantized linears ran "
+           f"through {kernels}, the base's through vLLM's dense {dtype} GEMM.")
     if ratio > 1.05:
-        return (f"On this hardware the variant is smaller but {ratio:.1f}× slower per output token than the base: "
-                "these int8/FP8 kernels cost more than the memory they save here. Its speed on a GPU target is not "
-                "measured here.")
+        return (f"On this hardware the variant is smaller but {ratio:.1f}× slower per output token than the base. "
+                f"{how} Its speed on other hardware is not measured here.")
     if ratio < 0.95:
-        return f"On this hardware the variant is {1 / ratio:.1f}× faster per output token than the base."
-    return "On this hardware the variant runs at the base's speed per output token (within 5%)."
+        return f"On this hardware the variant is {1 / ratio:.1f}× faster per output token than the base. {how}"
+    return f"On this hardware the variant runs at the base's speed per output token (within 5%). {how}"
+
+
+def _served_kernels(result) -> list[tuple[str, object]]:
+    """(scheme, the catalog's SchemeSupport on the target) for every scheme the recipe quantizes with."""
+    from advisor.targets import get_target
+
+    target = get_target(result.target)
+    from advisor.actions import Quantize
+
+    recipe = result.recipe
+    others = {a.scheme for a in _actions(recipe).values() if isinstance(a, Quantize) and a.scheme != recipe.scheme}
+    return [(s, target.schemes[s]) for s in [recipe.scheme, *sorted(others)] if s in target.schemes]
+
+
+def _actions(recipe) -> dict:
+    """The recipe's per-unit actions, parsed (module name or `re:` regex → advisor.actions.Action)."""
+    from advisor.actions import parse_action
+
+    return {name: parse_action(value) for name, value in recipe.actions.items()}
 
 
 def _bits(recipe) -> int:
@@ -184,7 +201,7 @@ def _method_text(result) -> str:
         "rtn": "round-to-nearest",
         "gptq": "GPTQ (layer by layer, activation order, clipping search)",
         "autoround": f"rounding {'' if _bits(recipe) >= 8 else 'and clipping '}learned block by block "
-                     f"({recipe.iterations or 50} signed-gradient steps per decoder block against the full-precision "
+                     f"({_learning_steps(recipe)} signed-gradient steps per decoder block against the full-precision "
                      "block, AutoRound-style)",
     }.get(recipe.method, recipe.method)]
     if recipe.smoothing != "none":
@@ -205,17 +222,27 @@ def _method_text(result) -> str:
         parts.append(f"{len(kept)} linear layer{'s' if len(kept) > 1 else ''} kept {how} within a "
                      f"{recipe.dense_budget:.1%} weight budget, the most costly to quantize as measured on the "
                      f"calibration text ({', '.join(kept)}{share})")
-    manual = {k: v for k, v in recipe.overrides.items() if k not in kept}
+    manual = [a for k, a in _actions(recipe).items() if k not in kept]
     if manual:
-        kinds = sorted(set(manual.values()))
-        parts.append(f"mixed precision: {len(manual)} per-module overrides to {', '.join(kinds)} "
-                     "(listed in recipe.yaml)")
+        from advisor.actions import Quantize
+
+        kinds = sorted({a.scheme if isinstance(a, Quantize) else a.kind for a in manual})
+        parts.append(f"{len(manual)} per-module actions ({', '.join(kinds)}; listed in recipe.yaml)")
     if recipe.group_size:
         parts.append(f"group size {recipe.group_size}")
     if recipe.int8_pair_sum:
         parts.append(f"same-sign int8 codes of adjacent input channels kept within |q[2j]| + |q[2j+1]| ≤ {recipe.int8_pair_sum} "
                      "for this CPU's int8 GEMM (no VNNI: pairs of products are added in int16)")
     return ", ".join(parts)
+
+
+def _learning_steps(recipe) -> int:
+    """The steps per block learned rounding ran: the recipe's, else the default advisor.quantize.autoround used."""
+    if recipe.iterations is not None:
+        return recipe.iterations
+    from advisor.quantize.autoround import RoundConfig
+
+    return RoundConfig().iterations
 
 
 def _windows_text(result) -> str:
@@ -233,11 +260,8 @@ def _serve_command(name: str, result) -> str:
 
 
 def _kernel_note(result) -> str:
-    from advisor.targets import get_target
-
-    support = get_target(result.target).schemes[result.recipe.scheme]
-    note = support.note.rstrip(".")
-    return f"On {result.target}, vLLM runs this scheme with `{support.kernel}`: {note}."
+    return " ".join(f"On {result.target}, vLLM runs {scheme} with `{s.kernel}`: {s.note.rstrip('.')}."
+                    for scheme, s in _served_kernels(result))
 
 
 def render_card(result) -> str:

@@ -89,6 +89,8 @@ def run_one(name: str, work: Path) -> dict:
         "cpu": _cpu_name(),
         "hubc_commit": commit.stdout.strip(),
         "wall_s": round(wall, 1),
+        # Other work on the machine slows every step and the served latency: the 1-minute load average at the end.
+        "load_average": round(os.getloadavg()[0], 2),
         "timings": report.get("timings", {}),
         "method": report["recipe"]["method"],
         "scheme": report["recipe"]["scheme"],
@@ -136,16 +138,18 @@ def write_markdown(rows: list[dict]) -> None:
             "",
             f"Target: {r['target']}. {r['cpu']}, hubc {r['hubc_commit']}"
             + (f", vLLM {r['vllm']}" if r["vllm"] else "")
+            + (f"; load average {r['load_average']:.1f} at the end of the run" if "load_average" in r else "")
             + ".",
             "",
         ]
+        steps = ", ".join(f"{k} {v:.0f} s" for k, v in r["timings"].items())
         size = f"{_mb(r['size_after'])} ({r['size_after'] / r['size_before'] - 1:+.0%}"
         if r["size_original"]:
             size += f"; {r['size_after'] / r['size_original'] - 1:+.0%} against the {_mb(r['size_original'])} as given"
         lines += [
             "| measure | engine | base | variant |",
             "|---|---|---|---|",
-            f"| wall time | | | {r['wall_s']:.0f} s (quantization {r['timings'].get('quantization', 0):.0f} s) |",
+            f"| wall time | | | {r['wall_s']:.0f} s ({steps}) |",
             f"| scheme, method | | | {r['scheme']}, {r['method']} |",
             f"| weights on disk ({r['checkpoint_dtype']}) | — | {_mb(r['size_before'])} | {size}) |",
         ]

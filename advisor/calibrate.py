@@ -23,6 +23,46 @@ class CalibConfig:
     sample_rows: int = 512
     """Input rows kept per linear layer for scoring transforms."""
 
+    @classmethod
+    def from_dict(cls, data) -> CalibConfig:
+        """A recipe's `calibration` block, checked field by field (before any model is loaded)."""
+        from advisor.errors import AdvisorError
+
+        if not isinstance(data, dict):
+            raise AdvisorError(f"recipe `calibration` must be a mapping {{text, windows, seq_len}}, not {data!r}")
+        known = {"text", "windows", "seq_len", "sample_rows"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdvisorError(f"unknown calibration keys: {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+        config = cls(**data)
+        if not isinstance(config.text, str) or not config.text:
+            raise AdvisorError(f"calibration `text` must name a text or a file, not {config.text!r}")
+        for key in ("windows", "seq_len", "sample_rows"):
+            value = getattr(config, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AdvisorError(f"calibration `{key}` must be a positive whole number, not {value!r}")
+        return config
+
+
+@dataclass
+class Calibration:
+    """The calibration text, tokenised once and shared by every step that calibrates."""
+
+    config: CalibConfig
+    windows: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(w) for w in self.windows)
+
+    @classmethod
+    def of(cls, recipe, tokenizer) -> Calibration | None:
+        """The recipe's calibration windows, or None when the recipe calibrates nothing."""
+        if not recipe.calibration:
+            return None
+        config = CalibConfig.from_dict(recipe.calibration)
+        return cls(config, calibration_windows(tokenizer, config))
+
 
 @dataclass
 class LinearStats:

@@ -1,19 +1,24 @@
-"""Apply a recipe's transforms to a full-precision model in place, before its weights are quantized and exported.
+"""The one entry point of compression: `compress(model, plan, calibration)` applies a plan to a full-precision model
+in place and returns what export writes. `hubc optimize`, every benchmark and the tests call it.
 
-Every transform here must leave the full-precision function unchanged (smoothing only moves scale between
-operations); that is checked on calibration tokens, and a model whose outputs moved is refused rather than shipped.
+Steps, in order: structural actions (remove layers, ...), per-channel smoothing, the dense budget (the linears whose
+quantization costs the most move to `budget_scheme`), then the recipe's rounding method (advisor.quantize). Every
+transform that must leave the full-precision function unchanged (smoothing only moves scale between operations) is
+checked on calibration tokens, and a model whose outputs moved is refused rather than shipped.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from advisor.calibrate import Calibration
 from advisor.errors import AdvisorError
-from advisor.model import ModelStructure
-from advisor.recipe import Recipe
+from advisor.plan import DENSE, Plan, assign_linears
+from advisor.quantize.rtn import QuantizedWeight, pair_sums
 
 # Largest allowed change of full-precision logits, relative to their scale, after folding the smoothing factors.
 EQUIVALENCE_TOL = 1e-3
@@ -21,8 +26,10 @@ EQUIVALENCE_TOL = 1e-3
 
 @dataclass
 class CompressReport:
-    """What the transforms did, for report.json and the card."""
+    """What compression did, for report.json and the card."""
 
+    removed_layers: list[str] = field(default_factory=list)
+    """Decoder layers removed (as the recipe names them)."""
     smoothing_groups: int = 0
     smoothed: int = 0
     alphas: dict = field(default_factory=dict)
@@ -32,65 +39,122 @@ class CompressReport:
     calibration_tokens: int = 0
     block_error: dict | None = None
     """Learned rounding: mean relative output error of a decoder block with plain rounding and learned rounding."""
+    iterations: int | None = None
+    """Learned rounding: the learning steps per block it ran."""
     kept_dense: dict | None = None
-    """Linears kept dense by the recipe's dense budget → their estimated quantization cost (nats per token)."""
+    """Linears moved to the budget's scheme by the dense budget → their estimated quantization cost (nats/token)."""
     quantization_cost: float | None = None
     """Estimated loss increase of quantizing every linear the recipe quantizes, before any was kept dense."""
 
 
-def calibrated_quantization(model, structure: ModelStructure, recipe: Recipe, tokenizer,
-                            report: CompressReport | None = None):
-    """Weights quantized by a calibrated method (GPTQ, learned rounding), or None when the recipe rounds to nearest
-    at export."""
-    if recipe.method == "rtn":
-        return None
-    from advisor.assignment import quantized_weights
-    from advisor.calibrate import CalibConfig, calibration_windows
+@dataclass
+class Compressed:
+    """A compressed model, ready for advisor.export.write_checkpoint."""
 
-    cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
-    windows = calibration_windows(tokenizer, cal)
-    report = report if report is not None else CompressReport()
-    report.calibration_tokens = max(report.calibration_tokens, sum(len(w) for w in windows))
-    wanted = quantized_weights(recipe, structure)
-    if recipe.method == "autoround":
-        from advisor.quantize.autoround import RoundConfig, autoround_sequential
-
-        given = {"iterations": recipe.iterations, "seed": recipe.seed}
-        config = RoundConfig(**{k: v for k, v in given.items() if v is not None})
-        quantized, errors = autoround_sequential(model, wanted, windows, config)
-        report.block_error = {
-            "rounding": sum(e[0] for e in errors) / len(errors),
-            "learned": sum(e[1] for e in errors) / len(errors),
-        }
-        return quantized
-    from advisor.quantize.gptq import gptq_quantize
-    from advisor.quantize.sequential import quantize_sequential
-
-    return quantize_sequential(
-        model, wanted, windows, lambda name, w, h: gptq_quantize(w, h, wanted[name].weights, wanted[name].pair_sum),
-        act_args={n: t.activations for n, t in wanted.items()},
-    )
+    model: torch.nn.Module
+    """The model after structural actions and transforms (weights still in full precision)."""
+    plan: Plan
+    """The plan as applied: the model's current module names, the dense budget's choices included."""
+    quantized: dict[str, QuantizedWeight]
+    """Each quantized linear's codes and scales."""
+    report: CompressReport
 
 
-def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer) -> CompressReport:
-    report = CompressReport()
-    if recipe.smoothing == "none":
-        return report
-    from advisor.assignment import module_schemes
-    from advisor.calibrate import CalibConfig, calibration_windows, collect
+def compress(model, plan: Plan, calibration: Calibration | None,
+             step: Callable[[str, str], None] = lambda name, message: None) -> Compressed:
+    """Apply `plan` to `model` (in place). `calibration` holds the tokenised calibration windows (None when the
+    recipe needs none: round-to-nearest with no smoothing and no dense budget). `step(name, message)` is called as
+    each step starts (for progress and timing)."""
+    recipe = plan.recipe
+    needs = recipe.smoothing != "none" or recipe.method != "rtn" or recipe.dense_budget > 0
+    if needs and calibration is None:
+        raise AdvisorError("this recipe calibrates (smoothing, a calibrated method or a dense budget) but was given "
+                           "no calibration text", hint="give the recipe a `calibration` block")
+    report = CompressReport(calibration_tokens=calibration.tokens if calibration and needs else 0)
+    if plan.structural:
+        kinds = Counter(a.kind for a in plan.structural.values())
+        step("structure", "applying " + ", ".join(f"{k} to {n} unit{'s' if n > 1 else ''}" for k, n in kinds.items()))
+        plan = apply_structure(model, plan, report)
+    if recipe.smoothing != "none":
+        what = "smoothing activation outliers" if any(s.input_activations for s in plan.schemes) \
+            else "activation-aware scaling"
+        step("smoothing", f"calibrating and searching per-channel scales ({what})")
+        smooth_model(model, plan, calibration.windows, report)
+    if recipe.dense_budget > 0:
+        how = "stay dense" if recipe.budget_scheme == DENSE else f"get {recipe.budget_scheme}"
+        step("dense budget", f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the "
+                             f"weights {how})")
+        plan = keep_sensitive_dense(model, plan, calibration.windows, report)
+    step("quantization", f"quantizing with {recipe.scheme} ({recipe.method})")
+    from advisor.quantize import quantize_with
+
+    targets = plan.quant_targets
+    quantized, info = quantize_with(recipe.method, model, targets, calibration.windows if calibration else None,
+                                    plan.recipe)
+    report.block_error = info.get("block_error")
+    report.iterations = info.get("iterations")
+    for name, t in targets.items():
+        if t.pair_sum is not None and bool((pair_sums(quantized[name].codes) > t.pair_sum).any()):
+            # The kernel would saturate on these codes and serve wrong outputs: never write them.
+            raise AdvisorError(f"{name}: int8 codes exceed the target's pair limit {t.pair_sum}",
+                               hint="report this as a hubc bug; --method rtn is not affected")
+    return Compressed(model, plan, quantized, report)
+
+
+def apply_structure(model, plan: Plan, report: CompressReport) -> Plan:
+    """Apply the plan's structural actions, kind by kind, and re-derive the plan for the changed model (its linears
+    renamed as the model now names them)."""
+    from advisor.model import structure_of
+
+    by_kind: dict[type, list[str]] = {}
+    for name, action in plan.structural.items():
+        by_kind.setdefault(type(action), []).append(name)
+    renamed: dict[str, str] = {}  # new prefix → recipe's prefix
+    for kind, names in by_kind.items():
+        moved = kind.apply(model, [_current(n, renamed) for n in names])
+        renamed = _compose(renamed, moved)
+        if kind.kind == "remove-layer":
+            report.removed_layers += sorted(names, key=lambda n: int(n.rsplit(".", 1)[1]))
+    structure = structure_of(model)
+    plan = replace(plan, structure=structure, renamed=renamed)
+    return replace(plan, linears=assign_linears(plan.recipe, structure, plan.recipe_name))
+
+
+def _current(name: str, renamed: dict[str, str]) -> str:
+    """A recipe's module name as the model names it after earlier structural actions."""
+    for new, old in renamed.items():
+        if old == name:
+            return new
+    return name
+
+
+def _compose(renamed: dict[str, str], moved: dict[str, str | None]) -> dict[str, str]:
+    """Chain new renames (old → new, None when gone) onto the map new → recipe's name."""
+    out: dict[str, str] = {}
+    current = {new: old for new, old in renamed.items()}
+    for old_now, new in moved.items():
+        if new is None:
+            current.pop(old_now, None)
+            continue
+        out[new] = current.pop(old_now, old_now)
+    for new, old in current.items():
+        if new not in moved:
+            out.setdefault(new, old)
+    return out
+
+
+def smooth_model(model, plan: Plan, windows: list[list[int]], report: CompressReport) -> None:
+    """Per-channel smoothing (SmoothQuant / AWQ-style scales) folded into the preceding ops, searched per group."""
+    from advisor.calibrate import collect
     from advisor.quantize import smooth
 
-    cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
-    windows = calibration_windows(tokenizer, cal)
-    report.calibration_tokens = sum(len(w) for w in windows)
-    chosen = module_schemes(recipe, structure)
-    names = list(chosen)  # dense linears too: those reading a scaled activation must absorb the factors
+    names = list(plan.linears)  # dense linears too: those reading a scaled activation must absorb the factors
     probe = torch.tensor([windows[0][: min(128, len(windows[0]))]])
     with torch.inference_mode():
         before = model(probe).logits.float()
-    stats = collect(model, names, windows, cal.sample_rows)
+    stats = collect(model, names, windows, (plan.recipe.calibration or {}).get("sample_rows", 512))
     groups = smooth.find_groups(model, names, windows[0][:64])
-    choices = smooth.search_and_apply(model, groups, stats, chosen, recipe.int8_pair_sum)
+    choices = smooth.search_and_apply(model, groups, stats, plan.linears, plan.recipe.int8_pair_sum)
     with torch.inference_mode():
         after = model(probe).logits.float()
     drift = ((after - before).abs().max() / before.abs().max().clamp_min(1e-6)).item()
@@ -106,39 +170,31 @@ def apply_transforms(model, structure: ModelStructure, recipe: Recipe, tokenizer
     done = [c for c in choices if c.alpha is not None and c.error_before > 0]
     if done:
         report.error_reduction = sum(c.error_after / c.error_before for c in done) / len(done)
-    return report
 
 
-def keep_sensitive_dense(model, structure: ModelStructure, recipe: Recipe, tokenizer,
-                         report: CompressReport | None = None) -> Recipe:
-    """The recipe with its most costly linears added to `overrides` as `recipe.budget_scheme` (dense, or a scheme
-    with more bits), within `recipe.dense_budget` (measured on the model as transformed, so after smoothing); the
-    layers already dense or at the budget's scheme count against the budget."""
-    if recipe.dense_budget <= 0:
-        return recipe
-    from dataclasses import replace
-
-    from advisor.assignment import DENSE, module_schemes
-    from advisor.calibrate import CalibConfig, calibration_windows
+def keep_sensitive_dense(model, plan: Plan, windows: list[list[int]], report: CompressReport | None = None) -> Plan:
+    """The plan with its most costly linears moved to `recipe.budget_scheme` (dense, or a scheme with more bits),
+    within `recipe.dense_budget` (measured on the model as transformed, so after smoothing); the layers already
+    dense or at the budget's scheme count against the budget."""
     from advisor.sensitivity import choose_dense, quantization_costs
 
-    chosen = module_schemes(recipe, structure)
-    cal = CalibConfig(**recipe.calibration) if recipe.calibration else CalibConfig()
+    recipe = plan.recipe
     # The cost ranking settles within a few windows (the top layers agree with leave-one-out evaluation at 8).
-    windows = calibration_windows(tokenizer, cal)[:8]
+    windows = windows[:8]
     # GPTQ and learned rounding recover most of what an int8 pair limit costs round-to-nearest (weights), never
     # what activation quantization costs: for them a layer is ranked by its cost with unconstrained codes. Ranked
     # with the limit, the AVX2 demo kept a down_proj whose pair-limited rounding learned rounding then fixed anyway.
     pair_sum = recipe.int8_pair_sum if recipe.method == "rtn" else None
-    costs = quantization_costs(model, chosen, windows, pair_sum)
-    sizes = {li.name: li.in_features * li.out_features for li in structure.linears}
+    costs = quantization_costs(model, plan.linears, windows, pair_sum)
+    sizes = {li.name: li.in_features * li.out_features for li in plan.structure.linears}
     protected = None if recipe.budget_scheme == DENSE else recipe.budget_scheme
+    chosen = plan.linears
     already = sum(sizes[n] for n, s in chosen.items() if (s.name if s else None) == protected)
     costs = {n: c for n, c in costs.items() if (chosen[n].name if chosen[n] else None) != protected}
-    keep = choose_dense(costs, recipe.dense_budget, already)
+    keep = choose_dense(costs, recipe.dense_budget, plan.structure.fused, already)
     if report is not None:
         report.quantization_cost = sum(c.cost for c in costs.values())
-        report.kept_dense = {n: costs[n].cost for n in keep}
+        report.kept_dense = {plan.recipe_name(n): costs[n].cost for n in keep}
     if not keep:
-        return recipe
-    return replace(recipe, overrides={**recipe.overrides, **dict.fromkeys(keep, recipe.budget_scheme)})
+        return plan
+    return plan.with_actions(dict.fromkeys(keep, recipe.budget_scheme))

@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from advisor.assignment import scheme_of
-from advisor.errors import AdvisorError
-from advisor.model import ModelStructure
-from advisor.quantize.rtn import FakeQuantLinear, QuantizedWeight, pair_sums, quantize_weight
-from advisor.recipe import Recipe
+from advisor.compress import Compressed
+from advisor.errors import AdvisorError, DamagedWeightsError
+from advisor.plan import Plan
+from advisor.quantize.rtn import FakeQuantLinear, QuantizedWeight
 from advisor.schemes import QuantArgs, Scheme
 
 MAX_SHARD = "4GB"
@@ -41,28 +39,27 @@ def _group(scheme: Scheme, targets: list[str], with_format: bool) -> dict:
     return group
 
 
-def quantization_config(recipe: Recipe, chosen: dict[str, Scheme | None] | None = None) -> dict:
+def quantization_config(plan: Plan) -> dict:
     """The `quantization_config` block vLLM's compressed-tensors loader detects, validated by compressed-tensors.
 
-    A uniform recipe is one config group targeting every `Linear`; a mixed one has a group per scheme naming its
-    modules exactly, each with its own format, and lists the dense modules in `ignore`."""
+    A plan that quantizes every linear with the recipe's scheme is one config group targeting every `Linear`; a
+    mixed one has a group per scheme naming its modules exactly, each with its own format, and lists the dense
+    modules in `ignore`."""
     from compressed_tensors.quantization import QuantizationConfig
 
+    recipe = plan.recipe
+    schemes = plan.schemes
     ignore = list(recipe.ignore)
-    if not recipe.overrides or chosen is None:
-        scheme = scheme_of(recipe)
-        groups, fmt = {"group_0": _group(scheme, list(recipe.targets), False)}, scheme.ct_format
+    if len(schemes) == 1 and all(s is not None for s in plan.linears.values()):
+        groups, fmt = {"group_0": _group(schemes[0], list(recipe.targets), False)}, schemes[0].ct_format
     else:
-        from advisor.assignment import used_schemes
-
-        schemes = used_schemes(chosen)
         groups = {
-            f"group_{i}": _group(s, [n for n, c in chosen.items() if c is not None and c.name == s.name], True)
+            f"group_{i}": _group(s, [n for n, c in plan.linears.items() if c is not None and c.name == s.name], True)
             for i, s in enumerate(schemes)
         }
         formats = {s.ct_format for s in schemes}
         fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
-        ignore += [n for n, c in chosen.items() if c is None]
+        ignore += [n for n, c in plan.linears.items() if c is None and n not in ignore]
     config = QuantizationConfig.model_validate(
         {
             "config_groups": groups,
@@ -99,43 +96,30 @@ def _compressed_tensors(qw: QuantizedWeight, scheme: Scheme, dtype: torch.dtype 
     return out
 
 
-def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: Path,
-                        quantized: dict[str, QuantizedWeight] | None = None,
-                        dtype: torch.dtype | None = None) -> ExportResult:
-    """Quantize every linear of `structure` under `recipe` and write a compressed-tensors checkpoint to `out`
-    (which must exist and be empty; the caller moves it into place once everything else is written).
+def write_checkpoint(compressed: Compressed, out: Path, dtype: torch.dtype | None = None) -> ExportResult:
+    """Write what compress produced as a compressed-tensors checkpoint in `out` (which must exist and be empty; the
+    caller moves it into place once everything else is written). Writes only: every weight was quantized by
+    compress.
 
-    `quantized` holds weights a calibrated method already quantized; the others are rounded to nearest here.
     `dtype` is the checkpoint's: the unquantized tensors (embeddings, norms, dense linears, the head) and the scales
     of weight-only schemes are written in it, and config.json names it; None keeps the model's own."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from advisor.assignment import module_schemes, pair_limit
-
-    chosen = module_schemes(recipe, structure)
+    model, plan = compressed.model, compressed.plan
     modules = dict(model.named_modules())
     state = {k: v for k, v in model.state_dict().items()}
     head = model.get_output_embeddings()
-    if structure.tied_embeddings and head is not None:
+    if plan.structure.tied_embeddings and head is not None:
         # Tied heads share the embedding tensor; the checkpoint stores it once, as transformers does.
         state = {k: v for k, v in state.items() if not (k.startswith(_prefix_of(modules, head)) and k.endswith("weight"))}
     packed: dict[str, torch.Tensor] = {}
-    for info in tqdm(structure.linears, desc=f"quantizing ({recipe.scheme}, {recipe.method})", unit="layer"):
-        scheme = chosen[info.name]
+    for name, scheme in plan.linears.items():
         if scheme is None:
             continue
-        qw = (quantized or {}).get(info.name)
-        pair_sum = pair_limit(scheme, recipe.int8_pair_sum)
-        if qw is None:
-            qw = quantize_weight(modules[info.name].weight, scheme.weights, pair_sum)
-        elif pair_sum is not None and bool((pair_sums(qw.codes) > pair_sum).any()):
-            # The kernel would saturate on these codes and serve wrong outputs: never write them.
-            raise AdvisorError(f"{info.name}: int8 codes exceed the target's pair limit {pair_sum}",
-                               hint="report this as a hubc bug; --method rtn is not affected")
-        del state[f"{info.name}.weight"]
-        for suffix, tensor in _compressed_tensors(qw, scheme, dtype).items():
-            packed[f"{info.name}.{suffix}"] = tensor
+        del state[f"{name}.weight"]
+        for suffix, tensor in _compressed_tensors(compressed.quantized[name], scheme, dtype).items():
+            packed[f"{name}.{suffix}"] = tensor
     # What stays unquantized is written in the checkpoint's dtype; the quantized tensors keep theirs.
     state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()} | packed
     state = {k: v.detach().contiguous() for k, v in state.items()}
@@ -153,9 +137,9 @@ def quantize_and_export(model, structure: ModelStructure, recipe: Recipe, out: P
     if dtype is not None:
         # Both spellings: transformers 5 reads `dtype`, older readers (and other tools) `torch_dtype`.
         config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(recipe, chosen)
+    config["quantization_config"] = quantization_config(plan)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return ExportResult(out, total, sum(c is not None for c in chosen.values()))
+    return ExportResult(out, total, sum(c is not None for c in plan.linears.values()))
 
 
 def _prefix_of(modules: dict, target) -> str:
@@ -170,7 +154,11 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
     state: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own and OS errors for damaged files
+            raise DamagedWeightsError(f"cannot read {f} ({str(exc).splitlines()[0][:120]})",
+                                      hint="the checkpoint is damaged: export it again") from None
     return state
 
 
@@ -198,7 +186,8 @@ def _group_of(name: str, class_name: str, groups: list[dict]) -> dict:
         for group in groups:
             if any(hit(t, value) for t in group["targets"]):
                 return group
-    raise ValueError(f"no quantization config group targets {name}")
+    raise DamagedWeightsError(f"no quantization config group targets {name}",
+                              hint="config.json's quantization_config does not match the weights: export again")
 
 
 def load_for_eval(path: Path):
@@ -210,10 +199,15 @@ def load_for_eval(path: Path):
     from compressed_tensors.compressors import unpack_from_int32
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config_dict = json.loads((path / "config.json").read_text())
+    try:
+        config_dict = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DamagedWeightsError(f"cannot read {path / 'config.json'} ({exc})",
+                                  hint="the checkpoint is incomplete: export it again") from None
     qcfg = config_dict.pop("quantization_config", None)
     if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"{path} is not a compressed-tensors checkpoint")
+        raise AdvisorError(f"{path} is not a compressed-tensors checkpoint",
+                           hint="evaluate checkpoints written by hubc optimize (or another compressed-tensors exporter)")
     groups = list(qcfg["config_groups"].values())
     config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"}, model_type=config_dict["model_type"])
     # Built on the CPU, not on meta: non-persistent buffers (rotary frequencies) must be real.
@@ -239,10 +233,12 @@ def load_for_eval(path: Path):
         setattr(modules[parent_name] if parent_name else model, child, FakeQuantLinear(weight, bias, a_args))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensors {unexpected[:3]}")
+        raise DamagedWeightsError(f"{path}: tensors the model does not have: {', '.join(unexpected[:3])}",
+                                  hint="config.json does not match the weights: export the checkpoint again")
     model.tie_weights()
     missing = [m for m in missing if not any(m.startswith(q + ".") for q in quantized)]
     if missing and not (config.tie_word_embeddings and all("lm_head" in m for m in missing)):
-        raise ValueError(f"{path}: tensors missing from the checkpoint: {missing[:3]}")
+        raise DamagedWeightsError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:3])}",
+                                  hint="the checkpoint is incomplete: export it again")
     model.eval()
     return model

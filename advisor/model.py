@@ -21,6 +21,22 @@ class LinearInfo:
 
 
 @dataclass(frozen=True)
+class LayerInfo:
+    """One decoder layer: what structural actions (pruning heads or channels, removing the layer) act on."""
+
+    name: str
+    """Module name (e.g. `model.layers.7`)."""
+    index: int
+    attention_heads: int
+    kv_heads: int
+    """Key/value heads; query heads come in `attention_heads // kv_heads` per KV group."""
+    head_dim: int
+    mlp_width: int | None
+    """Intermediate size of the MLP (None where the layer has no dense MLP, e.g. mixture of experts)."""
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelStructure:
     """What compression needs to know about a model before touching its weights."""
 
@@ -34,6 +50,25 @@ class ModelStructure:
     tied_embeddings: bool
     context_length: int | None = None
     """Longest sequence the model's positions cover (config `max_position_embeddings` or its older names)."""
+    layers: tuple[LayerInfo, ...] = ()
+    """The decoder layers, in order."""
+    layers_path: str = ""
+    """Module name of the decoder layers' ModuleList (e.g. `model.layers`)."""
+    fused: tuple[tuple[str, ...], ...] = ()
+    """Linears that read one input tensor and that vLLM runs as one fused layer (q/k/v, gate/up), in call order:
+    they must share one scheme. Found by tracing a forward pass, so every architecture's own names are used."""
+
+    def layer(self, name: str) -> LayerInfo | None:
+        return next((li for li in self.layers if li.name == name), None)
+
+    def unit_of(self, linear: str) -> tuple[str, ...]:
+        """The fused unit holding `linear` (itself alone when vLLM runs it unfused)."""
+        return next((u for u in self.fused if linear in u), (linear,))
+
+
+# Architectures hubc has compressed and vLLM served (tests/advisor/test_architectures.py builds each from a config).
+# Others are refused before any work: their layer structure, norms and vLLM loaders are not checked.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 
 
 def load_config(path: Path):
@@ -55,6 +90,11 @@ def inspect_structure(path: Path) -> ModelStructure:
     from transformers import AutoModelForCausalLM
 
     config = load_config(path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"hubc does not handle '{config.model_type}' models",
+            hint=f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}",
+        )
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -63,6 +103,14 @@ def inspect_structure(path: Path) -> ModelStructure:
             f"'{config.model_type}' is not a causal language model transformers can build ({str(exc).splitlines()[0]})",
             hint="hubc compresses decoder-only text models",
         ) from exc
+    return structure_of(model)
+
+
+def structure_of(model) -> ModelStructure:
+    """The structure of a built model (on the meta device or with weights; a compressed one included)."""
+    import torch
+
+    config = model.config
     head = model.get_output_embeddings()
     linears, skipped = [], []
     for name, module in model.named_modules():
@@ -75,6 +123,18 @@ def inspect_structure(path: Path) -> ModelStructure:
     if not linears:
         raise UnsupportedArchitectureError(f"'{config.model_type}' has no nn.Linear layers hubc can quantize")
     archs = getattr(config, "architectures", None) or [type(model).__name__]
+    layers_path, layer_list = decoder_layers(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    names = {li.name for li in linears}
+    layers = tuple(
+        LayerInfo(name=f"{layers_path}.{i}", index=i, attention_heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                  mlp_width=getattr(text, "intermediate_size", None),
+                  linears=tuple(f"{layers_path}.{i}.{n}" for n, m in layer.named_modules()
+                                if f"{layers_path}.{i}.{n}" in names))
+        for i, layer in enumerate(layer_list))
     return ModelStructure(
         model_type=config.model_type,
         architecture=archs[0],
@@ -83,7 +143,65 @@ def inspect_structure(path: Path) -> ModelStructure:
         num_parameters=sum(p.numel() for p in model.parameters()),
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         context_length=_context_length(config),
+        layers=layers,
+        layers_path=layers_path,
+        fused=_fused_units(model, [li.name for li in linears]),
     )
+
+
+def decoder_layers(model):
+    """(module name, ModuleList) of the decoder stack: the ModuleList as long as `num_hidden_layers`."""
+    import torch
+
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(text, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name, module
+    raise UnsupportedArchitectureError(
+        f"cannot find the {n} decoder layers of {type(model).__name__}",
+        hint="hubc compresses decoder-only models whose layers form one ModuleList",
+    )
+
+
+def _fused_units(model, names: list[str]) -> tuple[tuple[str, ...], ...]:
+    """Linears of one layer reading the same input tensor, traced in one forward pass of a tiny input on a copy of
+    the model's skeleton on the meta device (no weights read, milliseconds). vLLM fuses exactly these (its
+    packed_modules_mapping: q/k/v → qkv_proj, gate/up → gate_up_proj; Phi-3's checkpoints are stored fused)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        # Eager attention: sdpa's mask shortcut reads mask values, which meta tensors do not have.
+        skeleton = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager")
+    modules = dict(skeleton.named_modules())
+    seen: list[tuple[str, torch.Tensor]] = []
+    # The input tensors themselves are kept (not their id()): a freed tensor's id is reused by the next one.
+    handles = [modules[n].register_forward_pre_hook(lambda mod, a, n=n: seen.append((n, a[0])) and None)
+               for n in names if n in modules]
+    try:
+        with torch.inference_mode():
+            ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
+            # An explicit mask: without one, transformers looks for packed sequences in the positions (.item()).
+            skeleton(ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except Exception as exc:
+        raise UnsupportedArchitectureError(
+            f"cannot trace {type(model).__name__}'s layers ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
+            hint="hubc needs models transformers can run on the meta device") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    units: list[list[str]] = []
+    last = None
+    for name, x in seen:
+        if any(name in u for u in units):
+            continue
+        if units and x is last and name.rpartition(".")[0].rpartition(".")[0] == units[-1][0].rpartition(".")[0].rpartition(".")[0]:
+            units[-1].append(name)
+        else:
+            units.append([name])
+        last = x
+    return tuple(tuple(u) for u in units if len(u) > 1)
 
 
 def _context_length(config) -> int | None:

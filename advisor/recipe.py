@@ -12,8 +12,7 @@ import yaml
 
 from advisor.errors import AdvisorError
 
-RECIPE_VERSION = 1
-METHODS = ("rtn", "gptq", "autoround")
+RECIPE_VERSION = 2
 SMOOTHING = ("none", "search")
 ACTIVATIONS = ("symmetric", "asymmetric")
 
@@ -59,11 +58,12 @@ class Recipe:
     int8_pair_sum: int | None = None
     """Largest |q[2j]| + |q[2j+1]| of the int8 codes of W8A8 layers along the input dimension, set from the
     target (128 on CPUs whose int8 GEMM adds adjacent products in int16: AVX2, AVX-512 without VNNI)."""
-    overrides: dict[str, str] = field(default_factory=dict)
-    """Mixed precision: module name (or `re:` regex) → scheme id, or `dense` to leave it unquantized; every other
-    linear gets `scheme`. Linears vLLM fuses (q/k/v, gate/up) must share one scheme."""
+    actions: dict[str, object] = field(default_factory=dict)
+    """Per-unit actions (advisor.actions): module name (or `re:` regex) → an action. On linears: a scheme id (mixed
+    precision) or `dense`; every other linear gets `scheme`, and linears vLLM fuses (q/k/v, gate/up) must share one.
+    On decoder layers (`model.layers.7`): `remove-layer`. Version-1 recipes called this `overrides`."""
     ignore: list[str] = field(default_factory=list)
-    """Linear modules left dense whatever the overrides say (the output head)."""
+    """Linear modules left dense whatever the actions say (the output head)."""
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     version: int = RECIPE_VERSION
 
@@ -79,15 +79,45 @@ class Recipe:
         unknown = sorted(set(data) - known)
         if unknown:
             raise AdvisorError(f"unknown recipe keys: {', '.join(unknown)}", hint=f"known keys: {', '.join(sorted(known))}")
-        if data.get("version", RECIPE_VERSION) > RECIPE_VERSION:
-            raise AdvisorError(f"recipe version {data['version']} is newer than this hubc understands ({RECIPE_VERSION})",
+        version = data.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or version > RECIPE_VERSION:
+            raise AdvisorError(f"recipe version {version!r} is newer than this hubc understands ({RECIPE_VERSION})",
                                hint="upgrade hubc")
-        recipe = cls(**data)
+        if "overrides" in data:
+            # Version 1: per-module schemes or `dense` under `overrides`, which version 2 calls `actions`.
+            if version >= 2 or "actions" in data:
+                raise AdvisorError("recipe key `overrides` is version 1's name for `actions`",
+                                   hint="write per-module actions under `actions`")
+            data = {**{k: v for k, v in data.items() if k != "overrides"}, "actions": data["overrides"] or {}}
+        data["version"] = RECIPE_VERSION
+        try:
+            recipe = cls(**data)
+        except TypeError as exc:
+            raise AdvisorError(f"a recipe needs `scheme` and `target` ({exc})", hint="add the missing keys") from None
+        recipe.check_fields()
+        return recipe
+
+    def check_fields(self) -> None:
+        """Every field has a known value of the right type (what needs the model or the target is checked by
+        advisor.plan.resolve). Raises AdvisorError naming the field and its allowed values."""
+        from advisor.quantize import METHODS
+
+        recipe = self
+        for key in ("scheme", "target"):
+            if not isinstance(getattr(recipe, key), str):
+                raise AdvisorError(f"recipe `{key}` must be a name, not {getattr(recipe, key)!r}")
         if recipe.smoothing not in SMOOTHING:
             raise AdvisorError(f"unknown smoothing '{recipe.smoothing}'", hint=f"known: {', '.join(SMOOTHING)}")
-        if not isinstance(recipe.overrides, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in recipe.overrides.items()):
-            raise AdvisorError("recipe `overrides` must map module names (or `re:` regexes) to scheme ids or `dense`")
+        if not isinstance(recipe.actions, dict) or not all(isinstance(k, str) for k in recipe.actions):
+            raise AdvisorError("recipe `actions` must map module names (or `re:` regexes) to actions")
+        from advisor.actions import parse_action
+        from advisor.errors import HintedError
+
+        for key, value in recipe.actions.items():
+            try:
+                parse_action(value)
+            except HintedError as exc:
+                raise AdvisorError(f"recipe action for '{key}': {exc.message}", hint=exc.hint) from None
         if recipe.method not in METHODS:
             raise AdvisorError(f"unknown method '{recipe.method}'", hint=f"known methods: {', '.join(METHODS)}")
         if recipe.activations not in ACTIVATIONS:
@@ -97,4 +127,13 @@ class Recipe:
             raise AdvisorError(f"recipe `dense_budget` must be a share between 0 and 1, not {recipe.dense_budget!r}")
         if not isinstance(recipe.budget_scheme, str):
             raise AdvisorError(f"recipe `budget_scheme` must be `dense` or a scheme id, not {recipe.budget_scheme!r}")
-        return recipe
+        for key in ("iterations", "seed", "group_size", "int8_pair_sum"):
+            value = getattr(recipe, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise AdvisorError(f"recipe `{key}` must be a whole number, not {value!r}")
+        if recipe.calibration is not None:
+            from advisor.calibrate import CalibConfig
+
+            CalibConfig.from_dict(recipe.calibration)
+        if not isinstance(recipe.ignore, list) or not all(isinstance(m, str) for m in recipe.ignore):
+            raise AdvisorError("recipe `ignore` must be a list of module names")

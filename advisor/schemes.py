@@ -130,3 +130,10 @@ register(
         "float-quantized",
     )
 )
+
+
+def pair_limit(scheme: Scheme, pair_sum: int | None) -> int | None:
+    """A recipe's int8 pair limit applies to int8 GEMMs (W8A8) only, not to weight-only kernels."""
+    if pair_sum is None or scheme.input_activations is None or scheme.weights.type != "int":
+        return None
+    return int(pair_sum)

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from advisor.assignment import fused_units, pair_limit
 from advisor.quantize.rtn import fake_quantize_activations, quantize_weight
-from advisor.schemes import Scheme
+from advisor.schemes import Scheme, pair_limit
 
 
 @dataclass
@@ -84,12 +83,15 @@ def quantization_costs(model, schemes: dict[str, Scheme | None], windows: list[l
     return {n: LayerCost(n, totals[n] / max(tokens, 1), modules[n].weight.numel()) for n in wanted}
 
 
-def choose_dense(costs: dict[str, LayerCost], budget: float, already_dense_params: int = 0) -> list[str]:
+def choose_dense(costs: dict[str, LayerCost], budget: float, fused: tuple[tuple[str, ...], ...] = (),
+                 already_dense_params: int = 0) -> list[str]:
     """The linears to keep dense: the highest cost per parameter first (fused siblings together), while the dense
     weights stay within `budget` (a share of all linear weights, counting those already dense)."""
     total = sum(c.params for c in costs.values()) + already_dense_params
     allowed = budget * total - already_dense_params
-    units = fused_units(list(costs))
+    from advisor.plan import fused_units
+
+    units = fused_units(fused, list(costs))
     units.sort(key=lambda u: sum(costs[n].cost for n in u) / sum(costs[n].params for n in u), reverse=True)
     chosen = []
     for unit in units:

@@ -18,6 +18,7 @@ from pathlib import Path
 from advisor.errors import AdvisorError
 from advisor.evaluate import EvalConfig, TextResult
 from advisor.recipe import Recipe
+from advisor.recommend import Choices
 from hubplugin.errors import HubcError, OutputExistsError
 from hubplugin.source import ModelSource
 
@@ -29,24 +30,9 @@ SERVED_GAP = 0.02
 class OptimizeConfig:
     """Everything `hubc optimize` can be told, with the defaults a user gets."""
 
-    scheme: str | None = None
-    """Checkpoint scheme (w8a8-int8, w4a16, w8a16, fp8); default: the target's default."""
-    group_size: int | None = None
-    """Group size for group-wise schemes; default: the largest of 128/64/32 dividing every input dimension."""
-    method: str | None = None
-    """How weights are rounded: `rtn`, `gptq` or `autoround` (calibrated on wikitext-2 valid, layer by layer);
-    default: advisor.validate.default_method."""
-    iterations: int | None = None
-    """Learning steps per decoder block for `autoround` (default 50)."""
-    smoothing: str | None = None
-    """Per-channel scaling: `search` or `none`; default: `search` for schemes that quantize activations."""
-    dense_budget: float | None = None
-    """Share of the linear weights kept dense, the most costly to quantize first; default:
-    advisor.validate.default_dense_budget (2% where activations are quantized, else 0)."""
-    budget_scheme: str | None = None
-    """What the dense budget's linears get: `dense` or a scheme with more bits; default: advisor.validate."""
-    activations: str = "symmetric"
-    """int8 activations per token: `symmetric` or `asymmetric` (advisor.recipe.Recipe.activations)."""
+    choices: Choices = field(default_factory=Choices)
+    """What the user chose about the recipe (scheme, method, dense budget, actions, ...); the rest is hubc's
+    default (advisor.recommend)."""
     out: Path | None = None
     """Output folder; default ./<model>-<scheme>-<target>."""
     overwrite: bool = False
@@ -63,7 +49,7 @@ class OptimizeConfig:
     revision: str | None = None
     token: str | None = None
     recipe: Recipe | None = None
-    """A recipe to apply instead of scheme/group_size/method/smoothing/iterations (e.g. mixed precision)."""
+    """A recipe to apply instead of `choices` (e.g. one read from a file)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     latency_prompt_tokens: int = 128
     latency_output_tokens: int = 32
@@ -152,7 +138,9 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
 
     started = time.monotonic()
     target = get_target(target_name)
-    scheme = get_scheme(config.recipe.scheme if config.recipe else config.scheme or target.default_scheme)
+    if config.recipe is not None:
+        config.recipe.check_fields()
+    scheme = get_scheme(config.recipe.scheme if config.recipe else config.choices.scheme or target.default_scheme)
     target.require_scheme(scheme.name)
     if config.out is not None:
         _check_out(config.out, config.overwrite)
@@ -173,7 +161,8 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     _check_out(out, config.overwrite)
 
     from advisor.model import inspect_structure
-    from advisor.validate import check_recipe, plan
+    from advisor.plan import resolve
+    from advisor.recommend import recommend
 
     structure = inspect_structure(source.path)
     if structure.context_length and config.eval.seq_len > structure.context_length:
@@ -181,17 +170,12 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
                            f"({structure.context_length} tokens)",
                            hint=f"use --seq-len {min(512, structure.context_length)} or any value up to "
                                 f"{structure.context_length}")
-    if config.recipe is not None:
-        recipe = check_recipe(config.recipe, structure, target)
-    else:
-        recipe = plan(structure, target, scheme.name, config.group_size, smoothing=config.smoothing,
-                      method=config.method, iterations=config.iterations, dense_budget=config.dense_budget,
-                      activations=config.activations, budget_scheme=config.budget_scheme)
+    plan = resolve(config.recipe, structure, target) if config.recipe else recommend(structure, target, config.choices)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        result = _build(source, target, recipe, structure, staging, out, config, progress)
+        result = _build(source, target, plan, staging, out, config, progress)
         result.gate = quality_gate(result, config.max_ppl_increase)
         if not result.gate["passed"]:
             result.flags.insert(0, gate_message(result))
@@ -218,7 +202,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
         try:
             pushed = hub.push_folder(
                 out, config.push, token=config.token, private=config.private,
-                commit_message=f"hubc: {recipe.scheme} variant of {source.hub_id or source.ref} for {target.name}",
+                commit_message=f"hubc: {result.recipe.scheme} variant of {source.hub_id or source.ref} for {target.name}",
             )
         except HubcError as exc:
             # The local checkpoint is complete and kept, so the push can be retried without redoing the work.
@@ -267,6 +251,9 @@ def gate_message(result: OptimizeResult) -> str:
     """The flag a variant failing the quality gate carries in the summary and the card, with what to try."""
     recipe = result.recipe
     tries = []
+    removed = result.transforms.get("removed_layers") or []
+    if removed:
+        tries.append(f"remove fewer layers (this variant removed {len(removed)}: {', '.join(removed)})")
     if recipe.method == "rtn":
         tries.append("--method gptq (fast) or --method autoround (best, slower)")
     elif recipe.method == "gptq":
@@ -301,14 +288,15 @@ class _Clock:
         self._step, self._since = name, now
 
 
-def _build(source, target, recipe, structure, staging, out, config, progress) -> OptimizeResult:
+def _build(source, target, plan, staging, out, config, progress) -> OptimizeResult:
+    import torch
     from transformers import AutoTokenizer
 
     from advisor import evaluate as ev
-    from advisor.compress import apply_transforms, calibrated_quantization, keep_sensitive_dense
-    from advisor.export import load_for_eval, quantize_and_export
+    from advisor.calibrate import Calibration
+    from advisor.compress import compress
+    from advisor.export import load_for_eval, write_checkpoint
     from advisor.model import load_model
-    from advisor.schemes import get_scheme
     from hubplugin.source import copy_tokenizer_files
 
     clock = _Clock()
@@ -320,27 +308,18 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
     for name in config.eval.texts:
         label, text = ev.read_text(name)
         texts.append(ev.EvalText(label, ev.make_windows(tokenizer, text, config.eval.seq_len, config.eval.windows)))
-    if recipe.smoothing != "none":
-        what = "smoothing activation outliers" if get_scheme(recipe.scheme).input_activations else "activation-aware scaling"
-        progress(f"calibrating and searching per-channel scales ({what})")
-    clock.step("smoothing")
-    transforms = apply_transforms(model, structure, recipe, tokenizer)
-    if recipe.dense_budget > 0:
-        how = "stay dense" if recipe.budget_scheme == "dense" else f"get {recipe.budget_scheme}"
-        progress(f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the weights {how})")
-        clock.step("dense budget")
-        recipe = keep_sensitive_dense(model, structure, recipe, tokenizer, transforms)
-    progress(f"quantizing with {recipe.scheme} ({recipe.method})")
-    clock.step("quantization")
-    quantized = calibrated_quantization(model, structure, recipe, tokenizer, transforms)
+
+    def step(name: str, message: str) -> None:
+        progress(message)
+        clock.step(name)
+
+    compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer), step)
     clock.step("export")
-    import torch
-
-    exported = quantize_and_export(model, structure, recipe, staging, quantized,
-                                   dtype=getattr(torch, target.checkpoint_dtype))
+    exported = write_checkpoint(compressed, staging, dtype=getattr(torch, target.checkpoint_dtype))
     copy_tokenizer_files(source.path, staging)
+    plan, report = compressed.plan, compressed.report
+    del model, compressed
 
-    del model
     # Base and variant are scored side by side, window by window (the base read again from its files, the variant
     # from the exported checkpoint), so KL is exact over the vocabulary while only one window's distributions exist.
     progress("evaluating the variant against the base")
@@ -360,6 +339,7 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
         base_top1[t.name] = base_scores.top1_per_window(t.windows)
     del base, variant
 
+    recipe = plan.recipe
     result = OptimizeResult(
         source=source,
         target=target.name,
@@ -372,7 +352,7 @@ def _build(source, target, recipe, structure, staging, out, config, progress) ->
         checkpoint_dtype=target.checkpoint_dtype,
         quantized_modules=exported.quantized_modules,
         quality=quality,
-        transforms=asdict(transforms),
+        transforms=asdict(report),
     )
     original = weights_size(source.path)
     if abs(original - result.size_before) > 0.01 * original:

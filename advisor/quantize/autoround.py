@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from advisor.model import decoder_layers
 from advisor.quantize.rtn import QuantizedWeight, int_range, limit_pairs, pair_limited_scale
 from advisor.quantize.sequential import (
     clone_tree,
-    decoder_layers,
     layer_inputs,
     layer_output,
     native_bf16,
@@ -244,7 +244,7 @@ def estimate_seconds(forward_s: float, blocks: int, windows: int, config: RoundC
 
 def autoround_sequential(model, wanted: dict, windows: list[list[int]],
                          config: RoundConfig = RoundConfig()) -> tuple[dict[str, QuantizedWeight], list]:
-    """Quantize the `wanted` decoder linears (name → advisor.assignment.QuantTarget) with learned rounding, block
+    """Quantize the `wanted` decoder linears (name → advisor.quantize.QuantTarget) with learned rounding, block
     by block; where the scheme quantizes activations, they are quantized while learning too (straight-through), so
     the rounding also compensates the activation error. Returns the quantized weights and the per-block (error of
     plain rounding, error after learning)."""
@@ -282,3 +282,20 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
                 h.remove()
         fp_inputs = [((t,) + tuple(a[1:]), k) for t, (a, k) in zip(targets, fp_inputs)]
     return results, errors
+
+
+def quantize_model(model, targets: dict, windows: list[list[int]], recipe) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Learned rounding with the recipe's steps and seed; info: the steps run and the mean relative block error of
+    plain and learned rounding."""
+    from advisor.quantize.rtn import quantize_weight
+
+    given = {"iterations": recipe.iterations, "seed": recipe.seed}
+    config = RoundConfig(**{k: v for k, v in given.items() if v is not None})
+    quantized, errors = autoround_sequential(model, targets, windows, config)
+    modules = dict(model.named_modules())
+    for name, t in targets.items():
+        if name not in quantized:
+            quantized[name] = quantize_weight(modules[name].weight, t.weights, t.pair_sum)
+    return quantized, {"block_error": {"rounding": sum(e[0] for e in errors) / len(errors),
+                                       "learned": sum(e[1] for e in errors) / len(errors)},
+                       "iterations": config.iterations, "seed": config.seed}

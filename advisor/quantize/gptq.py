@@ -143,3 +143,20 @@ def _gptq(w, hessian, args, pair_sum, damp, act_order, block) -> QuantizedWeight
     inv = torch.argsort(perm)
     codes = codes[:, inv].to(torch.int8)
     return QuantizedWeight(codes, scale, None, args)
+
+
+def quantize_model(model, targets: dict, windows: list[list[int]], recipe) -> tuple[dict[str, QuantizedWeight], dict]:
+    """GPTQ on every target linear of the decoder stack, layer by layer on the calibration windows; linears outside
+    the stack (none in the supported architectures: the head is never quantized) are rounded to nearest."""
+    from advisor.quantize.rtn import quantize_weight
+    from advisor.quantize.sequential import quantize_sequential
+
+    quantized = quantize_sequential(
+        model, targets, windows, lambda name, w, h: gptq_quantize(w, h, targets[name].weights, targets[name].pair_sum),
+        act_args={n: t.activations for n, t in targets.items()},
+    )
+    modules = dict(model.named_modules())
+    for name, t in targets.items():
+        if name not in quantized:
+            quantized[name] = quantize_weight(modules[name].weight, t.weights, t.pair_sum)
+    return quantized, {}

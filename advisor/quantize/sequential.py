@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from advisor.errors import UnsupportedArchitectureError
+from advisor.model import decoder_layers
 from advisor.quantize.rtn import QuantizedWeight
 
 
@@ -27,17 +27,6 @@ def native_bf16() -> bool:
     from advisor.targets import cpu_flags
 
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
-    n = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return name, module
-    raise UnsupportedArchitectureError(
-        f"cannot find the {n} decoder layers of {type(model).__name__}",
-        hint="calibrated methods need a ModuleList of decoder layers; use --method rtn",
-    )
 
 
 @torch.inference_mode()

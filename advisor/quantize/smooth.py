@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from advisor.assignment import pair_limit
 from advisor.calibrate import LinearStats
 from advisor.quantize.rtn import fake_quantize_activations, quantize_weight
-from advisor.schemes import Scheme
+from advisor.schemes import Scheme, pair_limit
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 # Activation-aware scaling (weight-only schemes) searches its exponent on a finer grid, from 0 (no scaling) up.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advisor.assignment import QuantTarget
 from advisor.errors import AdvisorError
+from advisor.quantize import QuantTarget
 from advisor.quantize.autoround import RoundConfig, autoround_sequential
 from advisor.quantize.rtn import pair_sums, quantize_weight
 
@@ -21,13 +21,16 @@ def _windows(n: int, length: int = 64) -> list[list[int]]:
 def test_learned_rounding_beats_rounding_to_nearest_and_exports(tiny_llama_dir, tmp_path, bf16):
     from transformers import AutoModelForCausalLM
 
-    from advisor.export import load_for_eval, quantize_and_export, scheme_of
+    from advisor.compress import Compressed, CompressReport
+    from advisor.export import load_for_eval, write_checkpoint
     from advisor.model import inspect_structure, load_model
+    from advisor.plan import scheme_of
+    from advisor.recommend import Choices, recommend
     from advisor.targets import get_target
-    from advisor.validate import plan
 
     structure = inspect_structure(tiny_llama_dir)
-    recipe = plan(structure, get_target("a10g"), "w4a16", None, method="autoround", iterations=20)
+    plan = recommend(structure, get_target("a10g"), Choices(scheme="w4a16", method="autoround", iterations=20))
+    recipe = plan.recipe
     model = load_model(tiny_llama_dir)
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     args = scheme_of(recipe).weights
@@ -46,7 +49,7 @@ def test_learned_rounding_beats_rounding_to_nearest_and_exports(tiny_llama_dir, 
         drift = (qw.codes.float().view_as(exact) - exact.clamp(-8, 7)).abs()
         assert drift.max() <= 1.0 + 1e-4
 
-    quantize_and_export(model, structure, recipe, tmp_path, quantized)
+    write_checkpoint(Compressed(model, plan, quantized, CompressReport()), tmp_path)
     ids = torch.tensor([_windows(1)[0]])
     with torch.inference_mode():
         ours = load_for_eval(tmp_path)(ids).logits
@@ -56,14 +59,14 @@ def test_learned_rounding_beats_rounding_to_nearest_and_exports(tiny_llama_dir, 
 
 def test_plan_refuses_learned_rounding_where_it_cannot_apply(tiny_llama_dir):
     from advisor.model import inspect_structure
+    from advisor.recommend import Choices, recommend
     from advisor.targets import get_target
-    from advisor.validate import plan
 
     structure = inspect_structure(tiny_llama_dir)
     with pytest.raises(AdvisorError, match="FP8"):
-        plan(structure, get_target("h100"), "fp8", None, method="autoround")
+        recommend(structure, get_target("h100"), Choices(scheme="fp8", method="autoround"))
     with pytest.raises(AdvisorError, match="iterations"):
-        plan(structure, get_target("a10g"), "w4a16", None, method="gptq", iterations=10)
+        recommend(structure, get_target("a10g"), Choices(scheme="w4a16", method="gptq", iterations=10))
 
 
 def test_learned_rounding_for_w8a8_learns_with_quantized_activations_and_keeps_the_pair_limit(tiny_llama_dir):
@@ -86,21 +89,23 @@ def test_the_recipe_seed_repeats_learned_rounding_exactly_and_another_seed_chang
 
     from transformers import AutoTokenizer
 
-    from advisor.compress import calibrated_quantization
+    from advisor.calibrate import Calibration
+    from advisor.compress import compress
     from advisor.model import inspect_structure, load_model
+    from advisor.recommend import Choices, recommend
     from advisor.targets import get_target
-    from advisor.validate import plan
 
     structure = inspect_structure(tiny_llama_dir)
-    recipe = dataclasses.replace(
-        plan(structure, get_target("a10g"), "w4a16", None, method="autoround", iterations=20),
-        calibration={"text": "wikitext2-valid", "windows": 12, "seq_len": 32})
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    plan = recommend(structure, get_target("a10g"), Choices(
+        scheme="w4a16", method="autoround", iterations=20,
+        calibration={"text": "wikitext2-valid", "windows": 12, "seq_len": 32}))
+    calibration = Calibration.of(plan.recipe, AutoTokenizer.from_pretrained(tiny_llama_dir))
 
     def codes(seed):
-        quantized = calibrated_quantization(load_model(tiny_llama_dir), structure,
-                                            dataclasses.replace(recipe, seed=seed), tokenizer)
-        return {name: qw.codes for name, qw in quantized.items()}
+        seeded = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, seed=seed))
+        compressed = compress(load_model(tiny_llama_dir), seeded, calibration)
+        assert compressed.report.iterations == 20
+        return {name: qw.codes for name, qw in compressed.quantized.items()}
 
     first, again, other = codes(0), codes(0), codes(1)
     assert all(torch.equal(first[n], again[n]) for n in first)

@@ -8,17 +8,24 @@ import json
 import pytest
 import torch
 
+from advisor.compress import compress
 from advisor.errors import AdvisorError, ShapeError, UnsupportedSchemeError
-from advisor.export import load_for_eval, quantization_config, quantize_and_export
+from advisor.export import load_for_eval, quantization_config, write_checkpoint
 from advisor.model import inspect_structure, load_model
 from advisor.quantize.rtn import limit_pairs, pair_sums, quantize_weight
 from advisor.recipe import Recipe
+from advisor.recommend import Choices, recommend
 from advisor.schemes import QuantArgs
 from advisor.targets import get_target
-from advisor.validate import check_group_size, choose_group_size, plan
+from advisor.validate import check_group_size, choose_group_size
 
 AVX2 = {"avx", "avx2", "fma"}
 AVX512_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+
+
+def _export(model, plan, out, dtype=None):
+    """Round-to-nearest needs no calibration text."""
+    return write_checkpoint(compress(model, plan, None), out, dtype)
 
 
 def test_rtn_int8_channel_error_is_within_half_a_step():
@@ -74,16 +81,16 @@ def test_plan_rejects_a_scheme_the_target_cannot_serve(tiny_llama_dir):
     structure = inspect_structure(tiny_llama_dir)
     cpu_avx2 = get_target("cpu", flags=AVX2)
     with pytest.raises(UnsupportedSchemeError, match="w4a16"):
-        plan(structure, cpu_avx2, "w4a16", None)
+        recommend(structure, cpu_avx2, Choices(scheme="w4a16"))
     with pytest.raises(UnsupportedSchemeError, match="w8a16"):
-        plan(structure, get_target("cpu", flags=AVX512_VNNI), "w8a16", None)
+        recommend(structure, get_target("cpu", flags=AVX512_VNNI), Choices(scheme="w8a16"))
 
 
 def test_plan_limits_int8_pairs_on_cpus_without_vnni(tiny_llama_dir):
     structure = inspect_structure(tiny_llama_dir)
-    assert plan(structure, get_target("cpu", flags=AVX2), None, None).int8_pair_sum == 128
-    assert plan(structure, get_target("cpu", flags=AVX512_VNNI), None, None).int8_pair_sum is None
-    assert plan(structure, get_target("a10g"), "w8a8-int8", None).int8_pair_sum is None
+    assert recommend(structure, get_target("cpu", flags=AVX2), Choices()).recipe.int8_pair_sum == 128
+    assert recommend(structure, get_target("cpu", flags=AVX512_VNNI), Choices()).recipe.int8_pair_sum is None
+    assert recommend(structure, get_target("a10g"), Choices(scheme="w8a8-int8")).recipe.int8_pair_sum is None
 
 
 def test_defaults_calibrate_where_rounding_to_nearest_loses_too_much(tiny_llama_dir):
@@ -91,17 +98,17 @@ def test_defaults_calibrate_where_rounding_to_nearest_loses_too_much(tiny_llama_
     8 bits where the target serves w8a16; round-to-nearest elsewhere (benchmarks/results/default_method_*.md)."""
     structure = inspect_structure(tiny_llama_dir)
     avx2, vnni = get_target("cpu", flags=AVX2), get_target("cpu", flags=AVX512_VNNI)
-    assert plan(structure, avx2, None, None, method=None).method == "gptq"
-    assert plan(structure, avx2, "fp8", None, method=None).method == "rtn"
-    assert plan(structure, vnni, None, None, method=None).method == "rtn"
-    assert plan(structure, avx2, None, None, method="autoround").method == "autoround"
-    gpu = plan(structure, get_target("a10g"), None, None, method=None)
+    assert recommend(structure, avx2, Choices(method=None)).recipe.method == "gptq"
+    assert recommend(structure, avx2, Choices(scheme="fp8", method=None)).recipe.method == "rtn"
+    assert recommend(structure, vnni, Choices(method=None)).recipe.method == "rtn"
+    assert recommend(structure, avx2, Choices(method="autoround")).recipe.method == "autoround"
+    gpu = recommend(structure, get_target("a10g"), Choices(method=None)).recipe
     assert (gpu.scheme, gpu.method, gpu.dense_budget, gpu.budget_scheme) == ("w4a16", "gptq", 0.3, "w8a16")
-    cpu4 = plan(structure, vnni, "w4a16", None, method=None)  # no w8a16 kernel on CPUs: nothing raised
+    cpu4 = recommend(structure, vnni, Choices(scheme="w4a16", method=None)).recipe  # no w8a16 kernel on CPUs: nothing raised
     assert (cpu4.method, cpu4.dense_budget) == ("gptq", 0.0)
-    assert plan(structure, get_target("a10g"), "w8a16", None, method=None).method == "rtn"
+    assert recommend(structure, get_target("a10g"), Choices(scheme="w8a16", method=None)).recipe.method == "rtn"
     with pytest.raises(ShapeError, match="no more bits"):
-        plan(structure, get_target("a10g"), "w8a16", None, dense_budget=0.1, budget_scheme="w4a16")
+        recommend(structure, get_target("a10g"), Choices(scheme="w8a16", dense_budget=0.1, budget_scheme="w4a16"))
 
 
 def test_recipe_round_trips_and_rejects_unknown_keys():
@@ -120,16 +127,16 @@ def test_checkpoint_reads_the_same_in_compressed_tensors_and_hubc(tiny_llama_dir
     from transformers import AutoModelForCausalLM
 
     structure = inspect_structure(tiny_llama_dir)
-    recipe = plan(structure, get_target(target, flags=AVX512_VNNI), scheme, None)
+    plan = recommend(structure, get_target(target, flags=AVX512_VNNI), Choices(scheme=scheme, method="rtn", smoothing="none", dense_budget=0))
     model = load_model(tiny_llama_dir)
-    result = quantize_and_export(model, structure, recipe, tmp_path)
+    result = _export(model, plan, tmp_path)
     assert result.quantized_modules == len(structure.linears) == 14
 
     config = json.loads((tmp_path / "config.json").read_text())
     qcfg = config["quantization_config"]
     assert qcfg["quant_method"] == "compressed-tensors" and qcfg["ignore"] == ["lm_head"]
     QuantizationConfig.model_validate(qcfg)  # compressed-tensors' own parser accepts it
-    assert qcfg == quantization_config(recipe)
+    assert qcfg == quantization_config(plan)
 
     ours = load_for_eval(tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -151,11 +158,11 @@ def test_checkpoint_is_written_in_the_targets_dtype(tiny_llama_dir, tmp_path, sc
 
     structure = inspect_structure(tiny_llama_dir)
     t = get_target(target, flags=AVX512_VNNI)
-    recipe = plan(structure, t, scheme, None, dense_budget=0)
+    plan = recommend(structure, t, Choices(scheme=scheme, method="rtn", smoothing="none", dense_budget=0))
     model = load_model(tiny_llama_dir)
     dtype = getattr(torch, t.checkpoint_dtype)
     assert dtype == (torch.float16 if target == "t4" else torch.bfloat16)
-    quantize_and_export(model, structure, recipe, tmp_path, dtype=dtype)
+    _export(model, plan, tmp_path, dtype=dtype)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     want = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -204,8 +211,7 @@ def vllm_scheme_of(tiny_llama_dir):
     ("fp8", "h100", "CompressedTensorsW8A8Fp8"), ("w8a8-int8", "l4", "CompressedTensorsW8A8Int8"),
 ])
 def test_vllm_selects_the_intended_kernel_scheme_for_gpu_targets(tiny_llama_dir, vllm_scheme_of, scheme, target, expected):
-    recipe = plan(inspect_structure(tiny_llama_dir), get_target(target), scheme, None)
-    qcfg = quantization_config(recipe)
+    qcfg = quantization_config(recommend(inspect_structure(tiny_llama_dir), get_target(target), Choices(scheme=scheme)))
     assert vllm_scheme_of(qcfg, "model.layers.0.self_attn.qkv_proj") == expected
     assert vllm_scheme_of(qcfg, "model.layers.1.mlp.down_proj") == expected
     assert vllm_scheme_of(qcfg, "lm_head") is None
@@ -222,11 +228,11 @@ def test_mixed_precision_recipe_exports_config_groups_every_reader_agrees_on(tin
         "model.layers.0.mlp.up_proj": "w8a16",
         "model.layers.1.self_attn.o_proj": "dense",
     }
-    recipe = plan(structure, get_target("h100"), "w4a16", None, overrides=overrides)
-    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    plan = recommend(structure, get_target("h100"), Choices(scheme="w4a16", actions=overrides, method="rtn", smoothing="none", dense_budget=0))
+    assert Recipe.from_yaml(plan.recipe.to_yaml()) == plan.recipe
     model = load_model(tiny_llama_dir)
     dense_weight = model.model.layers[1].self_attn.o_proj.weight.detach().clone()
-    result = quantize_and_export(model, structure, recipe, tmp_path)
+    result = _export(model, plan, tmp_path)
     assert result.quantized_modules == len(structure.linears) - 1
 
     qcfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
@@ -257,12 +263,15 @@ def test_mixed_precision_recipe_exports_config_groups_every_reader_agrees_on(tin
     ({"model.layers.0.self_attn.q_proj": "w8a16"}, "vLLM fuses q_proj/k_proj/v_proj"),
     ({"model.layers.0.mlp.gate_proj": "dense"}, "vLLM fuses gate_proj/up_proj"),
     ({"model.layers.9.mlp.down_proj": "w8a16"}, "matches no quantizable linear"),
-    ({"re:.*down_proj": "int3"}, "unknown scheme 'int3'"),
+    ({"re:.*down_proj": "int3"}, "unknown recipe action 'int3'"),
+    ({"model.layers.0": "remove-layer", "model.layers.1": "remove-layer"}, "removes every decoder layer"),
+    ({"model.layers.7": "remove-layer"}, "matches no decoder layer"),
+    ({"model.layers.0.mlp": "remove-layer"}, "matches no decoder layer"),
 ])
 def test_mixed_precision_recipe_errors_name_the_module_and_fix(tiny_llama_dir, overrides, match):
     structure = inspect_structure(tiny_llama_dir)
     with pytest.raises(AdvisorError, match=match):
-        plan(structure, get_target("h100"), "w4a16", None, overrides=overrides)
+        recommend(structure, get_target("h100"), Choices(scheme="w4a16", actions=overrides))
 
 
 @pytest.mark.parametrize("target", ["cpu", "l4"])
@@ -273,9 +282,8 @@ def test_asymmetric_activations_reach_vllms_int8_scheme(tiny_llama_dir, vllm_sch
         CompressedTensorsConfig,
     )
 
-    recipe = plan(inspect_structure(tiny_llama_dir), get_target(target, flags=AVX512_VNNI), "w8a8-int8", None,
-                  activations="asymmetric")
-    qcfg = quantization_config(recipe)
+    qcfg = quantization_config(recommend(inspect_structure(tiny_llama_dir), get_target(target, flags=AVX512_VNNI),
+                                         Choices(scheme="w8a8-int8", activations="asymmetric")))
     assert vllm_scheme_of(qcfg, "model.layers.0.mlp.down_proj") == "CompressedTensorsW8A8Int8"
     groups = CompressedTensorsConfig.from_config(qcfg).target_scheme_map.values()
     assert {g["input_activations"].symmetric for g in groups} == {False}

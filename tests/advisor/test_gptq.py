@@ -71,14 +71,17 @@ def test_gptq_keeps_the_int8_pair_limit_in_any_column_order():
 def test_sequential_gptq_exports_a_readable_checkpoint(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from advisor.export import load_for_eval, quantize_and_export, scheme_of
+    from advisor.compress import Compressed, CompressReport
+    from advisor.export import load_for_eval, write_checkpoint
     from advisor.model import inspect_structure, load_model
+    from advisor.plan import scheme_of
     from advisor.quantize.sequential import quantize_sequential
+    from advisor.recommend import Choices, recommend
     from advisor.targets import get_target
-    from advisor.validate import plan
 
     structure = inspect_structure(tiny_llama_dir)
-    recipe = plan(structure, get_target("a10g"), "w4a16", None, method="gptq")
+    plan = recommend(structure, get_target("a10g"), Choices(scheme="w4a16", method="gptq"))
+    recipe = plan.recipe
     model = load_model(tiny_llama_dir)
     gen = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, 1024, (64,), generator=gen).tolist() for _ in range(4)]
@@ -86,7 +89,7 @@ def test_sequential_gptq_exports_a_readable_checkpoint(tiny_llama_dir, tmp_path)
     wanted = {li.name for li in structure.linears}
     quantized = quantize_sequential(model, wanted, windows, lambda n, w, h: gptq_quantize(w, h, args))
     assert set(quantized) == {li.name for li in structure.linears}
-    quantize_and_export(model, structure, recipe, tmp_path, quantized)
+    write_checkpoint(Compressed(model, plan, quantized, CompressReport()), tmp_path)
     ids = torch.tensor([windows[0]])
     with torch.inference_mode():
         ours = load_for_eval(tmp_path)(ids).logits

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advisor.assignment import DENSE, module_schemes
 from advisor.quantize.rtn import fake_quantize_activations, quantize_weight
 from advisor.schemes import get_scheme
 from advisor.sensitivity import LayerCost, choose_dense, quantization_costs
@@ -80,12 +79,13 @@ def test_choose_dense_keeps_fused_siblings_together_and_counts_layers_already_de
     costs = dict([_cost("m.layers.0.self_attn.q_proj", 9.0, 100), _cost("m.layers.0.self_attn.k_proj", 0.0, 50),
                   _cost("m.layers.0.self_attn.v_proj", 0.0, 50), _cost("m.layers.0.mlp.down_proj", 1.0, 100),
                   _cost("m.layers.0.self_attn.o_proj", 0.1, 100)])
+    qkv = (("m.layers.0.self_attn.q_proj", "m.layers.0.self_attn.k_proj", "m.layers.0.self_attn.v_proj"),)
     # q alone is the costliest per parameter, but it only goes dense with k and v (200 parameters).
-    assert sorted(choose_dense(costs, 200 / 400)) == ["m.layers.0.self_attn.k_proj", "m.layers.0.self_attn.q_proj",
+    assert sorted(choose_dense(costs, 200 / 400, qkv)) == ["m.layers.0.self_attn.k_proj", "m.layers.0.self_attn.q_proj",
                                                       "m.layers.0.self_attn.v_proj"]
-    assert choose_dense(costs, 150 / 400) == ["m.layers.0.mlp.down_proj"]
+    assert choose_dense(costs, 150 / 400, qkv) == ["m.layers.0.mlp.down_proj"]
     # 100 parameters already dense use up a 20% budget of 500.
-    assert choose_dense(costs, 100 / 500, already_dense_params=100) == []
+    assert choose_dense(costs, 100 / 500, qkv, already_dense_params=100) == []
 
 
 def test_pipeline_records_the_kept_layers_in_the_recipe_and_the_checkpoint(tiny_llama_dir, tmp_path):
@@ -93,29 +93,32 @@ def test_pipeline_records_the_kept_layers_in_the_recipe_and_the_checkpoint(tiny_
 
     from transformers import AutoTokenizer
 
-    from advisor.compress import CompressReport, keep_sensitive_dense
-    from advisor.export import load_for_eval, quantize_and_export
+    from advisor.calibrate import Calibration
+    from advisor.compress import compress
+    from advisor.export import load_for_eval, write_checkpoint
     from advisor.model import inspect_structure, load_model
+    from advisor.plan import DENSE, resolve
+    from advisor.recommend import Choices, recommend
     from advisor.targets import get_target
-    from advisor.validate import check_recipe, plan
 
     structure = inspect_structure(tiny_llama_dir)
-    recipe = plan(structure, get_target("cpu"), "w8a8-int8", None, smoothing="none", dense_budget=0.1,
-                  calibration={"text": "wikitext2-valid", "windows": 2, "seq_len": 64})
-    assert recipe.dense_budget == 0.1 and recipe.calibration is not None
+    plan = recommend(structure, get_target("cpu"), Choices(
+        scheme="w8a8-int8", smoothing="none", dense_budget=0.1,
+        calibration={"text": "wikitext2-valid", "windows": 2, "seq_len": 64}))
+    assert plan.recipe.dense_budget == 0.1 and plan.recipe.calibration is not None
     model = load_model(tiny_llama_dir)
-    report = CompressReport()
-    kept = keep_sensitive_dense(model, structure, recipe, AutoTokenizer.from_pretrained(tiny_llama_dir), report)
-    dense = [n for n, v in kept.overrides.items() if v == DENSE]
+    compressed = compress(model, plan, Calibration.of(plan.recipe, AutoTokenizer.from_pretrained(tiny_llama_dir)))
+    kept, report = compressed.plan, compressed.report
+    dense = [n for n, v in kept.recipe.actions.items() if v == DENSE]
     assert dense and sorted(dense) == sorted(report.kept_dense)
     sizes = {li.name: li.in_features * li.out_features for li in structure.linears}
     assert sum(sizes[n] for n in dense) <= 0.1 * sum(sizes.values())
-    check_recipe(kept, structure, get_target("cpu"))  # fused siblings share a scheme
-    assert all(module_schemes(kept, structure)[n] is None for n in dense)
+    resolve(kept.recipe, structure, get_target("cpu"))  # fused siblings share a scheme
+    assert all(kept.linears[n] is None for n in dense)
 
     out = tmp_path / "ckpt"
     out.mkdir()
-    quantize_and_export(model, structure, kept, out)
+    write_checkpoint(compressed, out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert set(dense) <= set(config["ignore"])
     variant = load_for_eval(out)
@@ -134,15 +137,15 @@ def test_recipe_rejects_a_dense_budget_that_is_not_a_share(budget):
 
 def test_dense_budget_defaults_to_two_percent_where_activations_are_quantized(tiny_llama_dir):
     from advisor.model import inspect_structure
+    from advisor.recommend import Choices, recommend
     from advisor.targets import get_target
-    from advisor.validate import plan
 
     structure = inspect_structure(tiny_llama_dir)
-    assert plan(structure, get_target("cpu"), "w8a8-int8", None).dense_budget == 0.02
-    gpu = plan(structure, get_target("a10g"), "w4a16", None)
+    assert recommend(structure, get_target("cpu"), Choices(scheme="w8a8-int8")).recipe.dense_budget == 0.02
+    gpu = recommend(structure, get_target("a10g"), Choices(scheme="w4a16")).recipe
     assert (gpu.dense_budget, gpu.budget_scheme) == (0.3, "w8a16")  # 4 bits: the costliest weights at 8 bits
-    assert plan(structure, get_target("a10g"), "w8a16", None).dense_budget == 0.0
-    assert plan(structure, get_target("cpu"), "w8a8-int8", None, dense_budget=0.0).calibration is not None  # smoothing
+    assert recommend(structure, get_target("a10g"), Choices(scheme="w8a16")).recipe.dense_budget == 0.0
+    assert recommend(structure, get_target("cpu"), Choices(scheme="w8a8-int8", dense_budget=0.0)).recipe.calibration is not None  # smoothing
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma2", "phi3"])
@@ -168,19 +171,24 @@ def test_calibrated_methods_rank_layers_without_the_pair_limit_rounding_to_neare
 
     from transformers import AutoTokenizer
 
+    from advisor.calibrate import Calibration
     from advisor.compress import CompressReport, keep_sensitive_dense
     from advisor.model import inspect_structure, load_model
+    from advisor.plan import resolve
     from advisor.recipe import Recipe
+    from advisor.targets import get_target
 
     structure = inspect_structure(tiny_llama_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = load_model(tiny_llama_dir)
-    base = Recipe(scheme="w8a8-int8", target="cpu", dense_budget=0.1,
-                  calibration={"text": "wikitext2-valid", "windows": 2, "seq_len": 64})
+    base = resolve(Recipe(scheme="w8a8-int8", target="cpu", dense_budget=0.1,
+                          calibration={"text": "wikitext2-valid", "windows": 2, "seq_len": 64}),
+                   structure, get_target("cpu"))
+    windows = Calibration.of(base.recipe, tokenizer).windows
 
     def cost(**changes):
         report = CompressReport()
-        keep_sensitive_dense(model, structure, replace(base, **changes), tokenizer, report)
+        keep_sensitive_dense(model, replace(base, recipe=replace(base.recipe, **changes)), windows, report)
         return report.quantization_cost
 
     unconstrained = cost(method="rtn", int8_pair_sum=None)

@@ -19,12 +19,14 @@ from serving.server import ServerConfig, VllmServer
 def test_signed_int4_scales_are_served_as_evaluated(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from advisor.assignment import QuantTarget
-    from advisor.export import load_for_eval, quantize_and_export, scheme_of
+    from advisor.quantize import QuantTarget
+    from advisor.compress import Compressed, CompressReport
+    from advisor.export import load_for_eval, write_checkpoint
+    from advisor.plan import scheme_of
     from advisor.model import inspect_structure, load_model
     from advisor.quantize.autoround import RoundConfig, autoround_sequential
     from advisor.targets import get_target
-    from advisor.validate import plan
+    from advisor.recommend import Choices, recommend
     from hubplugin.source import copy_tokenizer_files
 
     target = get_target("cpu")
@@ -33,7 +35,8 @@ def test_signed_int4_scales_are_served_as_evaluated(tmp_path: Path) -> None:
     serve_dtype = target.require_scheme("w4a16").serve_dtype or "bfloat16"
     tiny = build_tiny_llama(tmp_path / "tiny")
     structure = inspect_structure(tiny)
-    recipe = plan(structure, target, "w4a16", 32, method="autoround", iterations=10)
+    plan = recommend(structure, target, Choices(scheme="w4a16", group_size=32, method="autoround", iterations=10))
+    recipe = plan.recipe
     model = load_model(tiny)
     args = scheme_of(recipe).weights
     rng = random.Random(0)
@@ -42,7 +45,7 @@ def test_signed_int4_scales_are_served_as_evaluated(tmp_path: Path) -> None:
     quantized, _ = autoround_sequential(model, wanted, windows, RoundConfig(iterations=10, batch=2))
     out = tmp_path / "w4a16"
     out.mkdir()
-    quantize_and_export(model, structure, recipe, out, quantized)
+    write_checkpoint(Compressed(model, plan, quantized, CompressReport()), out)
     copy_tokenizer_files(tiny, out)
     scales = torch.cat([t.flatten().float() for n, t in load_file(out / "model.safetensors").items()
                         if n.endswith("weight_scale")])

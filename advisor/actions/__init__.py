@@ -1,0 +1,13 @@
+"""What a plan can do to one compressible unit (a linear layer or a decoder layer), registered by name.
+
+A recipe names actions by registry key only (recipes may come from the Hub, so never by import path). A new kind of
+action is one module here with a class decorated by `register`, plus its import below.
+"""
+
+from __future__ import annotations
+
+from advisor.actions.base import ACTIONS, Action, parse_action, register
+from advisor.actions.quantize import KeepDense, Quantize
+from advisor.actions.remove_layer import RemoveLayer
+
+__all__ = ["ACTIONS", "Action", "KeepDense", "Quantize", "RemoveLayer", "parse_action", "register"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hubplugin.card import _f, _size, speed_note
+from hubplugin.card import speed_note
+from hubplugin.formatting import number as _f
+from hubplugin.formatting import size as _size
 
 
 def summary(result) -> None:
@@ -67,7 +69,7 @@ def summary(result) -> None:
         console.print(f"pushed: {result.push_url}")
 
 
-def _console():
+def table_console():
     """A console for tables: as wide as the terminal, or 160 columns when piped (one line per row)."""
     from rich.console import Console
 
@@ -97,7 +99,7 @@ def bench_table(report, store_path) -> None:
             f"{s['request_throughput_rps_p50']:.2f} / {s['request_throughput_rps_p95']:.2f}",
             f"{s['peak_memory_mib'] / 1024:.2f} GiB", vs, f"{r.spread:.1%}" if len(r.rounds) > 1 else "—",
         )
-    console = _console()
+    console = table_console()
     console.print(table)
     console.print(f"TTFT, TPOT, ITL: vLLM's percentiles over the requests of a run, median of the rounds; output "
                   f"tokens/s and requests/s: p50 and p95 across the {report.rounds} rounds (p95: the rate 95% of "
@@ -130,10 +132,78 @@ def pick_table(result, store_path) -> None:
             f"{c.checkpoint.size_bytes / 1e6:.0f} MB", "yes" if c.meets_slo else "no", "yes" if c.pareto else "",
             ", ".join(c.measured_now) + " now" if c.measured_now else "stored",
         )
-    console = _console()
+    console = table_console()
     console.print(table)
     console.print(f"vLLM {result.vllm_version} on {result.hardware}, {result.dtype}; results store {store_path}",
                   highlight=False)
     if result.plot is not None:
         console.print(f"Pareto plot: {result.plot}", highlight=False)
     console.print(("best: " if result.choice else "no choice: ") + result.reason, highlight=False)
+
+
+def targets_table(catalog, variants) -> None:
+    """`hubc targets`: one row per target with the schemes vLLM serves there, then the CPU variants to build for."""
+    from rich.table import Table
+
+    table = Table(title="hubc targets")
+    for col in ("target", "description", "memory", "bandwidth", "schemes (default first)"):
+        table.add_column(col)
+    for name, t in catalog.items():
+        schemes = [t.default_scheme] + [s for s in t.schemes if s != t.default_scheme]
+        table.add_row(
+            name,
+            t.description,
+            f"{t.memory_gib:g} GiB" if t.memory_gib else "this machine's",
+            f"{t.memory_bandwidth_gbs:g} GB/s" if t.memory_bandwidth_gbs else "—",
+            ", ".join(schemes),
+        )
+    from rich.console import Console
+
+    console = Console()
+    console.print(table)
+    names = ", ".join(f"cpu-{v.isa} ({', '.join(v.schemes)})" for v in variants)
+    console.print(f"To build for a CPU other than this one, name its variant: {names}.")
+
+
+def predict_table(predictions, model) -> None:
+    """`hubc predict`: one row per checkpoint, measured next to predicted where the store has it, then what the
+    predictions rest on."""
+    from rich.table import Table
+
+    def ms(value) -> str:
+        return "—" if value is None else f"{value:.1f} ms"
+
+    first = predictions[0]
+    table = Table(title=f"predicted latency on {first.target}, {first.traffic}, served in {first.dtype}")
+    for col in ("checkpoint", "format", "TTFT p50", "TPOT p50", "from", "measured TTFT / TPOT",
+                "held-out prediction", "roofline TTFT / TPOT"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "format", "from") else "right")
+    for p in predictions:
+        m = p.measured
+        table.add_row(
+            p.label, p.formats, ms(p.ttft_ms_p50), ms(p.tpot_ms_p50),
+            f"{p.measurements} measurements" if p.basis == "measurements" else "roofline only",
+            f"{ms(m.ttft_ms)} / {ms(m.tpot_ms)}" if m else "—",
+            f"{ms(m.predicted_ttft_ms)} / {ms(m.predicted_tpot_ms)}" if m else "—",
+            f"{ms(p.roofline_ttft_ms)} / {ms(p.roofline_tpot_ms)}" if p.roofline_ttft_ms is not None else "—",
+        )  # fmt: skip
+    console = table_console()
+    console.print(table)
+    fitted = next((p for p in predictions if p.basis == "measurements"), None)
+    if fitted is not None:
+        if fitted.loo_count:
+            loo = (f"leave-one-out error TTFT {fitted.loo_ttft_error:.0%}, TPOT {fitted.loo_tpot_error:.0%} "
+                   f"(mean over {fitted.loo_count} of them")  # fmt: skip
+            left = fitted.measurements - fitted.loo_count
+            loo += f"; {left} {'is' if left == 1 else 'are'} the only measurement of a format)" if left else ")"
+        else:
+            loo = "no leave-one-out error: every format has a single measurement"
+        console.print(f"predictions (not measurements) from {fitted.measurements} stored `vllm bench serve` measurements on "
+                      f"{'; '.join(fitted.hardware)}: {loo}", highlight=False, soft_wrap=True)  # fmt: skip
+    if any(p.basis == "roofline" for p in predictions):
+        t = model.target
+        console.print(f"roofline only: a lower bound from the catalog ({t.memory_bandwidth_gbs:g} GB/s, peak "
+                      f"{', '.join(f'{k} {v:g}' for k, v in t.peak_tflops.items())} TFLOPS); no measurements of "
+                      "those formats on this GPU", highlight=False)  # fmt: skip
+    console.print("measured: the latest stored run of that checkpoint at this traffic; held-out prediction: the "
+                  "model fitted without that run", highlight=False)

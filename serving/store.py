@@ -46,6 +46,7 @@ __all__ = [
     "latest_latency",
     "latest_quality",
     "same_version",
+    "target_latency_records",
 ]
 
 SCHEMA_VERSION = 1
@@ -295,6 +296,19 @@ def current_records(records: list[MeasurementRecord]) -> tuple[list[MeasurementR
         if Path(r.checkpoint.path).is_dir() and fingerprint(Path(r.checkpoint.path)) == r.checkpoint.fingerprint
     ]  # fmt: skip
     return fresh, len(records) - len(fresh)
+
+
+def target_latency_records(store: ResultsStore, target: Any) -> tuple[list[MeasurementRecord], int]:
+    """The stored latency records of an `advisor.targets.Target`'s hardware (`cpu`: this machine's, under the
+    same environment), less those whose checkpoint folder was removed or rewritten since; and how many were left
+    out for that."""
+    from advisor.latency import measured_on
+
+    if target.kind == "cpu":
+        records = store.records(kind=LATENCY, hardware=hardware(env=target.serve_env))
+    else:
+        records = [r for r in store.records(kind=LATENCY) if measured_on(target, r.hardware)]
+    return current_records(records)
 
 
 def _fingerprint_of(path: Path) -> str:

@@ -306,7 +306,9 @@ def _latency_checkpoint(folder, scheme=None):
               "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 256,
               "tie_word_embeddings": True}
     tensors = {"model.embed_tokens.weight": np.zeros((256, 64), np.float32), "model.norm.weight": np.zeros(64, np.float32)}
-    for i in range(2):
+    for i in range(2):  # every tensor config.json implies, so hubc's check of the weight files passes
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{i}.{norm}.weight"] = np.zeros(64, np.float32)
         for name, (out, inp) in {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
                                  "self_attn.o_proj": (64, 64), "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
                                  "mlp.down_proj": (64, 128)}.items():
@@ -390,7 +392,7 @@ def test_predict_shows_measured_next_to_predicted(tmp_path):
         assert p["tpot_ms_p50"] == pytest.approx(tpot, rel=0.2)
     human = run(*args)
     assert human.exit_code == 0, human.output
-    assert "predictions (not measurements) from 4 `hubc bench` measurements" in human.stdout
+    assert "predictions (not measurements) from 4 stored `vllm bench serve` measurements" in human.stdout
     assert "leave-one-out error" in human.stdout and "24.0 ms" in human.stdout
 
 

@@ -24,25 +24,24 @@ TEXTS = ("wikitext2-test", "licenses")
 def build(source, pair_limited: bool, method: str, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    from advisor.compress import apply_transforms, calibrated_quantization
-    from advisor.export import quantize_and_export
+    from advisor.calibrate import Calibration
+    from advisor.compress import compress
+    from advisor.export import write_checkpoint
     from advisor.model import inspect_structure, load_model
+    from advisor.recommend import Choices, recommend
     from advisor.targets import get_target
-    from advisor.validate import plan
     from hubplugin.source import copy_tokenizer_files
 
     flags = {"avx", "avx2", "fma"} if pair_limited else {"avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw",
                                                           "avx512dq", "avx512_vnni"}
     structure = inspect_structure(source.path)
-    recipe = plan(structure, get_target("cpu", flags=flags), "w8a8-int8", None, method=method,
-                  dense_budget=0.0)  # every linear int8: the rows compare rounding methods
-    assert (recipe.int8_pair_sum is not None) == pair_limited
+    plan = recommend(structure, get_target("cpu", flags=flags), Choices(
+        scheme="w8a8-int8", method=method, dense_budget=0.0))  # every linear int8: the rows compare rounding methods
+    assert (plan.recipe.int8_pair_sum is not None) == pair_limited
     model = load_model(source.path)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    report = apply_transforms(model, structure, recipe, tokenizer)
-    quantized = calibrated_quantization(model, structure, recipe, tokenizer, report)
+    compressed = compress(model, plan, Calibration.of(plan.recipe, AutoTokenizer.from_pretrained(source.path)))
     out.mkdir(parents=True)
-    quantize_and_export(model, structure, recipe, out, quantized)
+    write_checkpoint(compressed, out)
     copy_tokenizer_files(source.path, out)
 
 

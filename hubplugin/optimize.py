@@ -20,6 +20,7 @@ from advisor.evaluate import EvalConfig, TextResult
 from advisor.recipe import Recipe
 from advisor.recommend import Choices
 from hubplugin.errors import HubcError, OutputExistsError
+from hubplugin.gate import gate_message, gate_summary, quality_gate
 from hubplugin.source import ModelSource
 
 # A served perplexity further than this from hubc's own evaluation of the same checkpoint is flagged.
@@ -176,7 +177,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         result = _build(source, target, plan, staging, out, config, progress)
-        result.gate = quality_gate(result, config.max_ppl_increase)
+        result.gate = quality_gate(result.quality, config.max_ppl_increase)
         if not result.gate["passed"]:
             result.flags.insert(0, gate_message(result))
         _write_outputs(result, staging)
@@ -212,59 +213,6 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     result.seconds = time.monotonic() - started
     return result
-
-
-def quality_gate(result: OptimizeResult, threshold: float) -> dict:
-    """Whether every evaluation text's perplexity stays within `threshold` (a share) of the base's, as hubc evaluates
-    the checkpoint and, where it was served, as vLLM serves it against the served base."""
-    failures, worst = [], None
-    for tr in result.quality:
-        checks = [("hubc", tr.variant.perplexity / tr.base.perplexity - 1)]
-        if tr.served_variant is not None and tr.served_base is not None:
-            checks.append(("vLLM", tr.served_variant.perplexity / tr.served_base.perplexity - 1))
-        for engine, increase in checks:
-            if worst is None or increase > worst["increase"]:
-                worst = {"text": tr.text, "engine": engine, "increase": increase}
-            if increase > threshold:
-                failures.append({"text": tr.text, "engine": engine, "increase": increase})
-    return {"threshold": threshold, "passed": not failures, "worst": worst, "failures": failures}
-
-
-def gate_summary(gate: dict) -> str:
-    parts = [f"{f['text']} {f['increase']:+.1%} ({f['engine']})" for f in gate["failures"]]
-    return f"perplexity over the base beyond the {gate['threshold']:.0%} quality gate on {', '.join(parts)}"
-
-
-def failed_gate(folder: Path) -> str | None:
-    """Why the checkpoint in `folder` failed the quality gate of the `hubc optimize` run that made it (its
-    report.json), or None when it passed or has no report."""
-    try:
-        gate = json.loads((folder / "report.json").read_text()).get("gate")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(gate, dict) or gate.get("passed", True):
-        return None
-    return gate_summary(gate)
-
-
-def gate_message(result: OptimizeResult) -> str:
-    """The flag a variant failing the quality gate carries in the summary and the card, with what to try."""
-    recipe = result.recipe
-    tries = []
-    removed = result.transforms.get("removed_layers") or []
-    if removed:
-        tries.append(f"remove fewer layers (this variant removed {len(removed)}: {', '.join(removed)})")
-    if recipe.method == "rtn":
-        tries.append("--method gptq (fast) or --method autoround (best, slower)")
-    elif recipe.method == "gptq":
-        tries.append("--method autoround")
-    raised = "w8a16" if recipe.scheme == "w4a16" else "dense"
-    tries.append(f"a larger --dense-budget (e.g. {min(0.5, max(0.1, 2 * recipe.dense_budget)):.2f}"
-                 + (f" with --budget-scheme {raised}" if raised != "dense" else "") + ")")
-    if recipe.scheme == "w4a16":
-        tries.append("--scheme w8a16")
-    return (f"quality gate failed: {gate_summary(result.gate)}; try {'; '.join(tries)}. "
-            "--push refuses this variant unless --accept-quality-loss is given")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from advisor.recipe import METHODS
+from advisor.quantize import METHODS
 from hubplugin import __version__
 from hubplugin.cli_common import FORMATS
 from hubplugin.cli_common import run_command as _run
@@ -82,6 +82,9 @@ def targets(fmt: str) -> None:
               help="int8 activations per token: symmetric (default) or asymmetric, a zero point per token: closer "
                    "to the base by KL and top-1 agreement on the demo model; its perplexity change varied with the "
                    "calibration setting (README)")
+@click.option("--remove-layer", "remove_layers", type=click.IntRange(min=0), multiple=True,
+              help="remove decoder layer N (0-based; repeat for more): the checkpoint has fewer layers, served as "
+                   "the same architecture")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False),
               help="recipe YAML to apply (e.g. per-module mixed precision) instead of --scheme/--method/...")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
@@ -103,7 +106,7 @@ def targets(fmt: str) -> None:
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
 def optimize(model, target, scheme, group_size, method, iterations, smoothing, dense_budget, budget_scheme, activations,
-             recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
+             remove_layers, recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
              eval_texts, eval_windows, seq_len, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
@@ -117,12 +120,16 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
         if recipe_file is not None:
             recipe = _read_recipe(recipe_file, scheme=scheme, group_size=group_size, method=method,
                                   iterations=iterations, smoothing=smoothing, dense_budget=dense_budget,
-                                  budget_scheme=budget_scheme, activations=activations)
+                                  budget_scheme=budget_scheme, activations=activations,
+                                  remove_layer=remove_layers or None)
+        from advisor.recommend import Choices
+
         config = OptimizeConfig(
             recipe=recipe,
-            scheme=scheme, group_size=group_size, method=method, iterations=iterations, smoothing=smoothing,
-            dense_budget=dense_budget, budget_scheme=budget_scheme, activations=activations or "symmetric", out=out,
-            overwrite=overwrite, push=push_repo, private=private, serve=not no_serve, revision=revision,
+            choices=Choices(scheme=scheme, group_size=group_size, method=method, iterations=iterations,
+                            smoothing=smoothing, dense_budget=dense_budget, budget_scheme=budget_scheme,
+                            activations=activations, remove_layers=tuple(remove_layers)),
+            out=out, overwrite=overwrite, push=push_repo, private=private, serve=not no_serve, revision=revision,
             max_ppl_increase=max_ppl_increase, accept_quality_loss=accept_quality_loss,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
         )
@@ -176,7 +183,7 @@ def push(folder, repo_id, private, message, accept_quality_loss) -> None:
     def body():
         from hubplugin import hub
         from hubplugin.card import refresh_bench_section
-        from hubplugin.optimize import failed_gate
+        from hubplugin.gate import failed_gate
 
         failed = failed_gate(folder)
         if failed and not accept_quality_loss:

@@ -146,7 +146,10 @@ def _stackable(layer, inputs: list) -> bool:
     (a0, k0), (a1, k1) = inputs[:2]
     try:
         together = layer_output(layer(torch.cat([a0[0], a1[0]]), *a0[1:], **k0))
-    except RuntimeError:
+    except RuntimeError as exc:
+        # Arguments that do not broadcast over a batch raise here; running out of memory is no such answer.
+        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
+            raise
         return False
     apart = torch.cat([layer_output(layer(*a0, **k0)), layer_output(layer(*a1, **k1))])
     return together.shape == apart.shape and torch.allclose(together, apart, rtol=1e-4, atol=1e-5 * apart.abs().max().item())

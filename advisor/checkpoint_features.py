@@ -32,6 +32,7 @@ __all__ = [
     "LatencyModelError",
     "Load",
     "checkpoint_features",
+    "read_safetensors_header",
 ]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -291,19 +292,58 @@ def _tensors(path: Path) -> dict[str, _Tensor]:
     out: dict[str, _Tensor] = {}
     for file in files:
         try:
-            with open(file, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                if size > 100_000_000:
-                    raise ValueError(f"a header of {size} bytes")
-                header = json.loads(f.read(size))
-            for name, info in header.items():
-                if name != "__metadata__":
-                    out[name] = _Tensor(
-                        info["dtype"], tuple(info["shape"]), file, 8 + size + info["data_offsets"][0]
-                    )
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            start, header = read_safetensors_header(file)
+        except (OSError, ValueError) as exc:
             raise LatencyModelError(f"{file} is not a readable safetensors file ({exc})") from None
+        for name, info in header.items():
+            out[name] = _Tensor(info["dtype"], tuple(info["shape"]), file, start + info["data_offsets"][0])
     return out
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """A safetensors file's header, checked against the file as safetensors checks it on load: where the tensor data
+    starts, and each tensor's entry (`dtype`, `shape`, `data_offsets`); `__metadata__` left out. Raises ValueError
+    saying what is wrong (garbage, bad JSON, a truncated file, offsets that do not match the shapes)."""
+    file_size = file.stat().st_size
+    with open(file, "rb") as f:
+        if file_size < 8:
+            raise ValueError(f"it is {file_size} bytes long, shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > min(100_000_000, file_size - 8):
+            raise ValueError(f"it does not start with a safetensors header (its first 8 bytes give a header of "
+                             f"{size:,} bytes, the file has {file_size:,})")  # fmt: skip
+        try:
+            header = json.loads(f.read(size))
+            assert isinstance(header, dict)
+        except ValueError:
+            raise ValueError("its header is not valid JSON") from None
+        except AssertionError:
+            raise ValueError("its header is not a JSON object") from None
+    header.pop("__metadata__", None)
+    entries = []
+    for name, info in header.items():
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            width = _ELEMENT_BYTES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"its header entry for '{name}' is not a dtype, shape and data_offsets") from None
+        if width is not None and end - begin != _numel(shape) * width:
+            raise ValueError(f"tensor '{name}' ({info['dtype']} {shape}) needs {_numel(shape) * width:,} bytes but "
+                             f"its data_offsets span {end - begin:,}")  # fmt: skip
+        entries.append((begin, end, name))
+    data_end = 0
+    for begin, end, name in sorted(entries):  # safetensors requires the tensors to tile the data exactly
+        if begin != data_end or end < begin:
+            raise ValueError(f"its data_offsets overlap or leave a gap at tensor '{name}'")
+        data_end = end
+    held = file_size - 8 - size
+    if held < data_end:
+        raise ValueError(f"it is truncated (its header describes {data_end:,} bytes of tensor data, the file "
+                         f"holds {held:,})")  # fmt: skip
+    if held > data_end:
+        raise ValueError(f"it has {held - data_end:,} bytes after its last tensor")
+    return 8 + size, header
 
 
 def _ct_groups(quant: Any, where: Path) -> tuple[list[tuple[list[str], str, int, str | None]], int | None]:

@@ -34,3 +34,7 @@ class ShapeError(AdvisorError):
 
 class UnsupportedArchitectureError(AdvisorError):
     """The model's architecture has a structure hubc cannot compress."""
+
+
+class DamagedWeightsError(AdvisorError):
+    """A model folder's weight files are missing, unreadable, cut off, or disagree with its index or config.json."""

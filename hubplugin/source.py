@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from advisor.errors import HintedError
 from hubplugin.errors import ModelNotFoundError, NotAModelError
 
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -91,7 +92,8 @@ def resolve(ref: str, revision: str | None = None, token: str | None = None) -> 
 
 
 def check_model_folder(path: Path, what: str | None = None) -> None:
-    """A model folder needs a config.json naming a model type and safetensors weights."""
+    """A model folder needs a config.json naming a model type and whole safetensors weights that fit it (headers,
+    sizes and index read; the weights themselves are not)."""
     what = what or f"folder '{path}'"
     config = path / "config.json"
     if not config.is_file():
@@ -102,11 +104,9 @@ def check_model_folder(path: Path, what: str | None = None) -> None:
         raise NotAModelError(f"{what}: config.json is not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or "model_type" not in data:
         raise NotAModelError(f"{what}: config.json has no model_type", hint="is this a transformers model folder?")
-    if not any(path.glob("*.safetensors")):
-        raise NotAModelError(
-            f"{what} has no *.safetensors weights",
-            hint="hubc reads safetensors only; convert .bin weights with transformers' save_pretrained(safe_serialization=True)",
-        )
+    from advisor.weight_files import check_weight_files
+
+    check_weight_files(path, what=what)
 
 
 def _hub_id_from_folder(path: Path) -> str | None:
@@ -142,6 +142,10 @@ def _from_gguf(gguf: Path, ref: str, kind: str, hub_id: str | None = None) -> Mo
     note = f"dequantized to float32 from the GGUF file {gguf.name}"
     if not (out / "config.json").is_file():
         _convert_gguf(gguf, out, hub_id=hub_id)
+    try:
+        check_model_folder(out, what=f"the folder '{out}' converted from {gguf.name}")
+    except HintedError as exc:  # hubc's own cache: rebuilding it is the fix, not a new download
+        raise type(exc)(exc.message, hint=f"delete {out} and run again: hubc converts {gguf.name} again") from None
     return ModelSource(ref=ref, kind=kind, path=out, hub_id=hub_id or _hub_id_from_folder(out), note=note)
 
 

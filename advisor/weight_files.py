@@ -24,7 +24,7 @@ from advisor.errors import DamagedWeightsError
 
 __all__ = ["ConfigWeights", "ModelWeight", "check_weight_files", "config_weights"]
 
-_REDOWNLOAD = "the file is damaged: download the model again, or save it again with save_pretrained"
+_REDOWNLOAD = "download the model again, or save it again with save_pretrained"
 _PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 _LAYER_INDEX = re.compile(r"\.\d+(?=\.)")
 

@@ -76,7 +76,7 @@ class Recipe:
         if not isinstance(data, dict):
             raise AdvisorError("a recipe must be a YAML mapping")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - {"overrides"})
         if unknown:
             raise AdvisorError(f"unknown recipe keys: {', '.join(unknown)}", hint=f"known keys: {', '.join(sorted(known))}")
         version = data.get("version", RECIPE_VERSION)
@@ -85,15 +85,16 @@ class Recipe:
                                hint="upgrade hubc")
         if "overrides" in data:
             # Version 1: per-module schemes or `dense` under `overrides`, which version 2 calls `actions`.
-            if version >= 2 or "actions" in data:
+            if data.get("version", 1) >= 2 or "actions" in data:
                 raise AdvisorError("recipe key `overrides` is version 1's name for `actions`",
                                    hint="write per-module actions under `actions`")
             data = {**{k: v for k, v in data.items() if k != "overrides"}, "actions": data["overrides"] or {}}
         data["version"] = RECIPE_VERSION
-        try:
-            recipe = cls(**data)
-        except TypeError as exc:
-            raise AdvisorError(f"a recipe needs `scheme` and `target` ({exc})", hint="add the missing keys") from None
+        missing = [k for k in ("scheme", "target") if k not in data]
+        if missing:
+            raise AdvisorError(f"the recipe has no {' and no '.join(f'`{k}`' for k in missing)}",
+                               hint="a recipe names at least its scheme and its target")
+        recipe = cls(**data)
         recipe.check_fields()
         return recipe
 

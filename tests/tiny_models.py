@@ -8,9 +8,21 @@ from pathlib import Path
 
 from helpers import VOCAB, tiny_tokenizer
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=32, max_position_embeddings=512, initializer_range=0.2,
-              bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.2,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+    "tie_word_embeddings": False,
+}
 
 # model_type → (transformers config class, extra settings): each family's own features stay on (Qwen3's q/k norms,
 # Gemma's scaled embeddings, sandwich norms, soft-capping and sliding windows, Phi-3's fused qkv/gate_up).

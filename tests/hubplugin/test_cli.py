@@ -192,7 +192,7 @@ def test_mixed_precision_recipe_file_is_applied_and_recorded(tiny_llama_dir, tmp
     assert set(qcfg["ignore"]) == {"lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
                                    "model.layers.0.self_attn.o_proj"}
     written = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert written["overrides"]["model.layers.0.self_attn.o_proj"] == "dense"
+    assert written["version"] == 2 and written["actions"]["model.layers.0.self_attn.o_proj"] == "dense"
     assert json.loads(result.stdout)["quantized_modules"] == 14 - 3
 
 
@@ -204,7 +204,7 @@ def test_dense_budget_keeps_the_costliest_layers_dense_and_says_so(tiny_llama_di
     kept = json.loads((out / "report.json").read_text())["transforms"]["kept_dense"]
     assert kept
     written = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert written["dense_budget"] == 0.2 and all(written["overrides"][n] == "dense" for n in kept)
+    assert written["dense_budget"] == 0.2 and all(written["actions"][n] == "dense" for n in kept)
     assert set(kept) <= set(json.loads((out / "config.json").read_text())["quantization_config"]["ignore"])
     card = (out / "README.md").read_text()
     assert "kept dense" in card and all(n in card for n in kept)
@@ -221,7 +221,7 @@ def test_gpu_default_keeps_the_costliest_weights_at_8_bits(tiny_llama_dir, tmp_p
     recipe = report["recipe"]
     assert (recipe["scheme"], recipe["method"], recipe["budget_scheme"]) == ("w4a16", "gptq", "w8a16")
     kept = report["transforms"]["kept_dense"]
-    assert kept and all(recipe["overrides"][n] == "w8a16" for n in kept)
+    assert kept and all(recipe["actions"][n] == "w8a16" for n in kept)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     bits = sorted(g["weights"]["num_bits"] for g in qcfg["config_groups"].values())
     assert bits == [4, 8] and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -236,7 +236,12 @@ def test_gpu_default_keeps_the_costliest_weights_at_8_bits(tiny_llama_dir, tmp_p
     ({"scheme": "w8a8-int8", "target": "cpu", "overrides": {"model.layers.0.self_attn.k_proj": "dense"}}, [],
      ["q_proj/k_proj/v_proj", "same scheme"]),
     ({"scheme": "w8a8-int8", "target": "cpu", "module_path": "os.system"}, [], ["unknown recipe keys: module_path"]),
-    ({"target": "cpu"}, [], ["not a valid recipe"]),
+    ({"target": "cpu"}, [], ["the recipe has no `scheme`"]),
+    ({"scheme": "w8a8-int8", "target": "cpu", "version": 2, "overrides": {}}, [], ["`overrides` is version 1's"]),
+    ({"scheme": "w8a8-int8", "target": "cpu", "actions": {"model.layers.0": "prune-everything"}}, [],
+     ["unknown recipe action 'prune-everything'"]),
+    ({"scheme": "w8a8-int8", "target": "cpu", "calibration": {"text": "wikitext2-valid", "windows": 0}}, [],
+     ["calibration `windows` must be a positive"]),
 ])
 def test_bad_recipe_files_fail_in_one_line_before_work(tiny_llama_dir, tmp_path, content, extra, fragments):
     recipe = tmp_path / "r.yaml"
@@ -458,3 +463,52 @@ def test_asymmetric_activations_are_exported_carded_and_refused_where_they_do_no
                   str(tmp_path / scheme), "--activations", "asymmetric")
         assert_one_line_error(bad, fragment)
         assert not (tmp_path / scheme).exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_latency_measured_by_optimize_is_used_by_pick_and_predict(tiny_llama_dir, tmp_path):
+    """`hubc optimize` measures latency as `hubc bench` does (vllm bench serve, interleaved rounds) and stores it
+    with the served perplexity: `hubc pick` and `hubc predict` then use those numbers without measuring again."""
+    out = tmp_path / "variant"
+    result = run("optimize", str(tiny_llama_dir), "--target", "cpu", "--out", str(out), "--seq-len", "64",
+                 "--eval-windows", "2", "--eval-text", "wikitext2-test", "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    latency = report["latency"]
+    assert latency["settings"]["tool"] == "vllm bench serve" and latency["settings"]["rounds"] >= 2
+    dtype = latency["settings"]["dtype"]
+    for role in ("base", "variant"):
+        assert latency[role]["measurement_id"] is not None and latency[role]["tpot_ms_p50"] > 0
+    assert "interleaved rounds of `vllm bench serve`" in (out / "README.md").read_text()
+
+    traffic = ["--traffic", "in=128,out=32,concurrency=1", "--dtype", dtype]
+    picked = run("pick", str(out), "--max-tpot-ms", "100000", "--max-ppl-increase", "1000", *traffic,
+                 "--eval-text", "wikitext2-test", "--eval-windows", "2", "--seq-len", "64",
+                 "--plot", str(tmp_path / "pareto.png"), "--format", "json")
+    assert picked.exit_code == 0, picked.output
+    candidates = {c["role"]: c for c in json.loads(picked.stdout)["candidates"]}
+    for role in ("base", "variant"):
+        c = candidates[role]
+        assert c["measured_now"] == [], c  # everything came from the store: nothing was served again
+        assert c["latency_id"] == latency[role]["measurement_id"]
+        assert c["tpot_ms_p50"] == pytest.approx(latency[role]["tpot_ms_p50"])
+        assert c["tpot_spread"] == pytest.approx(latency[role]["tpot_ms_p50_spread"])
+    served = next(tr["served_variant"] for tr in report["quality"] if tr["text"] == "wikitext2-test")
+    assert candidates["variant"]["perplexity"] == pytest.approx(served["perplexity"])
+
+    predicted = run("predict", str(out), "--target", "cpu", *traffic, "--format", "json")
+    assert predicted.exit_code == 0, predicted.output
+    (p,) = json.loads(predicted.stdout)["predictions"]
+    assert p["basis"] == "measurements" and p["measurements"] == 2
+    assert p["measured"]["tpot_ms"] == pytest.approx(latency["variant"]["tpot_ms_p50"])
+    assert p["measured"]["ttft_ms"] == pytest.approx(latency["variant"]["ttft_ms_p50"])
+
+
+def test_a_malformed_report_json_is_reported_in_one_line(tmp_path):
+    folder = _latency_checkpoint(tmp_path / "dense")
+    (folder / "report.json").write_text("{not json")
+    result = run("predict", str(folder), "--target", "a10g", "--store", str(tmp_path / "results.sqlite"))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"{folder / 'report.json'} cannot be read" in warnings[0], result.stderr

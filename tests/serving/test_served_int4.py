@@ -19,14 +19,14 @@ from serving.server import ServerConfig, VllmServer
 def test_signed_int4_scales_are_served_as_evaluated(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from advisor.quantize import QuantTarget
     from advisor.compress import Compressed, CompressReport
     from advisor.export import load_for_eval, write_checkpoint
-    from advisor.plan import scheme_of
     from advisor.model import inspect_structure, load_model
+    from advisor.plan import scheme_of
+    from advisor.quantize import QuantTarget
     from advisor.quantize.autoround import RoundConfig, autoround_sequential
-    from advisor.targets import get_target
     from advisor.recommend import Choices, recommend
+    from advisor.targets import get_target
     from hubplugin.source import copy_tokenizer_files
 
     target = get_target("cpu")

@@ -194,8 +194,23 @@ def load_for_eval(path: Path):
     """Read a compressed-tensors checkpoint back from disk into a float32 transformers model whose linear layers
     compute what the quantized kernels compute (dequantized weights, per-token activation quantization).
 
-    Evaluating this model evaluates the checkpoint as written, not the in-memory tensors that produced it.
-    """
+    Evaluating this model evaluates the checkpoint as written, not the in-memory tensors that produced it. A damaged
+    or inconsistent checkpoint raises DamagedWeightsError naming the file."""
+    from advisor.weight_files import check_weight_files
+
+    check_weight_files(path)
+    try:
+        return _load_for_eval(path)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError) or "allocate" in str(exc):
+            raise
+        raise DamagedWeightsError(
+            f"{path} is not a compressed-tensors checkpoint hubc can read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})",
+            hint="its quantization_config and its tensors disagree: export the checkpoint again") from None
+
+
+def _load_for_eval(path: Path):
     from compressed_tensors.compressors import unpack_from_int32
     from transformers import AutoConfig, AutoModelForCausalLM
 

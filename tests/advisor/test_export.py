@@ -287,3 +287,28 @@ def test_asymmetric_activations_reach_vllms_int8_scheme(tiny_llama_dir, vllm_sch
     assert vllm_scheme_of(qcfg, "model.layers.0.mlp.down_proj") == "CompressedTensorsW8A8Int8"
     groups = CompressedTensorsConfig.from_config(qcfg).target_scheme_map.values()
     assert {g["input_activations"].symmetric for g in groups} == {False}
+
+
+@pytest.mark.parametrize("damage", ["scale shape", "packed shape", "config group"])
+def test_reading_back_a_damaged_quantized_checkpoint_fails_in_one_hinted_error(tiny_llama_dir, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from advisor.errors import DamagedWeightsError
+
+    plan = recommend(inspect_structure(tiny_llama_dir), get_target("a10g"),
+                     Choices(scheme="w4a16", method="rtn", smoothing="none", dense_budget=0))
+    _export(load_model(tiny_llama_dir), plan, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    if damage == "scale shape":
+        state[f"{name}.weight_scale"] = state[f"{name}.weight_scale"][:32].contiguous()
+    elif damage == "packed shape":
+        state[f"{name}.weight_shape"] = torch.tensor([64, 256])
+    else:
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["quantization_config"]["config_groups"]["group_0"]["targets"] = ["Embedding"]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DamagedWeightsError) as info:
+        load_for_eval(tmp_path)
+    assert info.value.hint and "\n" not in info.value.message

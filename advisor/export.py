@@ -237,12 +237,20 @@ def _load_for_eval(path: Path):
         zp = state.pop(f"{name}.weight_zero_point", None)
         if f"{name}.weight_packed" in state:
             shape = torch.Size(state.pop(f"{name}.weight_shape").tolist())
+            if shape != modules[name].weight.shape:
+                raise DamagedWeightsError(f"{name}.weight_shape in {path} says {list(shape)}, but config.json makes "
+                                          f"the layer {list(modules[name].weight.shape)}",
+                                          hint="its quantization tensors and config.json disagree: export it again")
             codes = unpack_from_int32(state.pop(f"{name}.weight_packed"), w_args.num_bits, shape)
             if zp is not None:
                 zp = unpack_from_int32(zp, w_args.num_bits, torch.Size([shape[0], zp.shape[1]]), packed_dim=0)
         else:
             codes = state.pop(f"{name}.weight")
         weight = QuantizedWeight(codes, scale, zp, w_args).dequantize()
+        if weight.shape != modules[name].weight.shape:
+            raise DamagedWeightsError(f"{name} reads back as {list(weight.shape)} from {path}, but config.json makes it "
+                                      f"{list(modules[name].weight.shape)}",
+                                      hint="its quantization tensors and config.json disagree: export it again")
         bias = state.pop(f"{name}.bias", None)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, FakeQuantLinear(weight, bias, a_args))

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from hubplugin.card import speed_note
-from hubplugin.formatting import number as _f
-from hubplugin.formatting import size as _size
+from hubplugin.formatting import number, size
 
 
 def summary(result) -> None:
@@ -20,10 +19,10 @@ def summary(result) -> None:
     table.add_column("base", justify="right")
     table.add_column("variant", justify="right")
     table.add_column("change", justify="right")
-    table.add_row(f"weights on disk ({result.checkpoint_dtype})", "—", _size(result.size_before),
-                  _size(result.size_after), f"{result.size_after / result.size_before - 1:+.0%}")
+    table.add_row(f"weights on disk ({result.checkpoint_dtype})", "—", size(result.size_before),
+                  size(result.size_after), f"{result.size_after / result.size_before - 1:+.0%}")
     if result.size_original:
-        table.add_row("weights on disk (base as given)", "—", _size(result.size_original), _size(result.size_after),
+        table.add_row("weights on disk (base as given)", "—", size(result.size_original), size(result.size_after),
                       f"{result.size_after / result.size_original - 1:+.0%}")
     for tr in result.quality:
         measured = [(tr.base, tr.variant)]
@@ -31,19 +30,19 @@ def summary(result) -> None:
             measured.append((tr.served_base, tr.served_variant))
         for base, var in measured:
             engine = f"{base.engine} ({base.dtype})"
-            table.add_row(f"perplexity, {tr.text}", engine, _f(base.perplexity), _f(var.perplexity),
+            table.add_row(f"perplexity, {tr.text}", engine, number(base.perplexity), number(var.perplexity),
                           f"{var.perplexity / base.perplexity - 1:+.2%}")
             if var.kl is not None:
-                table.add_row(f"KL vs base, {tr.text}", engine, "", _f(var.kl, ".4f"), "")
+                table.add_row(f"KL vs base, {tr.text}", engine, "", number(var.kl, ".4f"), "")
             if var.top1_agreement is not None:
-                table.add_row(f"top-1 agreement, {tr.text}", engine, "", _f(var.top1_agreement, ".1%"), "")
+                table.add_row(f"top-1 agreement, {tr.text}", engine, "", number(var.top1_agreement, ".1%"), "")
     if result.latency is not None:
         lat = result.latency
         engine = f"vllm {lat.vllm_version}"
         for key, label in (("ttft_ms_p50", "TTFT p50 (ms)"), ("tpot_ms_p50", "time per token p50 (ms)"),
                            ("throughput_tok_s", "throughput (tokens/s)")):
             b, v = lat.base[key], lat.variant[key]
-            table.add_row(label, engine, _f(b, ".1f"), _f(v, ".1f"), f"{v / b - 1:+.0%}" if b else "")
+            table.add_row(label, engine, number(b, ".1f"), number(v, ".1f"), f"{v / b - 1:+.0%}" if b else "")
     console.print(table)
     kept = (result.transforms or {}).get("kept_dense")
     if kept:
@@ -119,13 +118,14 @@ def pick_table(result, store_path) -> None:
 
     pct = result.slo.tpot_percentile
     table = Table(title=f"hubc pick: {result.traffic}, served perplexity on {result.quality_text}")
-    for col in ("rank", "checkpoint", f"TPOT p{pct}", "TTFT p50", "tok/s p50/p95", "perplexity", "vs base",
-                "size", "meets SLO", "Pareto", "measured"):
+    for col in ("rank", "checkpoint", f"TPOT p{pct}", "TPOT spread", "TTFT p50", "tok/s p50/p95", "perplexity",
+                "vs base", "size", "meets SLO", "Pareto", "measured"):
         table.add_column(col, justify="left" if col in ("checkpoint", "measured") else "right")
     for c in result.candidates:
         tok_s_p95 = "—" if c.throughput_tok_s_p95 is None else f"{c.throughput_tok_s_p95:.1f}"  # an older record
         table.add_row(
             str(c.rank or "—"), c.label + (" (base)" if c.role == "base" else ""), f"{c.tpot(pct):.1f} ms",
+            "unknown" if c.tpot_spread is None else f"{c.tpot_spread:.1%}",  # one round: not measured
             f"{c.ttft_ms_p50:.1f} ms", f"{c.throughput_tok_s:.1f} / {tok_s_p95}",
             f"{c.perplexity:.3f}" if c.perplexity is not None else "—",
             f"{c.ppl_increase:+.2%}" if c.ppl_increase is not None else "—",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 from click.testing import CliRunner
 from helpers import build_tiny_llama, perturbed_copy  # tests/ is on sys.path (conftest.py)
+from safetensors.numpy import save_file
 
 from hubplugin.cli import main
 from serving.bench import BenchConfig, Traffic
@@ -196,6 +196,24 @@ def test_a_tie_within_the_noise_goes_to_the_smaller_checkpoint(tmp_path: Path) -
     assert choice is big and reason.startswith(
         "big has the lowest TPOT p50 (10.0 ms) of the 2 of 2 checkpoints"
     )
+    assert "rounds varied by up to 10.0%" in rank([candidate("b2", 10.0, 5000, 0.10), candidate("s2", 10.5, 2000,
+                                                  0.02)], SLO())[1]  # fmt: skip
+
+
+def test_a_tie_says_which_spreads_were_measured_and_when_the_floor_decided(tmp_path: Path) -> None:
+    """An unknown spread (one round) is said to be unknown, never printed as a measured 0% or as the floor."""
+
+    def candidate(label: str, tpot: float, size: int, spread: float | None) -> Candidate:
+        info = describe(fake_checkpoint(tmp_path / label, size))
+        return Candidate(checkpoint=info, role="variant", tpot_ms_p50=tpot, tpot_ms_p95=tpot, ttft_ms_p50=1.0,
+                         ttft_ms_p95=1.0, throughput_tok_s=1.0, peak_memory_mib=1.0, tpot_spread=spread,
+                         perplexity=10.0, ppl_increase=0.01, latency_id=None, quality_id=None)  # fmt: skip
+
+    big, small = candidate("big", 10.0, 5000, None), candidate("small", 10.1, 2000, 0.005)
+    choice, reason = rank([big, small], SLO())
+    assert choice is small
+    assert "rounds varied by up to 0.5%" in reason and "the spread of big is unknown (one round)" in reason
+    assert "differences under 2% count as a tie" in reason and "up to 2%" not in reason
 
 
 def test_base_ref_needs_one_base(tmp_path: Path) -> None:

@@ -146,6 +146,7 @@ def check(
             sample.update(prompt=config.sample_prompt, completion=generate_text(server, config.sample_prompt))
 
     report = bench([variant], bench_config, base=base, progress=progress, on_server=on_server)
+    report.settings["by"] = "serving.check"  # stored records say this run was a serving check, not `hubc bench`
     if variant_record is not None:
         for result in report.results:
             if result.role == "variant":

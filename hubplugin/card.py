@@ -149,9 +149,11 @@ def speed_note(result) -> str:
     lat = result.latency
     ratio = lat.variant["tpot_ms_p50"] / lat.base["tpot_ms_p50"]
     dtype = lat.settings.get("dtype") or result.serve_dtype
-    kernels = "; ".join(f"{scheme}: `{s.kernel}` ({s.note.rstrip('.')})" for scheme, s in _served_kernels(result))
-    how = (f"Base and variant were served in {dtype} on the same settings; the variant's quantized linears ran "
-           f"through {kernels}, the base's through vLLM's dense {dtype} GEMM.")
+    served = _served_kernels(result)
+    kernels = "; ".join((f"{scheme}: " if len(served) > 1 else "") + f"`{s.kernel}` ({s.note.rstrip('.')})"
+                        for scheme, s in served)
+    how = (f"Base and variant were served in {dtype} on the same settings, so the difference is the kernel of the "
+           f"variant's quantized linears, {kernels}, against vLLM's dense {dtype} GEMM for the base's.")
     if ratio > 1.05:
         return (f"On this hardware the variant is smaller but {ratio:.1f}× slower per output token than the base. "
                 f"{how} Its speed on other hardware is not measured here.")
@@ -162,11 +164,10 @@ def speed_note(result) -> str:
 
 def _served_kernels(result) -> list[tuple[str, object]]:
     """(scheme, the catalog's SchemeSupport on the target) for every scheme the recipe quantizes with."""
+    from advisor.actions import Quantize
     from advisor.targets import get_target
 
     target = get_target(result.target)
-    from advisor.actions import Quantize
-
     recipe = result.recipe
     others = {a.scheme for a in _actions(recipe).values() if isinstance(a, Quantize) and a.scheme != recipe.scheme}
     return [(s, target.schemes[s]) for s in [recipe.scheme, *sorted(others)] if s in target.schemes]

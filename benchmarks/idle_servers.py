@@ -25,8 +25,9 @@ import statistics
 import time
 from pathlib import Path
 
-from serving._bench_procs import BenchClient, process_tree, quiesce
-from serving.bench import BenchConfig, Traffic, _run_once
+from serving.bench import BenchConfig, Traffic, run_once
+from serving.bench_client import BenchClient
+from serving.processes import process_tree, quiesce
 from serving.server import VllmServer
 from serving.store import describe
 
@@ -90,7 +91,7 @@ def main() -> None:
                 stop_neighbours(state == "stopped")
                 quiesce(loaded, config.quiesce_cpu, config.quiesce_timeout_s)
                 run += 1
-                metrics = _run_once(client, loaded, info, config, run, 0, "idle-servers", log)
+                metrics = run_once(client, loaded, info, config, run, 0, "idle-servers", log)
                 tpot[state].append(metrics.tpot_ms_p50)
                 print(f"{state:8s} TPOT p50 {metrics.tpot_ms_p50:.2f} ms", flush=True)
     result = {

@@ -140,7 +140,8 @@ def test_hubc_pick_cli_finds_the_base_from_report_json(stored, tmp_path: Path, m
     assert "best: good has the lowest TPOT p50" in human.stdout
     assert "tok/s p50/p95" in human.stdout
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in human.stdout.splitlines() if line.startswith("│")]
-    tok_s = {row[1]: row[4] for row in cells}  # rank, checkpoint, TPOT, TTFT, tok/s p50/p95, ...
+    tok_s = {row[1]: row[5] for row in cells}  # rank, checkpoint, TPOT, TPOT spread, TTFT, tok/s p50/p95, ...
+    assert {row[1]: row[3] for row in cells}["good"] == "3.0%"  # the stored spread, as measured
     assert tok_s["good"] == "285.7 / 257.1"  # 4000 / 14, and 90% of it
     assert tok_s["slow"] == "133.3 / —"  # a record with neither p95 nor rounds
     assert (tmp_path / "hubc-pick-pareto.png").is_file()

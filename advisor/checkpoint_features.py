@@ -8,9 +8,9 @@ embedding is only gathered row by row, so it is left out; a tied one is read who
 weights multiplied per token. MoE routing, sliding windows and MLA are not modelled: every weight counts as read
 each step.
 
-`CheckpointFeatures` turns these into the bytes and FLOPs of one decode step and of a wave's prefill at a `Load`
+`CheckpointFeatures` turns these into the bytes and FLOPs of one decode step and of a wave's prefill at a `Traffic` (advisor.measurement)
 (the traffic `hubc bench` sends); `advisor.latency` turns those into milliseconds. This module does not import it:
-`Load` and `LatencyModelError` live here because both modules need them.
+`LatencyModelError` lives here because both modules need it.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from advisor.errors import AdvisorError
+from advisor.measurement import Traffic
 
 __all__ = [
     "DTYPE_BYTES",
     "PEAK_KEY",
     "CheckpointFeatures",
     "LatencyModelError",
-    "Load",
+    "Traffic",
     "checkpoint_features",
     "read_safetensors_header",
 ]
@@ -46,40 +47,6 @@ _METADATA = {"weight_shape"}
 
 class LatencyModelError(AdvisorError):
     """A checkpoint's files cannot be read for the latency model, or the prediction cannot be made."""
-
-
-@dataclass(frozen=True)
-class Load:
-    """The traffic a prediction is for: `hubc bench`'s profile (serving.bench.Traffic) as plain numbers."""
-
-    input_len: int = 512
-    output_len: int = 128
-    concurrency: int = 8
-
-    @classmethod
-    def parse(cls, text: str) -> Load:
-        """The canonical traffic string the store keeps: `in=512,out=128,concurrency=8`."""
-        keys = {"in": "input_len", "out": "output_len", "concurrency": "concurrency"}
-        try:
-            values = {
-                keys[k.strip()]: int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())
-            }
-            return cls(**values)
-        except (KeyError, ValueError, TypeError):
-            raise LatencyModelError(f"bad traffic '{text}'", hint="use in=N,out=N,concurrency=N") from None
-
-    def __str__(self) -> str:
-        return f"in={self.input_len},out={self.output_len},concurrency={self.concurrency}"
-
-    @property
-    def wave_tokens(self) -> float:
-        """Prompt tokens prefilled before the median request of a wave gets its first token."""
-        return self.input_len * (self.concurrency + 1) / 2
-
-    @property
-    def decode_context(self) -> float:
-        """Mean context length of a decode step."""
-        return self.input_len + self.output_len / 2
 
 
 @dataclass(frozen=True)
@@ -112,21 +79,21 @@ class CheckpointFeatures:
     def label(self) -> str:
         return "+".join(self.formats) or self.dtype
 
-    def decode_kv_bytes(self, load: Load) -> float:
+    def decode_kv_bytes(self, load: Traffic) -> float:
         return load.concurrency * load.decode_context * self.kv_bytes_per_token
 
     def attention_flops_per_token(self, context: float) -> float:
         """QK^T and AV for one token attending to `context` tokens."""
         return 4.0 * self.layers * self.heads * self.head_dim * context
 
-    def decode_flops(self, load: Load) -> dict[str, float]:
+    def decode_flops(self, load: Traffic) -> dict[str, float]:
         """FLOPs of one decode step per format (attention runs in the served dtype: `dense`)."""
         out = {f: 2.0 * p * load.concurrency for f, p in self.matmul_params.items()}
         attention = load.concurrency * self.attention_flops_per_token(load.decode_context)
         out["dense"] = out.get("dense", 0.0) + attention
         return out
 
-    def prefill_flops(self, load: Load) -> dict[str, float]:
+    def prefill_flops(self, load: Traffic) -> dict[str, float]:
         """FLOPs prefilled before the median request's first token, per format (causal attention in `dense`)."""
         requests = (load.concurrency + 1) / 2
         out = {f: 2.0 * p * load.wave_tokens for f, p in self.matmul_params.items()}

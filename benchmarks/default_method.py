@@ -128,10 +128,9 @@ def _tpot(report: dict) -> dict | None:
 
 
 def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+    from advisor.measurement import cpuinfo
+
+    return cpuinfo().get("model name") or platform.processor() or "unknown CPU"
 
 
 def write_markdown(rows: list[dict], target: str) -> None:

@@ -109,10 +109,9 @@ def run_one(name: str, work: Path) -> dict:
 
 
 def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+    from advisor.measurement import cpuinfo
+
+    return cpuinfo().get("model name") or "unknown CPU"
 
 
 def _mb(n: int | None) -> str:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from quant_compare_llmc import quantize_llmc
 from quant_compare_rows import *
-from quant_compare_table import render
+from quant_compare_table import render, verdicts
 
 # --- evaluation (the same for every row) -------------------------------------------------------------------------
 
@@ -273,12 +273,6 @@ def run_rows(rows: list[Row], model_path: Path, settings: Settings, cache: Path,
         path.write_text(json.dumps(record, indent=2))
         log(f"{row.key}: " + ", ".join(f"{t} ppl {q['perplexity']:.3f}" for t, q in quality.items()))
     return failures
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist)
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from importlib.metadata import version
 
+import torch
 from quant_compare_rows import *
 
 # --- the table ---------------------------------------------------------------------------------------------------
@@ -175,8 +177,8 @@ def render(rows: list[Row], records: dict, status: dict, base: dict, settings: S
         "",
         f"- Table written by: `{command}`",
         f"- Hardware: {hardware_name()}; shared with other work, so times carry noise.",
-        (f"- hubc side: torch {torch.__version__}, transformers {_version('transformers')}, compressed-tensors "
-        f"{_version('compressed-tensors')}; hubc code {', '.join(hubc_codes) or '—'}."),
+        (f"- hubc side: torch {torch.__version__}, transformers {version('transformers')}, compressed-tensors "
+        f"{version('compressed-tensors')}; hubc code {', '.join(hubc_codes) or '—'}."),
         f"- llm-compressor side: {llmc_versions} (benchmarks/.venv-llmc).",
         "- Runs (rows measured in the same run share a letter): "
         + "; ".join(f"{letter} = `{cmd}` started {start}" for (start, cmd), letter in runs.items()),

@@ -30,8 +30,11 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {}),
     "mistral": ("MistralConfig", {"sliding_window": 64}),
-    "gemma2": ("Gemma2Config", {"sliding_window": 64, "query_pre_attn_scalar": 32}),
-    "gemma3_text": ("Gemma3TextConfig", {"sliding_window": 64, "query_pre_attn_scalar": 32}),
+    # Gemma ties its head to the embedding (vLLM's Gemma classes have no separate lm_head).
+    "gemma": ("GemmaConfig", {"tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {"sliding_window": 64, "query_pre_attn_scalar": 32, "tie_word_embeddings": True}),
+    "gemma3_text": ("Gemma3TextConfig", {"sliding_window": 64, "query_pre_attn_scalar": 32,
+                                         "tie_word_embeddings": True}),
     "phi3": ("Phi3Config", {"head_dim": None, "hidden_size": 128}),  # head_dim = hidden / heads: 32
 }
 

@@ -252,6 +252,7 @@ def _load_for_eval(path: Path):
                                       f"{list(modules[name].weight.shape)}",
                                       hint="its quantization tensors and config.json disagree: export it again")
         bias = state.pop(f"{name}.bias", None)
+        bias = None if bias is None else bias.float()  # stored in the checkpoint dtype, computed in float32
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, FakeQuantLinear(weight, bias, a_args))
     missing, unexpected = model.load_state_dict(state, strict=False)

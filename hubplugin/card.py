@@ -223,7 +223,11 @@ def _method_text(result) -> str:
         parts.append(f"{len(kept)} linear layer{'s' if len(kept) > 1 else ''} kept {how} within a "
                      f"{recipe.dense_budget:.1%} weight budget, the most costly to quantize as measured on the "
                      f"calibration text ({', '.join(kept)}{share})")
-    manual = [a for k, a in _actions(recipe).items() if k not in kept]
+    removed = t.get("removed_layers") or []
+    if removed:
+        parts.append(f"decoder layer{'s' if len(removed) > 1 else ''} {', '.join(removed)} removed (the checkpoint "
+                     f"has {len(removed)} fewer layer{'s' if len(removed) > 1 else ''} than the base)")
+    manual = [a for k, a in _actions(recipe).items() if k not in kept and k not in removed]
     if manual:
         from advisor.actions import Quantize
 

@@ -44,6 +44,10 @@ def summary(result) -> None:
             b, v = lat.base[key], lat.variant[key]
             table.add_row(label, engine, number(b, ".1f"), number(v, ".1f"), f"{v / b - 1:+.0%}" if b else "")
     console.print(table)
+    removed = (result.transforms or {}).get("removed_layers")
+    if removed:
+        console.print(f"removed {len(removed)} decoder layer{'s' if len(removed) > 1 else ''}: " + ", ".join(removed),
+                      markup=False)
     kept = (result.transforms or {}).get("kept_dense")
     if kept:
         how = "dense" if result.recipe.budget_scheme == "dense" else f"at {result.recipe.budget_scheme}"

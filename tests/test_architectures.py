@@ -55,6 +55,7 @@ def test_every_supported_architecture_is_compressed_and_served(model_type, tmp_p
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["transforms"]["removed_layers"] == [structure.layers[1].name]
+    assert f"{structure.layers[1].name} removed" in (out / "README.md").read_text()
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["architectures"] == json.loads(
         (source / "config.json").read_text())["architectures"]

@@ -27,7 +27,7 @@ COMMON = {
 # model_type → (transformers config class, extra settings): each family's own features stay on (Qwen3's q/k norms,
 # Gemma's scaled embeddings, sandwich norms, soft-capping and sliding windows, Phi-3's fused qkv/gate_up).
 ARCHITECTURES = {
-    "qwen2": ("Qwen2Config", {}),
+    "qwen2": ("Qwen2Config", {"head_dim": None, "hidden_size": 128}),  # Qwen2 takes head_dim = hidden / heads: 32
     "qwen3": ("Qwen3Config", {}),
     "mistral": ("MistralConfig", {"sliding_window": 64}),
     # Gemma ties its head to the embedding (vLLM's Gemma classes have no separate lm_head).

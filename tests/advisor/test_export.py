@@ -312,3 +312,12 @@ def test_reading_back_a_damaged_quantized_checkpoint_fails_in_one_hinted_error(t
     with pytest.raises(DamagedWeightsError) as info:
         load_for_eval(tmp_path)
     assert info.value.hint and "\n" not in info.value.message
+
+
+def test_a_head_size_vllm_cpu_cannot_serve_is_refused_before_work_for_cpu_only(tmp_path):
+    from helpers import build_tiny_llama
+
+    structure = inspect_structure(build_tiny_llama(tmp_path / "h16", head_dim=16))
+    with pytest.raises(ShapeError, match="heads of size 16"):
+        recommend(structure, get_target("cpu", flags=AVX512_VNNI), Choices())
+    assert recommend(structure, get_target("a10g"), Choices(method="rtn", dense_budget=0)).recipe.scheme == "w4a16"

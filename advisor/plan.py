@@ -117,9 +117,10 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
     recipe.check_fields()
     if recipe.activations not in ACTIVATIONS:
         raise ShapeError(f"unknown activations '{recipe.activations}'", hint=f"use one of {', '.join(ACTIVATIONS)}")
-    from advisor.validate import check_head_size
+    from advisor.validate import check_head_size, check_head_tied
 
     check_head_size(structure, target)
+    check_head_tied(structure)
     ignore = list(structure.skipped) + [m for m in recipe.ignore if m not in structure.skipped]
     recipe = replace(recipe, target=target.name, ignore=ignore)
     layer_actions, used_layers = _actions_on(recipe, [li.name for li in structure.layers], "layer")

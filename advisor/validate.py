@@ -53,3 +53,12 @@ def check_head_size(structure: ModelStructure, target) -> None:
             f"({', '.join(map(str, CPU_ATTENTION_HEAD_SIZES))})",
             hint="a checkpoint for a GPU target (e.g. --target a10g) is served there",
         )
+
+
+def check_head_tied(structure: ModelStructure) -> None:
+    """vLLM's Gemma 2 computes logits with the embedding matrix (vllm/model_executor/models/gemma2.py has no
+    lm_head): a Gemma 2 checkpoint with its own output head would fail to load there, so it is refused before work."""
+    if structure.model_type == "gemma2" and not structure.tied_embeddings:
+        raise ShapeError("this Gemma 2 checkpoint has its own output head (tie_word_embeddings is false), which "
+                         "vLLM's Gemma 2 does not load: it computes logits with the embedding",
+                         hint="Gemma 2 checkpoints tie the head to the embedding; use one that does")

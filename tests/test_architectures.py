@@ -83,3 +83,17 @@ def test_an_unsupported_architecture_is_refused_in_one_line_before_any_work(tmp_
     errors = [line for line in result.stderr.splitlines() if not line.startswith("» ")]  # progress lines aside
     assert len(errors) == 1 and "does not handle 'gpt2'" in errors[0] and "qwen3" in errors[0]
     assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()
+
+
+def test_a_gemma2_with_its_own_output_head_is_refused_before_work(tmp_path):
+    import dataclasses
+
+    from advisor.errors import ShapeError
+    from advisor.model import inspect_structure
+    from advisor.recommend import recommend
+    from advisor.targets import get_target
+
+    structure = inspect_structure(build_tiny_model(tmp_path / "gemma2", "gemma2"))
+    assert structure.tied_embeddings
+    with pytest.raises(ShapeError, match="own output head"):
+        recommend(dataclasses.replace(structure, tied_embeddings=False), get_target("a10g"))

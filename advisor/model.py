@@ -176,7 +176,6 @@ def _fused_units(model, names: list[str]) -> tuple[tuple[str, ...], ...]:
         skeleton = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager")
     modules = dict(skeleton.named_modules())
     seen: list[tuple[str, torch.Tensor]] = []
-    # The input tensors themselves are kept (not their id()): a freed tensor's id is reused by the next one.
     handles = [modules[n].register_forward_pre_hook(lambda mod, a, n=n: seen.append((n, a[0])) and None)
                for n in names if n in modules]
     try:
@@ -191,17 +190,25 @@ def _fused_units(model, names: list[str]) -> tuple[tuple[str, ...], ...]:
     finally:
         for h in handles:
             h.remove()
-    units: list[list[str]] = []
-    last = None
-    for name, x in seen:
-        if any(name in u for u in units):
+    return tuple(tuple(u) for u in group_by_input(seen) if len(u) > 1)
+
+
+def group_by_input(calls: list[tuple[str, object]]) -> list[list[str]]:
+    """Linears grouped by the input they read: `calls` is (name, input tensor) in call order, and consecutive calls
+    on the same tensor object form one group; a linear called twice keeps its first place. The tensors themselves
+    are compared (not their id()): a freed tensor's id is reused by the next one, which would merge o_proj's group
+    with gate/up's."""
+    grouped: list[list[str]] = []
+    last_input = None
+    for name, x in calls:
+        if any(name in g for g in grouped):
             continue
-        if units and x is last and name.rpartition(".")[0].rpartition(".")[0] == units[-1][0].rpartition(".")[0].rpartition(".")[0]:
-            units[-1].append(name)
+        if grouped and x is last_input:
+            grouped[-1].append(name)
         else:
-            units.append([name])
-        last = x
-    return tuple(tuple(u) for u in units if len(u) > 1)
+            grouped.append([name])
+        last_input = x
+    return grouped
 
 
 def _context_length(config) -> int | None:

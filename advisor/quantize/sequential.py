@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from advisor.model import decoder_layers
+from advisor.model import decoder_layers, group_by_input
 from advisor.quantize.rtn import QuantizedWeight
 
 
@@ -56,8 +56,6 @@ def layer_output(result):
 def stages(layer, names: dict[str, torch.nn.Module], sample: tuple[tuple, dict]) -> list[list[str]]:
     """The layer's linears in execution order, grouped into stages of linears reading the same input tensor
     (q/k/v, then o, then gate/up, then down in a Llama layer), traced from one forward pass."""
-    # The input tensors themselves are kept (not their id()): a freed tensor's id can be reused by the next one,
-    # which would merge o_proj's stage with gate/up's.
     order: list[tuple[str, torch.Tensor]] = []
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: order.append((n, a[0]))) for n, m in names.items()]
     try:
@@ -66,16 +64,7 @@ def stages(layer, names: dict[str, torch.nn.Module], sample: tuple[tuple, dict])
     finally:
         for h in handles:
             h.remove()
-    grouped: list[list[str]] = []
-    last_input = None
-    for name, x in order:
-        if any(name in g for g in grouped):
-            continue  # a linear called twice keeps its first position
-        if grouped and x is last_input:
-            grouped[-1].append(name)
-        else:
-            grouped.append([name])
-        last_input = x
+    grouped = group_by_input(order)
     unseen = [n for n in names if not any(n in g for g in grouped)]  # e.g. experts this sample did not route to
     return grouped + ([unseen] if unseen else [])
 

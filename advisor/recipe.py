@@ -103,38 +103,37 @@ class Recipe:
         advisor.plan.resolve). Raises AdvisorError naming the field and its allowed values."""
         from advisor.quantize import METHODS
 
-        recipe = self
         for key in ("scheme", "target"):
-            if not isinstance(getattr(recipe, key), str):
-                raise AdvisorError(f"recipe `{key}` must be a name, not {getattr(recipe, key)!r}")
-        if recipe.smoothing not in SMOOTHING:
-            raise AdvisorError(f"unknown smoothing '{recipe.smoothing}'", hint=f"known: {', '.join(SMOOTHING)}")
-        if not isinstance(recipe.actions, dict) or not all(isinstance(k, str) for k in recipe.actions):
+            if not isinstance(getattr(self, key), str):
+                raise AdvisorError(f"recipe `{key}` must be a name, not {getattr(self, key)!r}")
+        if self.smoothing not in SMOOTHING:
+            raise AdvisorError(f"unknown smoothing '{self.smoothing}'", hint=f"known: {', '.join(SMOOTHING)}")
+        if not isinstance(self.actions, dict) or not all(isinstance(k, str) for k in self.actions):
             raise AdvisorError("recipe `actions` must map module names (or `re:` regexes) to actions")
         from advisor.actions import parse_action
         from advisor.errors import HintedError
 
-        for key, value in recipe.actions.items():
+        for key, value in self.actions.items():
             try:
                 parse_action(value)
             except HintedError as exc:
                 raise AdvisorError(f"recipe action for '{key}': {exc.message}", hint=exc.hint) from None
-        if recipe.method not in METHODS:
-            raise AdvisorError(f"unknown method '{recipe.method}'", hint=f"known methods: {', '.join(METHODS)}")
-        if recipe.activations not in ACTIVATIONS:
-            raise AdvisorError(f"unknown activations '{recipe.activations}'", hint=f"known: {', '.join(ACTIVATIONS)}")
-        if isinstance(recipe.dense_budget, bool) or not isinstance(recipe.dense_budget, (int, float)) \
-                or not 0 <= recipe.dense_budget < 1:
-            raise AdvisorError(f"recipe `dense_budget` must be a share between 0 and 1, not {recipe.dense_budget!r}")
-        if not isinstance(recipe.budget_scheme, str):
-            raise AdvisorError(f"recipe `budget_scheme` must be `dense` or a scheme id, not {recipe.budget_scheme!r}")
+        if self.method not in METHODS:
+            raise AdvisorError(f"unknown method '{self.method}'", hint=f"known methods: {', '.join(METHODS)}")
+        if self.activations not in ACTIVATIONS:
+            raise AdvisorError(f"unknown activations '{self.activations}'", hint=f"known: {', '.join(ACTIVATIONS)}")
+        if isinstance(self.dense_budget, bool) or not isinstance(self.dense_budget, (int, float)) \
+                or not 0 <= self.dense_budget < 1:
+            raise AdvisorError(f"recipe `dense_budget` must be a share between 0 and 1, not {self.dense_budget!r}")
+        if not isinstance(self.budget_scheme, str):
+            raise AdvisorError(f"recipe `budget_scheme` must be `dense` or a scheme id, not {self.budget_scheme!r}")
         for key in ("iterations", "seed", "group_size", "int8_pair_sum"):
-            value = getattr(recipe, key)
+            value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise AdvisorError(f"recipe `{key}` must be a whole number, not {value!r}")
-        if recipe.calibration is not None:
+        if self.calibration is not None:
             from advisor.calibrate import CalibConfig
 
-            CalibConfig.from_dict(recipe.calibration)
-        if not isinstance(recipe.ignore, list) or not all(isinstance(m, str) for m in recipe.ignore):
+            CalibConfig.from_dict(self.calibration)
+        if not isinstance(self.ignore, list) or not all(isinstance(m, str) for m in self.ignore):
             raise AdvisorError("recipe `ignore` must be a list of module names")

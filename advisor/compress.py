@@ -30,6 +30,8 @@ class CompressReport:
 
     removed_layers: list[str] = field(default_factory=list)
     """Decoder layers removed (as the recipe names them)."""
+    structure: dict = field(default_factory=dict)
+    """Structural action kind → what it did (widths and heads kept, ranks, importance used)."""
     smoothing_groups: int = 0
     smoothed: int = 0
     alphas: dict = field(default_factory=dict)
@@ -66,7 +68,8 @@ def compress(model, plan: Plan, calibration: Calibration | None,
     recipe needs none: round-to-nearest with no smoothing and no dense budget). `step(name, message)` is called as
     each step starts (for progress and timing)."""
     recipe = plan.recipe
-    needs = recipe.smoothing != "none" or recipe.method != "rtn" or recipe.dense_budget > 0
+    needs = recipe.smoothing != "none" or recipe.method != "rtn" or recipe.dense_budget > 0 \
+        or any(a.calibrates for a in plan.structural.values())
     if needs and calibration is None:
         raise AdvisorError("this recipe calibrates (smoothing, a calibrated method or a dense budget) but was given "
                            "no calibration text", hint="give the recipe a `calibration` block")
@@ -74,7 +77,7 @@ def compress(model, plan: Plan, calibration: Calibration | None,
     if plan.structural:
         kinds = Counter(a.kind for a in plan.structural.values())
         step("structure", "applying " + ", ".join(f"{k} to {n} unit{'s' if n > 1 else ''}" for k, n in kinds.items()))
-        plan = apply_structure(model, plan, report)
+        model, plan = apply_structure(model, plan, report, calibration.windows if calibration else None)
     if recipe.smoothing != "none":
         what = "smoothing activation outliers" if any(s.input_activations for s in plan.schemes) \
             else "activation-aware scaling"
@@ -101,23 +104,32 @@ def compress(model, plan: Plan, calibration: Calibration | None,
     return Compressed(model, plan, quantized, report)
 
 
-def apply_structure(model, plan: Plan, report: CompressReport) -> Plan:
-    """Apply the plan's structural actions, kind by kind, and re-derive the plan for the changed model (its linears
-    renamed as the model now names them)."""
+def apply_structure(model, plan: Plan, report: CompressReport, windows: list[list[int]] | None = None):
+    """Apply the plan's structural actions, kind by kind (in each kind's `order`), and re-derive the plan for the
+    changed model (its linears renamed as the model now names them). Returns (model, plan): an action that changes
+    shapes (widths, heads, factors) makes a new model, built from a config that describes them."""
+    from advisor.actions.base import StructureContext
     from advisor.model import structure_of
 
-    by_kind: dict[type, list[str]] = {}
+    by_kind: dict[type, dict[str, object]] = {}
     for name, action in plan.structural.items():
-        by_kind.setdefault(type(action), []).append(name)
+        by_kind.setdefault(type(action), {})[name] = action
+    ctx = StructureContext(windows=windows, structure=plan.structure)
     renamed: dict[str, str] = {}  # new prefix → recipe's prefix
-    for kind, names in by_kind.items():
-        moved = kind.apply(model, [_current(n, renamed) for n in names])
+    for kind in sorted(by_kind, key=lambda k: k.order):
+        units = by_kind[kind]
+        moved = kind.apply(model, {_current(n, renamed): a for n, a in units.items()}, ctx)
         renamed = _compose(renamed, moved)
         if kind.kind == "remove-layer":
-            report.removed_layers += sorted(names, key=lambda n: int(n.rsplit(".", 1)[1]))
+            report.removed_layers += sorted(units, key=lambda n: int(n.rsplit(".", 1)[1]))
+    report.structure = ctx.notes
+    if ctx.reshaped:
+        from advisor.architecture import adopt
+
+        model = adopt(model)
     structure = structure_of(model)
     plan = replace(plan, structure=structure, renamed=renamed)
-    return replace(plan, linears=assign_linears(plan.recipe, structure, plan.recipe_name))
+    return model, replace(plan, linears=assign_linears(plan.recipe, structure, plan.recipe_name))
 
 
 def _current(name: str, renamed: dict[str, str]) -> str:

@@ -31,7 +31,7 @@ class Plan:
     linears: dict[str, Scheme | None]
     """Every quantizable linear → its scheme (group size and activations applied), or None when it stays dense."""
     structural: dict[str, Action] = field(default_factory=dict)
-    """Decoder layer → structural action (remove-layer, ...), applied before quantization."""
+    """Decoder layer or linear → structural action (remove-layer, prune, factorize), applied before quantization."""
     renamed: dict[str, str] = field(default_factory=dict)
     """After structural actions: a module prefix as the model now names it → as the recipe named it."""
 
@@ -124,7 +124,7 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
     ignore = list(structure.skipped) + [m for m in recipe.ignore if m not in structure.skipped]
     recipe = replace(recipe, target=target.name, ignore=ignore)
     layer_actions, used_layers = _actions_on(recipe, [li.name for li in structure.layers], "layer")
-    _, used_linears = _actions_on(recipe, [li.name for li in structure.linears], "linear")
+    linear_actions, used_linears = _actions_on(recipe, [li.name for li in structure.linears], "linear")
     unused = [k for k in recipe.actions if k not in used_layers | used_linears]
     if unused:
         kind = parse_action(recipe.actions[unused[0]]).unit
@@ -132,8 +132,9 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
         example = structure.layers[0].name if kind == "layer" and structure.layers else "model.layers.0.mlp.down_proj"
         raise ShapeError(f"recipe action '{unused[0]}' matches no {what} of {structure.architecture}",
                          hint=f"name modules as `model.named_modules()` does (e.g. {example}), or use a `re:` regex")
-    for name, action in layer_actions.items():
+    for name, action in {**layer_actions, **linear_actions}.items():
         action.check(name, structure, target)
+    structural = {**layer_actions, **{n: a for n, a in linear_actions.items() if a.structural}}
     removed = {n for n, a in layer_actions.items() if a.kind == "remove-layer"}
     if structure.layers and len(removed) >= len(structure.layers):
         raise ShapeError(f"the recipe removes every decoder layer of {structure.architecture}",
@@ -172,7 +173,7 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
     if any(s.weights.type == "int" and s.weights.num_bits == 8 and s.input_activations is not None for s in schemes):
         pair_sum = target.int8_pair_sum
     recipe = replace(recipe, group_size=group_size, int8_pair_sum=pair_sum)
-    return Plan(recipe, structure, assign_linears(recipe, structure), structural=layer_actions)
+    return Plan(recipe, structure, assign_linears(recipe, structure), structural=structural)
 
 
 def _check_budget(recipe: Recipe, target) -> None:

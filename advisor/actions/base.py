@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from advisor.errors import ShapeError
 
 ACTIONS: dict[str, type[Action]] = {}
+
+
+@dataclass
+class StructureContext:
+    """What structural actions get besides the model, shared by every kind applied in one compress call."""
+
+    windows: list[list[int]] | None
+    """Calibration token windows (importance, whitening); None where the recipe calibrates nothing."""
+    structure: object
+    """advisor.model.ModelStructure of the model before any structural action."""
+    notes: dict = field(default_factory=dict)
+    """Action kind → what it did, JSON-ready (report.json and the card)."""
+    cache: dict = field(default_factory=dict)
+    """Statistics measured once on the unchanged model and shared between kinds (advisor.importance)."""
+    reshaped: bool = False
+    """Set by an action that changed a layer's shapes (widths, heads, factors): the model is then rebuilt from a
+    config that describes them (advisor.architecture.adopt)."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +35,11 @@ class Action:
     kind: ClassVar[str]
     unit: ClassVar[str]
     structural: ClassVar[bool] = False
+    order: ClassVar[int] = 0
+    calibrates: ClassVar[bool] = False
+    """Whether applying the action reads calibration text (activation importance, whitening)."""
+    """Structural actions apply kind by kind in this order (pruning before factorization before layer removal, so
+    every kind reads the names the recipe wrote until layers are renumbered)."""
 
     @classmethod
     def from_spec(cls, arg) -> Action:
@@ -34,9 +56,10 @@ class Action:
         """Raise with the fix when the action cannot apply to unit `name` of this model on this target."""
 
     @classmethod
-    def apply(cls, model, names: list[str]) -> dict[str, str | None]:
-        """Apply this action to the named units of `model` in place (structural actions only); returns how module
-        name prefixes moved: old prefix → new prefix, or None for units that no longer exist."""
+    def apply(cls, model, units: dict[str, Action], ctx: StructureContext) -> dict[str, str | None]:
+        """Apply the actions of this kind to their units of `model` in place (structural actions only; `units`: unit
+        name as the model now names it → its action); returns how module name prefixes moved: old prefix → new
+        prefix, or None for units that no longer exist."""
         raise NotImplementedError(f"{cls.kind} does not change the model's structure")
 
 

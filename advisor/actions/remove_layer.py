@@ -17,6 +17,7 @@ class RemoveLayer(Action):
     kind = "remove-layer"
     unit = "layer"
     structural = True
+    order = 30
 
     def check(self, name, structure, target) -> None:
         if len(structure.layers) < 2:
@@ -24,11 +25,11 @@ class RemoveLayer(Action):
                              hint="remove layers from models with more than one")
 
     @classmethod
-    def apply(cls, model, names: list[str]) -> dict[str, str | None]:
+    def apply(cls, model, units, ctx) -> dict[str, str | None]:
         from advisor.model import decoder_layers
 
         prefix, layers = decoder_layers(model)
-        drop = {int(n.rsplit(".", 1)[1]) for n in names}
+        drop = {int(n.rsplit(".", 1)[1]) for n in units}
         if len(drop) >= len(layers):
             raise ShapeError("the plan removes every decoder layer", hint="keep at least one layer")
         kept = [i for i in range(len(layers)) if i not in drop]
@@ -52,4 +53,8 @@ class RemoveLayer(Action):
                 value = getattr(config, key, None)
                 if isinstance(value, list) and len(value) == len(layers):
                     setattr(config, key, [value[i] for i in kept])
+            # Qwen2: the first `max_window_layers` layers use full attention; count only those kept.
+            window = getattr(config, "max_window_layers", None)
+            if isinstance(window, int) and window < len(layers):
+                config.max_window_layers = sum(1 for i in kept if i < window)
         return moved

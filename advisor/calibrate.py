@@ -22,6 +22,9 @@ class CalibConfig:
     seq_len: int = 512
     sample_rows: int = 512
     """Input rows kept per linear layer for scoring transforms."""
+    self_generated: int = 0
+    """Windows of text the base model samples itself, added to `text`'s. Structure chosen on one domain overfits it
+    (benchmarks/results/structure_calibration.md): the model's own text covers what it knows, with no dataset."""
 
     @classmethod
     def from_dict(cls, data) -> CalibConfig:
@@ -30,17 +33,18 @@ class CalibConfig:
 
         if not isinstance(data, dict):
             raise AdvisorError(f"recipe `calibration` must be a mapping {{text, windows, seq_len}}, not {data!r}")
-        known = {"text", "windows", "seq_len", "sample_rows"}
+        known = {"text", "windows", "seq_len", "sample_rows", "self_generated"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise AdvisorError(f"unknown calibration keys: {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
         config = cls(**data)
         if not isinstance(config.text, str) or not config.text:
             raise AdvisorError(f"calibration `text` must name a text or a file, not {config.text!r}")
-        for key in ("windows", "seq_len", "sample_rows"):
+        for key in ("windows", "seq_len", "sample_rows", "self_generated"):
             value = getattr(config, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AdvisorError(f"calibration `{key}` must be a positive whole number, not {value!r}")
+            low = 0 if key == "self_generated" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AdvisorError(f"calibration `{key}` must be a whole number ≥ {low}, not {value!r}")
         return config
 
 
@@ -56,12 +60,21 @@ class Calibration:
         return sum(len(w) for w in self.windows)
 
     @classmethod
-    def of(cls, recipe, tokenizer) -> Calibration | None:
-        """The recipe's calibration windows, or None when the recipe calibrates nothing."""
+    def of(cls, recipe, tokenizer, model=None) -> Calibration | None:
+        """The recipe's calibration windows, or None when the recipe calibrates nothing. `model` (the unchanged base)
+        samples the self-generated windows when the recipe asks for them."""
         if not recipe.calibration:
             return None
         config = CalibConfig.from_dict(recipe.calibration)
-        return cls(config, calibration_windows(tokenizer, config))
+        windows = calibration_windows(tokenizer, config)
+        if config.self_generated:
+            if model is None:
+                from advisor.errors import AdvisorError
+
+                raise AdvisorError("self-generated calibration text needs the base model",
+                                   hint="pass the model to Calibration.of")
+            windows += generate_windows(model, tokenizer, config.self_generated, config.seq_len)
+        return cls(config, windows)
 
 
 @dataclass
@@ -79,6 +92,31 @@ def calibration_windows(tokenizer, config: CalibConfig) -> list[list[int]]:
 
     _, text = read_text(config.text)
     return make_windows(tokenizer, text, config.seq_len, config.windows)
+
+
+@torch.inference_mode()
+def generate_windows(model, tokenizer, count: int, seq_len: int, seed: int = 0, batch: int = 8) -> list[list[int]]:
+    """`count` windows of `seq_len` tokens the model samples itself (temperature 1, from BOS alone: its own
+    distribution, which is what distillation matches), each led by BOS like the text windows. Seeded: the same model
+    gives the same windows."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    out: list[list[int]] = []
+    try:
+        with tqdm(total=count, desc="sampling self-generated calibration text", unit="window", leave=False) as bar:
+            while len(out) < count:
+                n = min(batch, count - len(out))
+                ids = torch.full((n, 1), bos, dtype=torch.long)
+                # No early stop: an EOS mid-sample is kept (the model continues after it, as it would in a stream).
+                sampled = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                         top_k=0, top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                         pad_token_id=bos, eos_token_id=None)
+                out += [row.tolist() for row in sampled[:, :seq_len]]
+                bar.update(n)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return out
 
 
 @torch.inference_mode()

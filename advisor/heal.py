@@ -1,0 +1,224 @@
+"""Distillation healing: after pruning or factorization, train the student's decoder layers to match the base model.
+
+Loss per token: `kl_weight · T² · KL(teacher_T ‖ student_T) + (1 − kl_weight) · CE(student, text)`, where `_T` are the
+next-token distributions softened by temperature T (Hinton et al.; T² keeps the gradient scale independent of T).
+The teacher is the unchanged base model. The budget is wall-clock minutes or a step count, whichever ends first; the
+learning rate warms up, then decays linearly to zero at the budget's end (estimated from the measured step time,
+so a minutes budget ends with a decayed rate instead of being cut mid-schedule).
+
+What trains: every parameter of the decoder layers (norms included); the embeddings and the output head stay frozen
+(they are tied in many models, and a pruned layer shifts the residual stream that every later layer reads, so
+training only the pruned layers leaves the later ones reading a distribution they were not trained on).
+
+Healing is judged on held-out text (never its training text): the report gives perplexity before and after on each
+held-out text, and flags a text whose perplexity rose while the training text's fell.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from advisor.errors import AdvisorError
+
+
+@dataclass
+class HealConfig:
+    """A recipe's `heal` block."""
+
+    minutes: float | None = None
+    """Wall-clock budget of the training loop (evaluation before and after not counted)."""
+    steps: int | None = None
+    """Step budget (whichever of minutes and steps ends first)."""
+    temperature: float = 1.0
+    kl_weight: float = 0.9
+    """Share of the distillation term; the rest is cross-entropy on the text."""
+    lr: float = 1e-4
+    batch: int = 4
+    """Windows per step."""
+    seq_len: int = 256
+    windows: int = 512
+    """Training windows of the calibration text (cycled when the budget outlasts them)."""
+    self_generated: int = 32
+    """Training windows the base model samples itself, mixed in with the text's."""
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data) -> HealConfig:
+        if not isinstance(data, dict):
+            raise AdvisorError(f"recipe `heal` must be a mapping (minutes, steps, ...), not {data!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdvisorError(f"unknown heal keys: {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+        config = cls(**data)
+        if config.minutes is None and config.steps is None:
+            raise AdvisorError("healing needs a budget", hint="give `minutes` (e.g. --heal-minutes 15) or `steps`")
+        for key in ("minutes", "temperature", "lr"):
+            value = getattr(config, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise AdvisorError(f"heal `{key}` must be a positive number, not {value!r}")
+        for key in ("steps", "batch", "seq_len", "windows"):
+            value = getattr(config, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise AdvisorError(f"heal `{key}` must be a positive whole number, not {value!r}")
+        if isinstance(config.self_generated, bool) or not isinstance(config.self_generated, int) \
+                or config.self_generated < 0:
+            raise AdvisorError(f"heal `self_generated` must be a whole number ≥ 0, not {config.self_generated!r}")
+        if not 0 <= config.kl_weight <= 1:
+            raise AdvisorError(f"heal `kl_weight` must be between 0 and 1, not {config.kl_weight!r}")
+        return config
+
+
+@dataclass
+class HealReport:
+    steps: int
+    seconds: float
+    tokens: int
+    dtype: str
+    """What the matrix products ran in (bf16 autocast where the CPU computes bf16 natively, else float32)."""
+    kl_start: float
+    """Mean distillation KL (nats/token, at temperature 1) over the first steps, and over the last."""
+    kl_end: float
+    held_out: dict = field(default_factory=dict)
+    """Text → {base, before, after}: perplexity of the base, of the student before healing and after."""
+    flags: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fast_dtype() -> torch.dtype:
+    """bf16 where this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); float32 elsewhere, where bf16 matmuls are
+    emulated and slower than float32."""
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    from advisor.measurement import cpuinfo
+
+    flags = set(cpuinfo().get("flags", "").split())
+    return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+
+
+def trainable_parameters(student) -> list[torch.nn.Parameter]:
+    from advisor.model import decoder_layers
+
+    _, layers = decoder_layers(student)
+    return [p for p in layers.parameters()]
+
+
+def distill_loss(student_logits, teacher_logits, labels, temperature: float, kl_weight: float):
+    """(loss, KL at T=1 for the progress bar), both per token; logits (tokens, vocab)."""
+    s = student_logits.float()
+    t = teacher_logits.float()
+    log_s_t = F.log_softmax(s / temperature, -1)
+    log_t_t = F.log_softmax(t / temperature, -1)
+    kl = (log_t_t.exp() * (log_t_t - log_s_t)).sum(-1).mean() * temperature ** 2
+    ce = F.cross_entropy(s, labels)
+    with torch.no_grad():
+        log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        kl1 = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    return kl_weight * kl + (1 - kl_weight) * ce, kl1.item()
+
+
+def perplexities(model, texts: dict[str, list[list[int]]]) -> dict[str, float]:
+    from advisor.evaluate import perplexity, score
+
+    return {name: perplexity(score(model, windows, f"perplexity on {name}")[0]) for name, windows in texts.items()}
+
+
+def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_out: dict[str, list[list[int]]],
+         progress: Callable[[str], None] = lambda message: None) -> HealReport:
+    """Train `student` in place towards `teacher` on `windows` (token ids, each trained on whole) within the
+    budget. `held_out`: text name → evaluation windows, scored before and after (never trained on)."""
+    from tqdm import tqdm
+
+    if not windows:
+        raise AdvisorError("healing got no training text", hint="give the recipe a calibration text")
+    params = trainable_parameters(student)
+    frozen = [p for p in student.parameters() if all(p is not q for q in params)]
+    base = perplexities(teacher, held_out)
+    before = perplexities(student, held_out)
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    teacher.eval()
+    student.train()
+    dtype = fast_dtype()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    budget_s = config.minutes * 60 if config.minutes is not None else math.inf
+    max_steps = config.steps or 10**9
+    warmup = 10
+    step, tokens, kls = 0, 0, []
+    started = time.monotonic()
+    planned = config.steps
+    bar = tqdm(total=config.steps or None, desc="healing (distillation)", unit="step", leave=False)
+    try:
+        while step < max_steps and time.monotonic() - started < budget_s:
+            if len(order) < config.batch:
+                order += torch.randperm(len(windows), generator=gen).tolist()
+            batch = torch.tensor([windows[order.pop()] for _ in range(config.batch)])
+            inputs, labels = batch[:, :-1], batch[:, 1:].reshape(-1)
+            if planned is None and step == warmup:
+                # The schedule's length, from the measured step time once the first steps have run.
+                per_step = (time.monotonic() - started) / step
+                planned = max(step + 1, int(budget_s / per_step))
+            total = planned or max_steps
+            lr = config.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                with torch.no_grad():
+                    t_logits = teacher(inputs).logits
+                s_logits = student(inputs).logits
+            loss, kl = distill_loss(s_logits.reshape(-1, s_logits.shape[-1]),
+                                    t_logits.reshape(-1, t_logits.shape[-1]), labels,
+                                    config.temperature, config.kl_weight)
+            if not math.isfinite(loss.item()):
+                raise AdvisorError(f"healing diverged at step {step} (loss {loss.item()})",
+                                   hint="lower the heal learning rate (recipe heal.lr), or heal fewer minutes")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            tokens += labels.numel()
+            kls.append(kl)
+            bar.update(1)
+            bar.set_postfix(kl=f"{kl:.4f}")
+            if step % 10 == 0:
+                left = budget_s - (time.monotonic() - started)
+                progress(f"healing: step {step}, KL {sum(kls[-10:]) / len(kls[-10:]):.4f}"
+                         + (f", {left / 60:.1f} min left" if math.isfinite(left) else ""))
+    finally:
+        bar.close()
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+    seconds = time.monotonic() - started
+    after = perplexities(student, held_out)
+    head = kls[: max(1, min(10, len(kls) // 4))]
+    tail = kls[-max(1, min(10, len(kls) // 4)):]
+    report = HealReport(steps=step, seconds=round(seconds, 1), tokens=tokens, dtype=str(dtype).removeprefix("torch."),
+                        kl_start=sum(head) / len(head) if head else float("nan"),
+                        kl_end=sum(tail) / len(tail) if tail else float("nan"),
+                        held_out={n: {"base": base[n], "before": before[n], "after": after[n]} for n in held_out})
+    report.flags = judge(report.held_out, report.kl_start, report.kl_end)
+    return report
+
+
+def judge(held_out: dict[str, dict], kl_start: float, kl_end: float) -> list[str]:
+    """Flags for texts healing made worse while it fit its training text."""
+    flags = []
+    for name, r in held_out.items():
+        if r["after"] > r["before"] * 1.005 and kl_end < kl_start:
+            flags.append(f"healing fit its training text (KL {kl_start:.3f} → {kl_end:.3f}) but raised perplexity on "
+                         f"{name} ({r['before']:.2f} → {r['after']:.2f}): heal on text closer to {name} or heal less")
+    return flags

@@ -252,6 +252,8 @@ def _parse_schemes(raw: Any, at: str) -> dict[str, SchemeSupport]:
         raise CatalogError(f"{at}: must be a non-empty mapping of scheme id -> {{kernel, note, source}}")
     out: dict[str, SchemeSupport] = {}
     for scheme, entry in raw.items():
+        if scheme == "dense":
+            raise CatalogError(f"{at}: `dense` is served by every target and is not listed")
         if scheme not in KNOWN_SCHEMES:
             raise CatalogError(f"{at}: unknown scheme id {scheme!r}", hint=_known_hint())
         e = _mapping(entry, f"{at}.{scheme}", required=_SCHEME_KEYS, allowed=_SCHEME_KEYS | {"serve_dtype"})
@@ -262,6 +264,10 @@ def _parse_schemes(raw: Any, at: str) -> dict[str, SchemeSupport]:
             source=_string(e["source"], f"{at}.{scheme}.source"),
             serve_dtype=_serve_dtype(e.get("serve_dtype"), f"{at}.{scheme}.serve_dtype"),
         )
+    # Unquantized checkpoints are what vLLM serves everywhere, with the target's own dense GEMM.
+    out["dense"] = SchemeSupport(name="dense", kernel="unquantized linear (the serving dtype's GEMM)",
+                                 note="no quantization: size and speed come from structure only",
+                                 source="vllm/model_executor/layers/linear.py UnquantizedLinearMethod")
     return out
 
 

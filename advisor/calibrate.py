@@ -54,6 +54,9 @@ class Calibration:
 
     config: CalibConfig
     windows: list[list[int]]
+    heal: list[list[int]] = field(default_factory=list)
+    """Training windows for distillation healing (the recipe's `heal` block): the calibration text and the base
+    model's own samples, mixed."""
 
     @property
     def tokens(self) -> int:
@@ -74,7 +77,21 @@ class Calibration:
                 raise AdvisorError("self-generated calibration text needs the base model",
                                    hint="pass the model to Calibration.of")
             windows += generate_windows(model, tokenizer, config.self_generated, config.seq_len)
-        return cls(config, windows)
+        heal = []
+        if recipe.heal:
+            from advisor.evaluate import make_windows, read_text
+            from advisor.heal import HealConfig
+
+            hc = HealConfig.from_dict(recipe.heal)
+            heal = make_windows(tokenizer, read_text(config.text)[1], hc.seq_len, hc.windows)
+            if hc.self_generated:
+                if model is None:
+                    from advisor.errors import AdvisorError
+
+                    raise AdvisorError("self-generated healing text needs the base model",
+                                       hint="pass the model to Calibration.of")
+                heal += generate_windows(model, tokenizer, hc.self_generated, hc.seq_len, seed=hc.seed + 1)
+        return cls(config, windows, heal)
 
 
 @dataclass

@@ -32,6 +32,10 @@ class CompressReport:
     """Decoder layers removed (as the recipe names them)."""
     structure: dict = field(default_factory=dict)
     """Structural action kind → what it did (widths and heads kept, ranks, importance used)."""
+    structure_request: dict | None = None
+    """The recipe's model-level structure request, before it was resolved into per-unit actions."""
+    heal: dict | None = None
+    """Distillation healing (advisor.heal.HealReport): steps, time, KL, held-out perplexity before and after."""
     smoothing_groups: int = 0
     smoothed: int = 0
     alphas: dict = field(default_factory=dict)
@@ -63,21 +67,49 @@ class Compressed:
 
 
 def compress(model, plan: Plan, calibration: Calibration | None,
-             step: Callable[[str, str], None] = lambda name, message: None) -> Compressed:
-    """Apply `plan` to `model` (in place). `calibration` holds the tokenised calibration windows (None when the
-    recipe needs none: round-to-nearest with no smoothing and no dense budget). `step(name, message)` is called as
-    each step starts (for progress and timing)."""
+             step: Callable[[str, str], None] = lambda name, message: None,
+             held_out: dict[str, list[list[int]]] | None = None) -> Compressed:
+    """Apply `plan` to `model` (in place; an action that changes shapes makes a new model: use the returned one).
+    `calibration` holds the tokenised calibration windows (None when the recipe needs none: round-to-nearest with no
+    smoothing, no dense budget, no structure). `step(name, message)` is called as each step starts (for progress and
+    timing). `held_out`: text name → token windows that judge healing (perplexity before and after; never trained
+    on)."""
     recipe = plan.recipe
     needs = recipe.smoothing != "none" or recipe.method != "rtn" or recipe.dense_budget > 0 \
-        or any(a.calibrates for a in plan.structural.values())
+        or any(a.calibrates for a in plan.structural.values()) or bool(recipe.structure) or bool(recipe.heal)
     if needs and calibration is None:
         raise AdvisorError("this recipe calibrates (smoothing, a calibrated method or a dense budget) but was given "
                            "no calibration text", hint="give the recipe a `calibration` block")
     report = CompressReport(calibration_tokens=calibration.tokens if calibration and needs else 0)
+    cache: dict = {}
+    if recipe.structure:
+        from advisor.plan import with_structure
+        from advisor.structure_search import choose
+
+        request = dict(recipe.structure)
+        step("structure search", "measuring what each layer, head and channel contributes, and choosing what to "
+                                 "remove (" + ", ".join(f"{k} {v}" for k, v in request.items()) + ")")
+        plan = with_structure(plan, choose(model, plan.structure, request, calibration.windows, cache))
+        report.structure_request = request
+    teacher = None
+    if recipe.heal and plan.structural:
+        import copy
+
+        teacher = copy.deepcopy(model)  # the base, unchanged, teaches the pruned model
     if plan.structural:
         kinds = Counter(a.kind for a in plan.structural.values())
         step("structure", "applying " + ", ".join(f"{k} to {n} unit{'s' if n > 1 else ''}" for k, n in kinds.items()))
-        model, plan = apply_structure(model, plan, report, calibration.windows if calibration else None)
+        model, plan = apply_structure(model, plan, report, calibration.windows if calibration else None, cache)
+    if teacher is not None:
+        from advisor.heal import HealConfig, heal
+
+        config = HealConfig.from_dict(recipe.heal)
+        budget = " and ".join(x for x in (f"{config.minutes:g} min" if config.minutes else "",
+                                          f"{config.steps} steps" if config.steps else "") if x)
+        step("healing", f"healing by distillation from the base ({budget}, {len(calibration.heal)} windows)")
+        report.heal = heal(model, teacher, calibration.heal, config, held_out or {},
+                           progress=lambda message: step("healing", message)).to_dict()
+        del teacher
     if recipe.smoothing != "none":
         what = "smoothing activation outliers" if any(s.input_activations for s in plan.schemes) \
             else "activation-aware scaling"
@@ -88,10 +120,12 @@ def compress(model, plan: Plan, calibration: Calibration | None,
         step("dense budget", f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the "
                              f"weights {how})")
         plan = keep_sensitive_dense(model, plan, calibration.windows, report)
+    targets = plan.quant_targets
+    if not targets:
+        return Compressed(model, plan, {}, report)
     step("quantization", f"quantizing with {recipe.scheme} ({recipe.method})")
     from advisor.quantize import quantize_with
 
-    targets = plan.quant_targets
     quantized, info = quantize_with(recipe.method, model, targets, calibration.windows if calibration else None,
                                     plan.recipe)
     report.block_error = info.get("block_error")
@@ -104,7 +138,8 @@ def compress(model, plan: Plan, calibration: Calibration | None,
     return Compressed(model, plan, quantized, report)
 
 
-def apply_structure(model, plan: Plan, report: CompressReport, windows: list[list[int]] | None = None):
+def apply_structure(model, plan: Plan, report: CompressReport, windows: list[list[int]] | None = None,
+                    cache: dict | None = None):
     """Apply the plan's structural actions, kind by kind (in each kind's `order`), and re-derive the plan for the
     changed model (its linears renamed as the model now names them). Returns (model, plan): an action that changes
     shapes (widths, heads, factors) makes a new model, built from a config that describes them."""
@@ -114,7 +149,7 @@ def apply_structure(model, plan: Plan, report: CompressReport, windows: list[lis
     by_kind: dict[type, dict[str, object]] = {}
     for name, action in plan.structural.items():
         by_kind.setdefault(type(action), {})[name] = action
-    ctx = StructureContext(windows=windows, structure=plan.structure)
+    ctx = StructureContext(windows=windows, structure=plan.structure, cache={} if cache is None else cache)
     renamed: dict[str, str] = {}  # new prefix → recipe's prefix
     for kind in sorted(by_kind, key=lambda k: k.order):
         units = by_kind[kind]

@@ -137,7 +137,10 @@ def write_checkpoint(compressed: Compressed, out: Path, dtype: torch.dtype | Non
     if dtype is not None:
         # Both spellings: transformers 5 reads `dtype`, older readers (and other tools) `torch_dtype`.
         config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(plan)
+    if plan.schemes:
+        config["quantization_config"] = quantization_config(plan)
+    else:
+        config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return ExportResult(out, total, sum(c is not None for c in plan.linears.values()))
 

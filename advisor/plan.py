@@ -67,6 +67,20 @@ class Plan:
         return replace(self, recipe=recipe, linears=linears)
 
 
+def with_structure(plan: Plan, chosen: dict[str, object]) -> Plan:
+    """The plan with the structural actions chosen for the recipe's `structure` request (unit → action spec) made
+    explicit in its recipe, each checked against the model; the request itself is dropped from the recipe (the
+    written recipe reproduces the choice, not the search)."""
+    recipe = replace(plan.recipe, actions={**plan.recipe.actions, **chosen}, structure=None)
+    parsed = {name: parse_action(spec) for name, spec in chosen.items()}
+    for name, action in parsed.items():
+        action.check(name, plan.structure, None)
+    layers, _ = _actions_on(recipe, [li.name for li in plan.structure.layers], "layer")
+    linears, _ = _actions_on(recipe, [li.name for li in plan.structure.linears], "linear")
+    structural = {**layers, **{n: a for n, a in linears.items() if a.structural}}
+    return replace(plan, recipe=recipe, structural=structural)
+
+
 def scheme_of(recipe: Recipe, name: str | None = None) -> Scheme:
     """The recipe's scheme (or the scheme `name`) with the recipe's group size and activations."""
     scheme = get_scheme(name or recipe.scheme).with_group_size(recipe.group_size)
@@ -96,7 +110,7 @@ def assign_linears(recipe: Recipe, structure: ModelStructure, name_of=lambda n: 
     """Every linear of `structure` → the scheme the recipe gives it, or None (dense); `name_of` maps the model's
     module names to the recipe's (after structural actions renumbered layers)."""
     actions, _ = _actions_on(recipe, [li.name for li in structure.linears], "linear", name_of)
-    default = scheme_of(recipe)
+    default = None if recipe.scheme == DENSE else scheme_of(recipe)
     ignored = set(recipe.ignore)
     linears = {}
     for li in structure.linears:
@@ -104,7 +118,7 @@ def assign_linears(recipe: Recipe, structure: ModelStructure, name_of=lambda n: 
         if li.name in ignored or isinstance(action, KeepDense):
             linears[li.name] = None
         elif isinstance(action, Quantize):
-            linears[li.name] = scheme_of(recipe, action.scheme)
+            linears[li.name] = None if action.scheme == DENSE else scheme_of(recipe, action.scheme)
         else:
             linears[li.name] = default
     return linears
@@ -132,6 +146,12 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
         example = structure.layers[0].name if kind == "layer" and structure.layers else "model.layers.0.mlp.down_proj"
         raise ShapeError(f"recipe action '{unused[0]}' matches no {what} of {structure.architecture}",
                          hint=f"name modules as `model.named_modules()` does (e.g. {example}), or use a `re:` regex")
+    if recipe.heal and not (recipe.structure or any(a.structural for a in {**layer_actions, **linear_actions}.values())):
+        raise ShapeError("the recipe heals, but prunes, factorizes or removes nothing",
+                         hint="drop `heal`, or add a structure request or structural actions")
+    if (recipe.heal or recipe.structure) and not recipe.calibration:
+        raise ShapeError("structure search and healing read calibration text; the recipe has none",
+                         hint="give the recipe a `calibration` block")
     for name, action in {**layer_actions, **linear_actions}.items():
         action.check(name, structure, target)
     structural = {**layer_actions, **{n: a for n, a in linear_actions.items() if a.structural}}
@@ -147,6 +167,10 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
             s.input_activations is not None and s.input_activations.type == "int" for s in schemes):
         raise ShapeError(f"asymmetric activations apply to int8 activations; {recipe.scheme} has none",
                          hint="drop --activations, or use --scheme w8a8-int8")
+    target.require_scheme(recipe.scheme)
+    if recipe.scheme == DENSE and (recipe.method != "rtn" or recipe.smoothing != "none" or recipe.dense_budget > 0):
+        raise ShapeError("scheme `dense` quantizes nothing: a rounding method, smoothing or a dense budget do not "
+                         "apply", hint="drop --method, --smoothing and --dense-budget, or choose a quantized scheme")
     for scheme in schemes:
         target.require_scheme(scheme.name)
         if recipe.method != "rtn" and scheme.weights.type != "int":
@@ -163,7 +187,7 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
         else:
             check_group_size(structure, group_size, grouped)
     elif group_size is not None:
-        raise ShapeError(f"scheme {recipe.scheme} quantizes per channel; --group-size does not apply",
+        raise ShapeError(f"scheme {recipe.scheme} has no groups; --group-size does not apply",
                          hint="drop --group-size, or use w4a16")
     _check_budget(recipe, target)
     if recipe.iterations is not None and (recipe.method != "autoround" or recipe.iterations < 1):

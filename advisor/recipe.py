@@ -62,6 +62,15 @@ class Recipe:
     """Per-unit actions (advisor.actions): module name (or `re:` regex) → an action. On linears: a scheme id (mixed
     precision) or `dense`; every other linear gets `scheme`, and linears vLLM fuses (q/k/v, gate/up) must share one.
     On decoder layers (`model.layers.7`): `remove-layer`. Version-1 recipes called this `overrides`."""
+    structure: dict | None = None
+    """A model-level structural request that compress turns into explicit per-unit `actions` on calibration text
+    (advisor.structure_search): `params` (share of decoder-linear parameters to remove, hubc choosing where and
+    what), `mlp`, `heads` (ratios), `layers` (how many to remove), `factorize` (share removed by low-rank
+    factorization), `allocation` (global or uniform), `importance` (activation or magnitude). The recipe written with
+    a checkpoint holds the resolved actions instead."""
+    heal: dict | None = None
+    """Distillation healing after structural actions (advisor.heal.HealConfig): {minutes, steps, temperature,
+    kl_weight, lr, batch, seq_len, windows, self_generated, seed}."""
     ignore: list[str] = field(default_factory=list)
     """Linear modules left dense whatever the actions say (the output head)."""
     targets: list[str] = field(default_factory=lambda: ["Linear"])
@@ -135,5 +144,34 @@ class Recipe:
             from advisor.calibrate import CalibConfig
 
             CalibConfig.from_dict(self.calibration)
+        if self.structure is not None:
+            check_structure(self.structure)
+        if self.heal is not None:
+            from advisor.heal import HealConfig
+
+            HealConfig.from_dict(self.heal)
         if not isinstance(self.ignore, list) or not all(isinstance(m, str) for m in self.ignore):
             raise AdvisorError("recipe `ignore` must be a list of module names")
+
+
+STRUCTURE_KEYS = {"params": "share", "mlp": "share", "heads": "share", "layers": "count", "factorize": "share",
+                  "allocation": ("global", "uniform"), "importance": ("activation", "magnitude")}
+
+
+def check_structure(spec) -> None:
+    """A recipe's `structure` block, key by key (before any model is loaded)."""
+    if not isinstance(spec, dict) or not spec:
+        raise AdvisorError(f"recipe `structure` must be a mapping like {{params: 0.2}}, not {spec!r}")
+    for key, value in spec.items():
+        kind = STRUCTURE_KEYS.get(key)
+        if kind is None:
+            raise AdvisorError(f"unknown structure key '{key}'", hint=f"known: {', '.join(STRUCTURE_KEYS)}")
+        if kind == "share" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+            raise AdvisorError(f"structure `{key}` must be a share from 0 to below 1 (e.g. 0.2), not {value!r}")
+        if kind == "count" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise AdvisorError(f"structure `{key}` must be a whole number of layers, not {value!r}")
+        if isinstance(kind, tuple) and value not in kind:
+            raise AdvisorError(f"structure `{key}` must be one of {', '.join(kind)}, not {value!r}")
+    if "params" in spec and any(k in spec for k in ("mlp", "heads", "layers")):
+        raise AdvisorError("structure `params` lets hubc choose where to prune; it does not combine with mlp, heads "
+                           "or layers", hint="give either params, or mlp/heads/layers")

@@ -42,6 +42,10 @@ class Choices:
     """Per-unit actions (advisor.recipe.Recipe.actions), e.g. {"model.layers.0.mlp.down_proj": "dense"}."""
     remove_layers: tuple[int, ...] = ()
     """Decoder layers to remove, by index (`remove-layer` actions on them)."""
+    structure: dict | None = None
+    """What to remove, hubc choosing where (advisor.recipe.Recipe.structure), e.g. {"params": 0.2}."""
+    heal_minutes: float | None = None
+    """Distillation healing budget after structural changes; default DEFAULT_HEAL_MINUTES, 0 for none."""
 
     def given(self) -> list[str]:
         """The names of the choices the user made (not left to hubc)."""
@@ -86,6 +90,16 @@ def default_dense_budget(scheme: Scheme, target=None) -> tuple[float, str]:
     return 0.0, "dense"
 
 
+# Healing budget when the plan changes structure and the user named none: the issue's bar (at most 15 minutes on a
+# 2-core CPU). Demo model, 3 layers removed: perplexity 299.7 → 40.0 (wikitext-2 test, base 25.5) after 20 steps of
+# 4×256 tokens (2.5 min, bf16); see benchmarks/results/structure_table.md for the measured budgets.
+DEFAULT_HEAL_MINUTES = 15.0
+
+# Calibration for structure: the calibration text plus as many windows the base model samples itself. Structure
+# chosen on one domain overfits it (benchmarks/results/structure_calibration.md).
+STRUCTURE_CALIBRATION = {"text": "wikitext2-valid", "windows": 16, "seq_len": 512, "self_generated": 16}
+
+
 def recommend(structure: ModelStructure, target, choices: Choices | None = None) -> Plan:
     """Turn the user's choices into a plan the target serves, or fail in seconds with the fix."""
     choices = choices or Choices()
@@ -100,18 +114,29 @@ def recommend(structure: ModelStructure, target, choices: Choices | None = None)
     if smoothing is None:
         # Per-token activation quantization is where W8A8/FP8 lose quality (outlier channels): smooth by default.
         smoothing = "search" if scheme.input_activations is not None else "none"
-    calibrates = smoothing != "none" or method != "rtn" or dense_budget > 0
     actions = dict(choices.actions)
     for index in choices.remove_layers:
         if not 0 <= index < len(structure.layers):
             raise ShapeError(f"--remove-layer {index}: {structure.architecture} has layers 0 to {len(structure.layers) - 1}",
                              hint=f"give a layer index below {len(structure.layers)}")
         actions[structure.layers[index].name] = "remove-layer"
+    from advisor.actions import parse_action
+
+    structural = bool(choices.structure) or any(parse_action(a).structural for a in actions.values())
+    heal_minutes = choices.heal_minutes if choices.heal_minutes is not None else DEFAULT_HEAL_MINUTES
+    if choices.heal_minutes and not structural:
+        raise ShapeError("--heal-minutes heals a model after pruning, factorization or layer removal; this plan has "
+                         "none", hint="add --prune or --factorize, or drop --heal-minutes")
+    heal = {"minutes": heal_minutes} if structural and heal_minutes > 0 else None
+    calibrates = smoothing != "none" or method != "rtn" or dense_budget > 0 or structural
+    default_calibration = dict(STRUCTURE_CALIBRATION) if structural else {
+        "text": "wikitext2-valid", "windows": 32 if method == "autoround" else 16, "seq_len": 512}
     recipe = Recipe(
         scheme=scheme.name,
         smoothing=smoothing,
-        calibration=(choices.calibration or {"text": "wikitext2-valid", "windows": 32 if method == "autoround" else 16,
-                                             "seq_len": 512}) if calibrates else None,
+        calibration=(choices.calibration or default_calibration) if calibrates else None,
+        structure=dict(choices.structure) if choices.structure else None,
+        heal=heal,
         dense_budget=dense_budget,
         budget_scheme=budget_scheme,
         activations=choices.activations or "symmetric",

@@ -132,6 +132,23 @@ register(
 )
 
 
+# No quantization: every linear keeps the checkpoint's dtype. For variants whose size and speed come from structure
+# alone (pruning, factorization, fewer layers): on CPUs without fast int8 or int4 kernels the dense GEMM is the fastest.
+register(
+    Scheme(
+        "dense",
+        "no quantization: weights in the serving dtype",
+        QuantArgs(16, "float", True, "channel"),
+        None,
+        "dense",
+    )
+)
+
+
+def is_dense(name: str) -> bool:
+    return name == "dense"
+
+
 def pair_limit(scheme: Scheme, pair_sum: int | None) -> int | None:
     """A recipe's int8 pair limit applies to int8 GEMMs (W8A8) only, not to weight-only kernels."""
     if pair_sum is None or scheme.input_activations is None or scheme.weights.type != "int":

@@ -44,7 +44,7 @@ __all__ = [
 CATALOG_VERSION = 1
 """The catalog schema version this module reads."""
 
-KNOWN_SCHEMES: tuple[str, ...] = ("w4a16", "w8a16", "w8a8-int8", "fp8")
+KNOWN_SCHEMES: tuple[str, ...] = ("w4a16", "w8a16", "w8a8-int8", "fp8", "dense")
 """Checkpoint scheme ids: int4 weight-only (group-wise), int8 weight-only, int8 weights + dynamic int8
 activations, FP8 weights + dynamic FP8 activations."""
 

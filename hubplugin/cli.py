@@ -60,7 +60,8 @@ def targets(fmt: str) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="hardware target from `hubc targets` (cpu, t4, a10g, l4, ...)")
-@click.option("--scheme", help="w8a8-int8, w4a16, w8a16 or fp8 (default: the target's default)")
+@click.option("--scheme", help="w8a8-int8, w4a16, w8a16, fp8, or dense (no quantization: structure only) "
+                               "(default: the target's default)")
 @click.option("--group-size", type=click.IntRange(min=1), help="weights per scale for w4a16 (default: chosen per model)")
 @click.option("--method", type=click.Choice(METHODS),
               help="weight rounding: rtn (round-to-nearest, seconds), gptq (Hessian error compensation, about "
@@ -85,6 +86,16 @@ def targets(fmt: str) -> None:
 @click.option("--remove-layer", "remove_layers", type=click.IntRange(min=0), multiple=True,
               help="remove decoder layer N (0-based; repeat for more): the checkpoint has fewer layers, served as "
                    "the same architecture")
+@click.option("--prune", "prune_spec", metavar="SPEC",
+              help="structured pruning chosen on calibration text: a share of the decoder-linear parameters (e.g. "
+                   "0.2: hubc chooses channels, heads and layers), or mlp=R,heads=R,layers=N (e.g. "
+                   "mlp=0.3,heads=0.25,layers=4); healed by distillation (--heal-minutes)")
+@click.option("--factorize", "factorize_share", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              help="share of the decoder-linear parameters removed by low-rank factorization (activation-whitened "
+                   "SVD, ranks chosen per linear); combines with --prune and any --scheme")
+@click.option("--heal-minutes", type=click.FloatRange(min=0),
+              help="distillation healing after --prune/--factorize/--remove-layer: minutes of training against the "
+                   "base model (default 15; 0: none)")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False),
               help="recipe YAML to apply (e.g. per-module mixed precision) instead of --scheme/--method/...")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
@@ -106,7 +117,7 @@ def targets(fmt: str) -> None:
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
 def optimize(model, target, scheme, group_size, method, iterations, smoothing, dense_budget, budget_scheme, activations,
-             remove_layers, recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
+             remove_layers, prune_spec, factorize_share, heal_minutes, recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
              eval_texts, eval_windows, seq_len, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
@@ -121,14 +132,16 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
             recipe = _read_recipe(recipe_file, scheme=scheme, group_size=group_size, method=method,
                                   iterations=iterations, smoothing=smoothing, dense_budget=dense_budget,
                                   budget_scheme=budget_scheme, activations=activations,
-                                  remove_layer=remove_layers or None)
+                                  remove_layer=remove_layers or None, prune=prune_spec, factorize=factorize_share,
+                                  heal_minutes=heal_minutes)
         from advisor.recommend import Choices
 
         config = OptimizeConfig(
             recipe=recipe,
             choices=Choices(scheme=scheme, group_size=group_size, method=method, iterations=iterations,
                             smoothing=smoothing, dense_budget=dense_budget, budget_scheme=budget_scheme,
-                            activations=activations, remove_layers=tuple(remove_layers)),
+                            activations=activations, remove_layers=tuple(remove_layers),
+                            structure=structure_request(prune_spec, factorize_share), heal_minutes=heal_minutes),
             out=out, overwrite=overwrite, push=push_repo, private=private, serve=not no_serve, revision=revision,
             max_ppl_increase=max_ppl_increase, accept_quality_loss=accept_quality_loss,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
@@ -146,6 +159,36 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
                                         f"hubc push {result.out} {push_repo} --accept-quality-loss")
 
     _run(body)
+
+
+def structure_request(prune: str | None, factorize: float | None) -> dict | None:
+    """--prune / --factorize → a recipe `structure` block (checked by advisor.recipe.check_structure)."""
+    from advisor.recipe import check_structure
+
+    spec: dict = {}
+    if prune:
+        try:
+            if "=" not in prune:
+                spec["params"] = float(prune)
+            else:
+                for part in prune.split(","):
+                    key, _, value = part.partition("=")
+                    key = key.strip()
+                    spec[key] = int(value) if key == "layers" else float(value)
+        except ValueError:
+            raise click.BadParameter(f"cannot read {prune!r}: give a share (0.2) or mlp=R,heads=R,layers=N",
+                                     param_hint="--prune") from None
+    if factorize:
+        spec["factorize"] = factorize
+    if not spec:
+        return None
+    from advisor.errors import AdvisorError
+
+    try:
+        check_structure(spec)
+    except AdvisorError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prune") from None
+    return spec
 
 
 def _read_recipe(path: Path, **flags):

@@ -261,7 +261,9 @@ def _build(source, target, plan, staging, out, config, progress) -> OptimizeResu
         progress(message)
         clock.step(name)
 
-    compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer), step)
+    # Healing is judged on the evaluation texts (8 windows each: a before/after comparison, not the final numbers).
+    held_out = {t.name: t.windows[:8] for t in texts}
+    compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer, model), step, held_out=held_out)
     clock.step("export")
     exported = write_checkpoint(compressed, staging, dtype=getattr(torch, target.checkpoint_dtype))
     copy_tokenizer_files(source.path, staging)

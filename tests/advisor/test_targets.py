@@ -167,7 +167,7 @@ def test_avx2_only_cpu_has_no_w4a16_and_limits_int8_pairs() -> None:
     cpu = get_target("cpu", flags=AVX2_ONLY)
     assert cpu.isa == "avx2" and cpu.kind == "cpu"
     assert "w4a16" not in cpu.schemes and "w8a16" not in cpu.schemes
-    assert list(cpu.schemes) == ["w8a8-int8", "fp8"]
+    assert list(cpu.schemes) == ["w8a8-int8", "fp8", "dense"]
     assert cpu.int8_pair_sum == 128
     assert "measured" in cpu.sources["int8_pair_sum"]
     assert cpu.default_scheme == "w8a8-int8" and cpu.serve_dtype == "float32"
@@ -290,7 +290,7 @@ def test_require_scheme_rejects_an_unservable_scheme_with_the_valid_ones() -> No
     with pytest.raises(UnsupportedSchemeError) as info:
         cpu.require_scheme("w4a16")
     assert info.value.message == "target 'cpu' (avx2) has no vLLM kernel for w4a16"
-    assert info.value.hint == "use one of: w8a8-int8, fp8"
+    assert info.value.hint == "use one of: w8a8-int8, fp8, dense"
     with pytest.raises(UnsupportedSchemeError, match=r"has no vLLM kernel for w8a16"):
         get_target("cpu", flags=AVX512_VNNI).require_scheme("w8a16")
     assert cpu.require_scheme("w8a8-int8").kernel == "CPUInt8ScaledMMLinearKernel"

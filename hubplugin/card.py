@@ -46,6 +46,8 @@ def card_context(result) -> dict:
     import torch
     import transformers
 
+    from hubplugin.card_structure import architecture_note, heal_rows, heal_text, structure_lines
+
     from advisor.schemes import get_scheme
     from hubplugin import __version__
 
@@ -97,6 +99,10 @@ def card_context(result) -> dict:
         # Model-generated text may contain anything (even "None"): it is filled in after the placeholder check.
         "sample": {"prompt": result.sample["prompt"], "completion": _SAMPLE_SLOT} if result.sample else None,
         "not_served_note": result.not_served_reason or "",
+        "structure_lines": structure_lines(result),
+        "heal_text": heal_text(result),
+        "heal_rows": heal_rows(result),
+        "architecture_note": architecture_note(result),
     }
     if result.latency is not None:
         lat = result.latency
@@ -198,6 +204,10 @@ def _gate_text(result) -> str | None:
 
 def _method_text(result) -> str:
     recipe, t = result.recipe, result.transforms
+    if recipe.scheme == "dense":
+        return "none: no quantization, structure only" + (
+            f", calibrated on {t.get('calibration_tokens')} tokens of {recipe.calibration['text']}"
+            if recipe.calibration else "")
     parts = [{
         "rtn": "round-to-nearest",
         "gptq": "GPTQ (layer by layer, activation order, clipping search)",
@@ -276,7 +286,10 @@ def render_card(result) -> str:
     tags = ["hubc", "compressed-tensors", result.recipe.scheme, f"target-{result.target}"]
     data = ModelCardData(
         base_model=result.source.hub_id,
-        base_model_relation="quantized" if result.source.hub_id else None,
+        # Pruned or factorized weights were trained (healed): a fine-tune of the base; otherwise a quantization.
+        base_model_relation=(None if not result.source.hub_id else
+                             "finetune" if (result.transforms or {}).get("heal") else "quantized"),
+        base_model_revision=result.source.revision if result.source.hub_id else None,  # the exact base commit
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=tags,

@@ -106,6 +106,12 @@ class OptimizeResult:
     """The quality gate: {threshold, passed, worst: {text, engine, increase}, failures: [...]}."""
     timings: dict = field(default_factory=dict)
     """Seconds per step of the run (load, transforms, dense budget, quantization, export, evaluation, serving)."""
+    architecture: str | None = None
+    """The variant's architecture (config.json `architectures[0]`): the base's, or hubc's own where structure made
+    per-layer shapes or factorized linears (advisor.architecture)."""
+    model_type: str | None = None
+    linear_parameters: dict = field(default_factory=dict)
+    """Weights of the decoder's linear layers: {base, variant} (what pruning and factorization reduce)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -263,11 +269,13 @@ def _build(source, target, plan, staging, out, config, progress) -> OptimizeResu
 
     # Healing is judged on the evaluation texts (8 windows each: a before/after comparison, not the final numbers).
     held_out = {t.name: t.windows[:8] for t in texts}
+    base_linear = sum(li.in_features * li.out_features for li in plan.structure.linears)
     compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer, model), step, held_out=held_out)
     clock.step("export")
     exported = write_checkpoint(compressed, staging, dtype=getattr(torch, target.checkpoint_dtype))
     copy_tokenizer_files(source.path, staging)
     plan, report = compressed.plan, compressed.report
+    variant_linear = sum(li.in_features * li.out_features for li in plan.structure.linears)
     del model, compressed
 
     # Base and variant are scored side by side, window by window (the base read again from its files, the variant
@@ -303,7 +311,12 @@ def _build(source, target, plan, staging, out, config, progress) -> OptimizeResu
         quantized_modules=exported.quantized_modules,
         quality=quality,
         transforms=asdict(report),
+        architecture=plan.structure.architecture,
+        model_type=plan.structure.model_type,
+        linear_parameters={"base": base_linear, "variant": variant_linear},
     )
+    if report.heal:
+        result.flags += report.heal.get("flags", [])
     original = weights_size(source.path)
     if abs(original - result.size_before) > 0.01 * original:
         result.size_original = original

@@ -44,10 +44,15 @@ def summary(result) -> None:
             b, v = lat.base[key], lat.variant[key]
             table.add_row(label, engine, number(b, ".1f"), number(v, ".1f"), f"{v / b - 1:+.0%}" if b else "")
     console.print(table)
-    removed = (result.transforms or {}).get("removed_layers")
-    if removed:
-        console.print(f"removed {len(removed)} decoder layer{'s' if len(removed) > 1 else ''}: " + ", ".join(removed),
-                      markup=False)
+    from hubplugin.card_structure import heal_rows, heal_text, structure_lines
+
+    for line in structure_lines(result):
+        console.print(line, markup=False)
+    if heal_text(result):
+        console.print(heal_text(result), markup=False)
+        for row in heal_rows(result):
+            console.print(f"  {row['text']}: base {row['base']}, before healing {row['before']} ({row['before_delta']}),"
+                          f" after {row['after']} ({row['after_delta']})", markup=False)
     kept = (result.transforms or {}).get("kept_dense")
     if kept:
         how = "dense" if result.recipe.budget_scheme == "dense" else f"at {result.recipe.budget_scheme}"

@@ -245,5 +245,11 @@ def push(folder, repo_id, private, message, accept_quality_loss) -> None:
     _run(body)
 
 
+from hubplugin.cli_jobs import jobs, watch  # webhook mode: `hubc watch`, `hubc jobs`
+
+for _command in (watch, jobs):
+    main.add_command(_command)
+
+
 if __name__ == "__main__":
     main()

@@ -102,12 +102,19 @@ def run_job(spec: JobSpec, progress: Callable[[str], None] = lambda s: None) -> 
             progress(f"{spec.variant_repo} already has hubc's commit {found.commit_sha[:12]} for "
                      f"{spec.repo}@{spec.sha[:12]}: not pushed again")
             return JobOutcome(found.url, found.commit_sha, reused=True)
+        from advisor.errors import HintedError
         from hubplugin.errors import QualityGateError
         from hubplugin.optimize import optimize
 
         config = spec.target.optimize_config(out=folder / "variant", push=spec.variant_repo, private=spec.private,
                                              revision=spec.sha)
-        result = optimize(spec.repo, spec.target.target, config, progress)
+        try:
+            result = optimize(spec.repo, spec.target.target, config, progress)
+        except HintedError as exc:
+            # The work folder goes with the job, so a hint to push it by hand would point at nothing.
+            hint = "; ".join(part for part in (exc.hint or "").split("; ") if str(folder) not in part)
+            exc.hint = hint or None
+            raise
         if result.push_refused:
             raise QualityGateError(result.push_refused,
                                    hint="set accept_quality_loss or a larger max_ppl_increase for this target in "

@@ -29,7 +29,9 @@ def owner_alive(owner: str) -> bool | None:
     if len(parts) < 3 or ":".join(parts[:-2]) != socket.gethostname():
         return None
     try:
-        return f"{psutil.Process(int(parts[-2])).create_time():.2f}" == parts[-1]
+        proc = psutil.Process(int(parts[-2]))
+        # A killed worker stays a zombie until its parent (or init) reaps it: it runs nothing.
+        return f"{proc.create_time():.2f}" == parts[-1] and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, ValueError):
         return False
 

@@ -61,9 +61,9 @@ def serve(config: WatchConfig, *, host: str, port: int, run_jobs: bool = True,
     log = watch_logger()
     queue = JobQueue(config.queue_path())
     runner = make_runner(config, log) if run_jobs else None
-    sock = _listen(host, port)
     if runner is not None:
         runner.start()
+    sock = _listen(host, port)
     dispatcher = Dispatcher(config, queue, runner, log)
     server = uvicorn.Server(uvicorn.Config(create_app(config, queue, secret, log), log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=5))

@@ -3,7 +3,6 @@ payloads (version 3), and a running `hubc watch` subprocess that tests deliver t
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -31,6 +30,7 @@ class WatchHub(FakeHub):
     def __init__(self) -> None:
         super().__init__()
         self.hold_next_commit = False
+        self.held_path = ""
         self.commit_landed = threading.Event()
         self.release = threading.Event()
         self.server: ThreadingHTTPServer | None = None
@@ -62,6 +62,7 @@ class WatchHub(FakeHub):
             def send_response(self, code, message=None) -> None:
                 if code == 200 and self.command == "POST" and "/commit/" in self.path and hub.hold_next_commit:
                     hub.hold_next_commit = False
+                    hub.held_path = self.path
                     hub.commit_landed.set()
                     hub.release.wait(120)
                 super().send_response(code, message)
@@ -81,12 +82,23 @@ class WatchHub(FakeHub):
 
     def commit_list(self, repo_id: str) -> list[dict]:
         """The repo's commits as the Hub lists them: newest first."""
-        date = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).isoformat()
+        date = "2026-01-01T00:00:00.000Z"  # the Hub's format, which the client parses strictly
         return [{"id": c.sha, "title": c.message.split("\n")[0], "message": c.message,
                  "authors": [{"user": "tester"}], "date": date} for c in reversed(self.commits(repo_id))]
 
     def hubc_commits(self, repo_id: str) -> list:
         return [c for c in self.commits(repo_id) if c.message.startswith("hubc:")]
+
+
+def point_client_at(monkeypatch, endpoint: str) -> None:
+    """Send this process's huggingface_hub and every subprocess (through HF_ENDPOINT) to `endpoint`: the places
+    hub-protocol.md §1.1 lists, as tests/conftest.py does for its fake Hub."""
+    from huggingface_hub import constants, hf_api
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
 
 
 def payload(repo: str, sha: str | None, *, scope: str = "repo.content", action: str = "update", kind: str = "model",
@@ -138,7 +150,8 @@ class Watch:
 
         def listening():
             assert self.proc.poll() is None, self.log()
-            m = re.search(r"listening on (http://\S+/webhook)", self.log()[offset:])
+            new = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            m = re.search(r"listening on (http://\S+/webhook)", new)
             return m and m.group(1)
 
         self.url = wait_for(listening, 120, "hubc watch to listen")
@@ -183,3 +196,32 @@ def hubc_jobs(env: dict | None = None, *args: str) -> list[dict]:
     out = subprocess.run([sys.executable, "-m", "hubplugin.cli", "jobs", "--format", "json", *args],
                          capture_output=True, text=True, env={**os.environ, **(env or {})}, check=True)
     return json.loads(out.stdout)
+
+
+SMALL = {"serve": False, "eval_windows": 2, "seq_len": 64}
+"""A target's settings for fast jobs: no vLLM serving, 2 evaluation windows of 64 tokens."""
+
+
+def queue():
+    """The job queue `hubc watch` uses in this test's environment."""
+    from hubplugin.watch import JobQueue, default_queue_path
+
+    return JobQueue(default_queue_path())
+
+
+def work_root() -> Path:
+    return Path(os.environ["HUBC_CACHE"]) / "watch" / "work"
+
+
+def card_of(hub: FakeHub, repo: str, revision: str = "main") -> dict:
+    return yaml.safe_load(hub.files(repo, revision)["README.md"].decode().split("---")[1])
+
+
+def assert_one_hubc_commit_per_variant(hub: WatchHub, sha: str, repos: list[str]) -> None:
+    """Each variant repo has exactly one hubc commit, whose card pins org/tiny at `sha`."""
+    for repo in repos:
+        commits = hub.hubc_commits(repo)
+        assert len(commits) == 1, (repo, [c.message for c in hub.commits(repo)])
+        card = card_of(hub, repo, commits[0].sha)
+        assert (card["base_model"], card["base_model_revision"]) == ("org/tiny", sha)
+        assert card["base_model_relation"] == "quantized" and "hubc" in card["tags"]

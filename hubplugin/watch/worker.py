@@ -8,8 +8,8 @@ back after this worker stalled) interrupts the job the same way, and nothing is 
 
 from __future__ import annotations
 
-import _thread
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -34,6 +34,9 @@ def _on_sigterm(signum, frame):
 def run_worker(queue_path: str, lease_seconds: float, poll_seconds: float = 0.5) -> int:
     """Claim and run jobs until SIGTERM; returns the exit code."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A lost lease interrupts the job with SIGINT, even where the worker was started with SIGINT ignored
+    # (`hubc watch &` in a non-interactive shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     queue = JobQueue(queue_path)
     me = worker_id()
     while True:
@@ -54,7 +57,9 @@ def _run_one(queue: JobQueue, job, me: str, lease_seconds: float) -> None:
     ran_on = {"runner": "local", "host": socket.gethostname(), "pid": int(me.split(":")[-2])}
     _say(f"job {job.id}: {job.repo}@{job.sha[:12]} for {job.target} -> {job.variant_repo} "
          f"(attempt {job.attempts}/{job.max_attempts})")
-    beat = Heartbeat(lambda: queue.heartbeat(job.id, me, lease_seconds), lease_seconds, _thread.interrupt_main)
+    # A real SIGINT, not _thread.interrupt_main: it also breaks a main thread blocked in a network read.
+    beat = Heartbeat(lambda: queue.heartbeat(job.id, me, lease_seconds), lease_seconds,
+                     lambda: os.kill(os.getpid(), signal.SIGINT))
     beat.start()
 
     def progress(message: str) -> None:

@@ -106,10 +106,18 @@ def test_a_failing_job_is_retried_with_backoff_then_failed_with_its_reason(hub, 
         table = subprocess.run([sys.executable, "-m", "hubplugin.cli", "jobs"], capture_output=True, text=True,
                                check=True).stdout
         assert "failed" in table and "2/2" in table and "may not write" in table
+        hub.hold_listing = True  # the retried attempt stays mid-job, blocked in its first Hub call
         retried = subprocess.run([sys.executable, "-m", "hubplugin.cli", "jobs", "retry", str(job["id"])],
                                  capture_output=True, text=True, check=False)
         assert retried.returncode == 0, retried.stderr
-        wait_for(lambda: queue().get(job["id"]).attempts == 1, 60, "the job to run again")
+        wait_for(hub.listing_held.is_set, 60, "the job to run again")
+        # Cancelling a running job stops its worker's attempt: nothing is recorded for it, nothing is left.
+        cancelled = subprocess.run([sys.executable, "-m", "hubplugin.cli", "jobs", "cancel", str(job["id"])],
+                                   capture_output=True, text=True, check=False)
+        assert cancelled.returncode == 0, cancelled.stderr
+        wait_for(lambda: f"job {job['id']}: stopped: it was cancelled" in watch.log(), 60, "the worker to stop it")
+        assert queue().get(job["id"]).state == "cancelled"
+        wait_for(lambda: not list(work_root().iterdir()), 30, "its work folder to be removed")
     assert not any(r.startswith("elsewhere/") for r in hub.repos)
 
 

@@ -24,12 +24,15 @@ SECRET = "s3cret-for-tests"
 
 
 class WatchHub(FakeHub):
-    """The fake Hub plus `GET /api/models/{repo}/commits/{rev}` (HfApi.list_repo_commits), and a switch that holds
-    the answer to the next commit after the commit has landed (to kill a pusher between the two)."""
+    """The fake Hub plus `GET /api/models/{repo}/commits/{rev}` (HfApi.list_repo_commits), a switch that holds the
+    answer to the next commit after the commit has landed (to kill a pusher between the two), and one that holds
+    every commit listing (a job's first Hub call) until `release` is set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.hold_next_commit = False
+        self.hold_listing = False
+        self.listing_held = threading.Event()
         self.held_path = ""
         self.commit_landed = threading.Event()
         self.release = threading.Event()
@@ -45,6 +48,9 @@ class WatchHub(FakeHub):
                 m = re.match(r"^/api/models/([^/]+/[^/]+)/commits/([^/?]+)", self.path)
                 if m is None:
                     return super().do_GET()
+                if hub.hold_listing:  # a job's first Hub call: it waits here, mid-job, until release
+                    hub.listing_held.set()
+                    hub.release.wait(120)
                 try:
                     repo = hub.readable(m.group(1), hub.account({k.lower(): v for k, v in self.headers.items()}))
                     status, data = 200, hub.commit_list(repo.repo_id)

@@ -15,12 +15,13 @@ import time
 
 from hubplugin.watch.config import WatchConfig
 from hubplugin.watch.jobrun import one_line
-from hubplugin.watch.lease import owner_alive
+from hubplugin.watch.lease import owner_alive, worker_id
 from hubplugin.watch.queue import JobQueue
 from hubplugin.watch.runners import Runner
 
 __all__ = ["Dispatcher"]
 
+SCREEN_BATCH = 16
 SCREEN_TRIES = 8
 """Tries to read a delivery's repo from the Hub (backoff 5 s, doubling) before it is dropped with the reason."""
 
@@ -63,7 +64,8 @@ class Dispatcher:
     def screen(self) -> None:
         from hubplugin.watch.hubio import HubUnavailable, screen
 
-        for repo, sha, tries in self.queue.pending_deliveries():
+        # A batch per tick, so a slow Hub never keeps the runner from renewing its leases for long.
+        for repo, sha, tries in self.queue.pending_deliveries()[:SCREEN_BATCH]:
             try:
                 reason = screen(repo, sha)
             except HubUnavailable as exc:
@@ -90,8 +92,10 @@ class Dispatcher:
     def reclaim(self) -> None:
         """Running jobs whose owner died (same machine) or whose lease lapsed go back to the queue as a failed
         attempt."""
-        now = time.time()
+        now, me = time.time(), worker_id()
         for job in self.queue.running():
+            if job.owner == me:
+                continue  # this process's own (Ray) jobs: its runner renews and settles them
             alive = owner_alive(job.owner) if job.owner else False
             if alive is False or (job.lease_until or 0) < now:
                 why = "its worker died" if alive is False else "its lease lapsed"

@@ -68,8 +68,10 @@ class LocalRunner:
                     "--lease-seconds", str(self.config.lease_seconds)]
             # The worker gets SIGTERM if hubc watch dies, and runs in its own process group, so that whatever it
             # leaves behind when killed (a vLLM server) is stopped with one killpg.
+            # Its progress goes to the log line by line; progress bars would fill it with carriage returns.
+            env = {"TQDM_DISABLE": "1", **os.environ}
             self.proc = subprocess.Popen([sys.executable, "-c", PDEATHSIG_LAUNCHER, str(os.getpid()), *args],
-                                         start_new_session=True)
+                                         start_new_session=True, env=env)
             self.log.info("worker %d started", self.proc.pid)
 
     def stop(self, queue: JobQueue) -> None:

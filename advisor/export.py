@@ -217,6 +217,9 @@ def _load_for_eval(path: Path):
     from compressed_tensors.compressors import unpack_from_int32
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from advisor.architecture import register
+
+    register()  # a pruned or factorized checkpoint may be of a hubc architecture
     try:
         config_dict = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:

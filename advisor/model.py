@@ -66,14 +66,48 @@ class ModelStructure:
         return next((u for u in self.fused if linear in u), (linear,))
 
 
-# Architectures hubc has compressed and vLLM served (tests/advisor/test_architectures.py builds each from a config).
-# Others are refused before any work: their layer structure, norms and vLLM loaders are not checked.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+# Architectures hubc has compressed and vLLM served (tests/advisor/test_architectures.py builds each from a config),
+# and hubc's own architectures for per-layer shapes and factorized linears (advisor.architecture), which a later run
+# may compress again. Others are refused before any work: their layer structure, norms and vLLM loaders are not
+# checked.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                         "hubc_llama", "hubc_mistral", "hubc_qwen2", "hubc_qwen3")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The sizes of one decoder layer that structural actions change."""
+
+    attention_heads: int
+    kv_heads: int
+    mlp_width: int | None
+
+
+def layer_shape(layer, config) -> LayerShape:
+    """One decoder layer's query heads, KV heads and MLP width, read from its modules (pruning makes them differ
+    between layers) where it names them as Llama does (self_attn.q_proj / k_proj, mlp.down_proj, factorized ones
+    included); from the config otherwise (Phi-3's fused qkv_proj, mixtures of experts)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    width = getattr(text, "intermediate_size", None)
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    q, k = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
+    if hasattr(q, "out_features") and hasattr(k, "out_features"):
+        heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+    down = getattr(mlp, "down_proj", None)
+    if hasattr(down, "in_features"):
+        width = down.in_features
+    return LayerShape(heads, kv_heads, width)
 
 
 def load_config(path: Path):
     from transformers import AutoConfig
 
+    from advisor.architecture import register
+
+    register()
     try:
         return AutoConfig.from_pretrained(path)
     except (ValueError, KeyError) as exc:
@@ -125,16 +159,15 @@ def structure_of(model) -> ModelStructure:
     archs = getattr(config, "architectures", None) or [type(model).__name__]
     layers_path, layer_list = decoder_layers(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     names = {li.name for li in linears}
+    shapes = [layer_shape(layer, config) for layer in layer_list]
     layers = tuple(
-        LayerInfo(name=f"{layers_path}.{i}", index=i, attention_heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                  mlp_width=getattr(text, "intermediate_size", None),
+        LayerInfo(name=f"{layers_path}.{i}", index=i, attention_heads=shape.attention_heads, kv_heads=shape.kv_heads,
+                  head_dim=head_dim, mlp_width=shape.mlp_width,
                   linears=tuple(f"{layers_path}.{i}.{n}" for n, m in layer.named_modules()
                                 if f"{layers_path}.{i}.{n}" in names))
-        for i, layer in enumerate(layer_list))
+        for i, (layer, shape) in enumerate(zip(layer_list, shapes, strict=True)))
     return ModelStructure(
         model_type=config.model_type,
         architecture=archs[0],
@@ -171,6 +204,9 @@ def _fused_units(model, names: list[str]) -> tuple[tuple[str, ...], ...]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from advisor.architecture import register
+
+    register()  # a hubc architecture's skeleton is built by its registered class
     with torch.device("meta"):
         # Eager attention: sdpa's mask shortcut reads mask values, which meta tensors do not have.
         skeleton = AutoModelForCausalLM.from_config(model.config, attn_implementation="eager")
@@ -225,6 +261,9 @@ def load_model(path: Path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from advisor.architecture import register
+
+    register()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     model.eval()
     return model

@@ -6,8 +6,11 @@ action is one module here with a class decorated by `register`, plus its import 
 
 from __future__ import annotations
 
-from advisor.actions.base import ACTIONS, Action, parse_action, register
+from advisor.actions.base import ACTIONS, Action, StructureContext, parse_action, register
+from advisor.actions.factorize import Factorize
+from advisor.actions.prune import Prune
 from advisor.actions.quantize import KeepDense, Quantize
 from advisor.actions.remove_layer import RemoveLayer
 
-__all__ = ["ACTIONS", "Action", "KeepDense", "Quantize", "RemoveLayer", "parse_action", "register"]
+__all__ = ["ACTIONS", "Action", "Factorize", "KeepDense", "Prune", "Quantize", "RemoveLayer", "StructureContext",
+           "parse_action", "register"]

@@ -1,0 +1,310 @@
+"""From a model-level structure request to explicit per-unit actions: `choose(model, structure, spec, windows,
+cache)` measures what each decoder layer, head, MLP channel and linear contributes on calibration text and writes
+the recipe actions that remove what costs least (`{prune: {...}}` per layer, `remove-layer`, `{factorize: rank}` per
+linear), so the written recipe reproduces the result without the search.
+
+Costs are made comparable across layers and kinds as estimated loss increases (nats per token). A layer's
+sensitivity is the loss increase when it is skipped divided by the energy it adds to the hidden state (both
+measured); removing channels or heads is charged the energy they add to the residual stream times their layer's
+sensitivity (with `importance: taylor`, the Fisher estimate of the loss itself); a whole layer is charged its skip
+loss; a factorization step its share of the linear's output energy lost (whitened truncation error) times its
+layer's skip loss. Removals are then taken greedily by cost per parameter removed, in order within each layer,
+until the request is met.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+from advisor.actions.factorize import RANK_MULTIPLE, largest_saving_rank, spectrum
+from advisor.actions.prune import (
+    WIDTH_MULTIPLE,
+    choose_heads,
+    head_choices,
+    head_scorer,
+    mlp_scores,
+    statistics_needed,
+)
+from advisor.errors import ShapeError
+
+DEFAULT_MIX = ("mlp", "heads")
+"""What `params` removes by default, ranked together (chosen by benchmarks/structure_importance.py)."""
+MAX_LAYER_SHARE = 0.75
+"""Global allocation takes at most this share of one layer's MLP channels or heads: the cost estimates are local and
+stop holding when most of a layer is gone."""
+
+
+@dataclass(order=True)
+class Step:
+    """One removal: `params` weights for an estimated `cost`; steps of one `chain` are taken in order."""
+
+    rate: float
+    cost: float
+    params: int
+    chain: tuple
+    index: int
+    layer: str
+    kind: str
+    """`mlp` (channels), `heads`, `layer` or `factorize`."""
+    amount: float
+    """After this step: share removed (mlp, heads), or rank (factorize)."""
+    units: int = 0
+    """Channels or query heads this step removes."""
+
+
+def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, object]:
+    """Per-unit recipe actions realizing `spec` on `model` (unchanged): keys `params`, `mlp`, `heads` (shares),
+    `layers` (count), `factorize` (share), `allocation` (`global` | `uniform`), `importance` (activation | taylor |
+    wanda | magnitude), `group_size` (factor ranks become multiples of it), `mix` (what `params` may remove:
+    mlp, heads, layers). Statistics measured go to `cache`, shared with the actions that apply the choice."""
+    importance = spec.get("importance", "activation")
+    allocation = spec.get("allocation", "global")
+    if allocation not in ("global", "uniform"):
+        raise ShapeError(f"unknown allocation {allocation!r}", hint="use global or uniform")
+    layers = {li.name: li for li in structure.layers}
+    sizes = {li.name: li.in_features * li.out_features for li in structure.linears}
+    total = sum(layer_params(layers[n], sizes) for n in layers)
+    mix = tuple(spec.get("mix", DEFAULT_MIX)) if spec.get("params") else ()
+    measure_all(model, structure, spec, importance, windows, cache, mix)
+    sensitivity = layer_sensitivity(cache) if windows else {}
+    actions: dict[str, object] = {}
+    dropped: list[str] = []
+    if spec.get("layers"):
+        dropped = cheapest_layers(cache, spec["layers"])
+    live = [n for n in layers if n not in dropped]
+    ratios: dict[str, dict] = {}
+    if spec.get("params"):
+        steps = [s for kind in mix if kind != "layers"
+                 for s in prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes)]
+        if "layers" in mix:
+            steps += layer_steps(cache, layers, sizes)
+        ratios, dropped = take_cheapest(steps, spec["params"] * total)
+    for kind in ("mlp", "heads"):
+        share = spec.get(kind)
+        if not share:
+            continue
+        if allocation == "uniform":
+            for n in live:
+                ratios.setdefault(n, {})[kind] = share
+            continue
+        steps = prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes)
+        count = sum(unit_count(layers[n], kind) for n in live)
+        chosen, _ = take_cheapest(steps, share * count, by_units=True)
+        for n, r in chosen.items():
+            ratios.setdefault(n, {}).update(r)
+    for name in dropped:
+        actions[name] = "remove-layer"
+    for name, r in ratios.items():
+        r = {k: round(v, 6) for k, v in r.items() if v > 0}
+        if r and name not in dropped:
+            extra = {**({"importance": importance} if importance != "activation" else {}),
+                     **({"refit": False} if not spec.get("refit", True) else {})}
+            actions[name] = {"prune": {**r, **extra}}
+    if spec.get("factorize"):
+        # Factorization takes the linears pruning leaves as they are (their ranks are chosen on these shapes).
+        free = [li for li in structure.linears if layer_of(li.name, layers) in live and layer_of(li.name, layers)
+                not in actions]
+        multiple = math.lcm(RANK_MULTIPLE, spec.get("group_size") or 1)
+        ranks = choose_ranks(model, free, spec["factorize"] * total, cache, multiple, spec.get("whitening", True),
+                             layers)
+        actions.update({n: {"factorize": r} for n, r in ranks.items()})
+    return actions
+
+
+def layer_of(linear: str, layers: dict) -> str | None:
+    return next((n for n in layers if linear.startswith(n + ".")), None)
+
+
+def layer_params(layer, sizes: dict[str, int]) -> int:
+    return sum(sizes.get(n, 0) for n in layer.linears)
+
+
+def unit_count(layer, kind: str) -> int:
+    return layer.mlp_width if kind == "mlp" else layer.attention_heads
+
+
+def measure_all(model, structure, spec, importance, windows, cache, mix) -> None:
+    """One pass over the calibration windows for everything the request reads, then the skip losses."""
+    from advisor.importance import (
+        INPUTS,
+        LAYERS,
+        SKIP_WINDOWS,
+        input_statistics,
+        measure,
+        require_windows,
+        skip_losses,
+        spread,
+    )
+
+    needs: dict[str, set] = {"sumsq": set(), "covariance": set(), "taylor": set(), "relative": set()}
+    kinds = {k for k in ("mlp", "heads") if spec.get(k)} | {k for k in mix if k != "layers"}
+    heads = {}
+    for layer in structure.layers:
+        for key, names in statistics_needed(layer.name, importance, "mlp" in kinds, "heads" in kinds,
+                                            spec.get("refit", True)).items():
+            needs[key].update(names)
+        heads[f"{layer.name}.self_attn.o_proj"] = layer.head_dim
+    if spec.get("factorize") and spec.get("whitening", True):
+        needs["covariance"].update(li.name for li in structure.linears if layer_of(li.name, {
+            la.name: la for la in structure.layers}))
+    if not windows:
+        if importance != "magnitude" or spec.get("layers") or spec.get("params") or spec.get("factorize"):
+            require_windows(windows)
+        return
+    if LAYERS not in cache:
+        store = cache.get(INPUTS, {})
+        measure(model, windows, cache, sumsq=sorted(set().union(*needs.values()) - set(store)),
+                covariance=sorted(needs["covariance"] - {n for n, s in store.items() if s.covariance is not None}),
+                taylor=sorted(needs["taylor"] - {n for n, s in store.items() if s.taylor is not None}),
+                relative=sorted(needs["relative"] - {n for n, s in store.items() if s.relative_covariance is not None}),
+                heads=heads, layers=True)
+        skip_losses(model, spread(windows, SKIP_WINDOWS), cache)
+    input_statistics(model, windows, cache, **{k: sorted(v) for k, v in needs.items()}, heads=heads)
+
+
+def layer_sensitivity(cache: dict) -> dict[str, float]:
+    """Loss increase per unit of energy added to the hidden state (per token), per layer: skip loss / the layer's
+    mean squared change. Layers whose skip costs nothing measurable get 1% of the median."""
+    from advisor.importance import LAYERS
+
+    values = {n: max(li.skip_loss or 0.0, 0.0) / max(li.change, 1e-12) for n, li in cache[LAYERS].items()}
+    positive = sorted(v for v in values.values() if v > 0)
+    floor = positive[len(positive) // 2] * 1e-2 if positive else 1.0
+    return {n: max(v, floor) for n, v in values.items()}
+
+
+def cheapest_layers(cache: dict, count: int) -> list[str]:
+    """The `count` layers whose skip costs least (block influence breaks ties)."""
+    from advisor.importance import LAYERS
+
+    importance = cache[LAYERS]
+    if count >= len(importance):
+        raise ShapeError(f"cannot remove {count} of {len(importance)} decoder layers", hint="keep at least one")
+    return sorted(sorted(importance, key=lambda n: (importance[n].skip_loss, importance[n].block_influence))[:count],
+                  key=lambda n: int(n.rsplit(".", 1)[1]))
+
+
+def prune_steps(model, layers: dict, live: list[str], kind: str, importance: str, cache: dict,
+                sensitivity: dict[str, float], sizes: dict[str, int]) -> list[Step]:
+    """Every layer's removal steps of `kind`: blocks of 32 MLP channels, or the head counts its KV groups allow."""
+    from advisor.importance import INPUTS
+
+    stats = cache.get(INPUTS, {})
+    steps = []
+    for name in live:
+        info, layer = layers[name], model.get_submodule(name)
+        hidden = layer.self_attn.q_proj.in_features
+        relative = importance in ("wanda", "magnitude")  # unitless scores: compared as shares of their layer's
+        if kind == "mlp":
+            scores = mlp_scores(layer.mlp, name, stats, importance)
+            scale = per_token(stats, f"{name}.mlp.down_proj", importance, sensitivity.get(name, 1.0))
+            costs = torch.sort(scores).values * (1 / scores.sum().item() if relative else scale)
+            width = len(costs)
+            blocks = int(width * MAX_LAYER_SHARE) // WIDTH_MULTIPLE
+            for b in range(blocks):
+                cost = costs[b * WIDTH_MULTIPLE:(b + 1) * WIDTH_MULTIPLE].sum().item()
+                steps.append(_step(cost, 3 * hidden * WIDTH_MULTIPLE, (name, kind), b, name, kind,
+                                   (b + 1) * WIDTH_MULTIPLE / width, WIDTH_MULTIPLE))
+        else:
+            attn = layer.self_attn
+            heads, kv = info.attention_heads, info.kv_heads
+            cost = head_scorer(attn, name, stats, importance)
+            scale = per_token(stats, f"{name}.self_attn.o_proj", importance, sensitivity.get(name, 1.0))
+            if relative:
+                scale = 1 / cost(list(range(heads)))
+            counts = sorted({n for r in range(1, heads) for m, n in head_choices(heads, kv, r / heads)
+                             if m != "none" and n >= heads * (1 - MAX_LAYER_SHARE)}, reverse=True)
+            before, removed_params, removed_heads = 0.0, 0, 0
+            for i, kept in enumerate(counts):
+                choice = choose_heads(cost, heads, kv, 1 - kept / heads)
+                removed = [h for h in range(heads) if h not in choice.heads]
+                total_cost = cost(removed) * scale
+                params = 2 * hidden * info.head_dim * (len(removed) + kv - len(choice.kv_heads))
+                steps.append(_step(total_cost - before, params - removed_params, (name, kind), i, name, kind,
+                                   1 - kept / heads, len(removed) - removed_heads))
+                before, removed_params, removed_heads = total_cost, params, len(removed)
+    return steps
+
+
+def per_token(stats: dict, linear: str, importance: str, sensitivity: float) -> float:
+    """What turns a summed score into nats per token: energy scores are summed over the calibration rows."""
+    if importance == "activation":
+        return sensitivity / max(stats[linear].rows, 1)
+    return 1.0
+
+
+def layer_steps(cache: dict, layers: dict, sizes: dict[str, int]) -> list[Step]:
+    from advisor.importance import LAYERS
+
+    return [_step(max(li.skip_loss or 0.0, 0.0), layer_params(layers[n], sizes), (n, "layer"), 0, n, "layer", 1.0)
+            for n, li in cache[LAYERS].items()]
+
+
+def _step(cost: float, params: int, chain: tuple, index: int, layer: str, kind: str, amount: float,
+          units: int = 0) -> Step:
+    return Step(max(cost, 0.0) / max(params, 1), cost, params, chain, index, layer, kind, amount, units)
+
+
+def take_cheapest(steps: list[Step], target: float, by_units: bool = False) -> tuple[dict[str, dict], list[str]]:
+    """Take steps by cost per parameter, each chain in order, until `target` parameters are removed (with
+    `by_units`, until `target` channels or heads). Returns layer → {kind: share or rank} and the layers removed
+    whole."""
+    chains: dict[tuple, list[Step]] = {}
+    for s in steps:
+        chains.setdefault(s.chain, []).append(s)
+    for chain in chains.values():
+        chain.sort(key=lambda s: s.index)
+    heap = [chain[0] for chain in chains.values()]
+    heapq.heapify(heap)
+    done, shares, dropped, taken = 0.0, {}, [], {}
+    while heap and done < target:
+        step = heapq.heappop(heap)
+        if step.layer in dropped:
+            continue
+        if step.kind == "layer":
+            # What the layer's partial pruning already removed counts once.
+            done += step.params - taken.get(step.layer, 0)
+            dropped.append(step.layer)
+            shares.pop(step.layer, None)
+            continue
+        shares.setdefault(step.layer, {})[step.kind] = step.amount
+        taken[step.layer] = taken.get(step.layer, 0) + step.params
+        done += step.units if by_units else step.params
+        chain = chains[step.chain]
+        if step.index + 1 < len(chain):
+            heapq.heappush(heap, chain[step.index + 1])
+    return shares, sorted(dropped, key=lambda n: int(n.rsplit(".", 1)[1]))
+
+
+def choose_ranks(model, linears, target: float, cache: dict, multiple: int, whitening: bool, layers: dict
+                 ) -> dict[str, int]:
+    """A rank per linear (multiples of `multiple`, only ranks that store fewer weights) removing `target` weights,
+    taken greedily by estimated loss per weight saved: a linear's first step goes from dense to the largest saving
+    rank, each later one `multiple` lower."""
+    from advisor.importance import INPUTS, LAYERS
+
+    stats, importance = cache.get(INPUTS, {}), cache.get(LAYERS, {})
+    steps = []
+    for li in linears:
+        m, n = li.out_features, li.in_features
+        top = largest_saving_rank(n, m, multiple)
+        if top <= 0:
+            continue
+        w = model.get_submodule(li.name).weight.detach()
+        energy = spectrum(w, stats[li.name].gram if whitening else None).pow(2)
+        tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # tail[r] = Σ_{i≥r} σᵢ²
+        layer = layer_of(li.name, layers)
+        weight = max(importance[layer].skip_loss or 0.0, 1e-6) if layer in importance else 1.0
+        scale = weight / energy.sum().clamp_min(1e-300).item()
+        previous_cost, previous_params = 0.0, m * n
+        for i, rank in enumerate(range(top, 0, -multiple)):
+            cost, params = tail[min(rank, len(energy))].item() * scale, rank * (m + n)
+            steps.append(_step(cost - previous_cost, previous_params - params, (li.name, "factorize"), i, li.name,
+                               "factorize", rank))
+            previous_cost, previous_params = cost, params
+    shares, _ = take_cheapest(steps, target)
+    return {name: int(kinds["factorize"]) for name, kinds in shares.items()}

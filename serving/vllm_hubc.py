@@ -59,6 +59,7 @@ class Family:
         return bias, bias
 
     def mlp_bias(self, config) -> bool:
+        """Whether gate/up/down have biases."""
         return bool(getattr(config, "mlp_bias", False))
 
 
@@ -99,6 +100,9 @@ def projection(in_features: int, out_features: int, bias: bool, rank: int | None
 
 
 class HubcAttention(nn.Module):
+    """One layer's self-attention at its own head counts (head_dim is the model's), rotary positions, optional
+    per-head q/k norms (Qwen3) and vLLM's paged attention with this layer's KV cache."""
+
     def __init__(self, config, shape: dict, ranks: dict[str, int], family: Family, layer_index: int,
                  cache_config, quant_config, prefix: str):
         super().__init__()
@@ -144,6 +148,8 @@ class HubcAttention(nn.Module):
 
 
 class HubcMLP(nn.Module):
+    """One layer's SiLU-gated MLP at its own width."""
+
     def __init__(self, config, width: int, ranks: dict[str, int], family: Family, quant_config, prefix: str):
         super().__init__()
         if config.hidden_act != "silu":
@@ -169,6 +175,8 @@ class HubcMLP(nn.Module):
 
 
 class HubcDecoderLayer(nn.Module):
+    """A pre-norm decoder layer as vLLM's Llama runs it (the residual added inside the fused RMSNorm)."""
+
     def __init__(self, config, index: int, family: Family, cache_config, quant_config, prefix: str):
         super().__init__()
         shape = config.hubc_layers[index] if config.hubc_layers is not None else {
@@ -193,6 +201,8 @@ class HubcDecoderLayer(nn.Module):
 
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
 class HubcModel(nn.Module):
+    """Embedding, the decoder layers (each built from its own `hubc_layers` entry) and the final norm."""
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", family: Family | None = None):
         super().__init__()
         config, quant_config = vllm_config.model_config.hf_config, vllm_config.quant_config

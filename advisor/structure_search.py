@@ -33,7 +33,7 @@ from advisor.errors import ShapeError
 
 DEFAULT_MIX = ("mlp", "heads")
 """What `params` removes by default, ranked together (chosen by benchmarks/structure_importance.py)."""
-MAX_LAYER_SHARE = 0.75
+MAX_LAYER_SHARE = 0.5
 """Global allocation takes at most this share of one layer's MLP channels or heads: the cost estimates are local and
 stop holding when most of a layer is gone."""
 
@@ -256,8 +256,8 @@ def take_cheapest(steps: list[Step], target: float, by_units: bool = False) -> t
     chains: dict[tuple, list[Step]] = {}
     for s in steps:
         chains.setdefault(s.chain, []).append(s)
-    for chain in chains.values():
-        chain.sort(key=lambda s: s.index)
+    for key, chain in chains.items():
+        chains[key] = convex(sorted(chain, key=lambda s: s.index))
     heap = [chain[0] for chain in chains.values()]
     heapq.heapify(heap)
     done, shares, dropped, taken = 0.0, {}, [], {}
@@ -278,6 +278,23 @@ def take_cheapest(steps: list[Step], target: float, by_units: bool = False) -> t
         if step.index + 1 < len(chain):
             heapq.heappush(heap, chain[step.index + 1])
     return shares, sorted(dropped, key=lambda n: int(n.rsplit(".", 1)[1]))
+
+
+def convex(chain: list[Step]) -> list[Step]:
+    """The chain with every step whose rate is below its predecessor's merged into it, so rates increase along the
+    chain: greedy by rate then never stops before a cheap step hidden behind a dear one (a factorization's first
+    step saves few weights for its whole truncation error; the next ones save many)."""
+    out: list[Step] = []
+    for step in chain:
+        while out and step.rate <= out[-1].rate:
+            prev = out.pop()
+            cost, params = prev.cost + step.cost, prev.params + step.params
+            step = Step(max(cost, 0.0) / max(params, 1), cost, params, step.chain, 0, step.layer, step.kind,
+                        step.amount, prev.units + step.units)
+        out.append(step)
+    for i, step in enumerate(out):
+        step.index = i
+    return out
 
 
 def choose_ranks(model, linears, target: float, cache: dict, multiple: int, whitening: bool, layers: dict

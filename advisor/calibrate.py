@@ -70,27 +70,39 @@ class Calibration:
             return None
         config = CalibConfig.from_dict(recipe.calibration)
         windows = calibration_windows(tokenizer, config)
-        if config.self_generated:
+        hc = None
+        if recipe.heal:
+            from advisor.heal import HealConfig
+
+            hc = HealConfig.from_dict(recipe.heal)
+        wanted_heal = hc.self_generated if hc else 0
+        samples: list[list[int]] = []
+        if config.self_generated or wanted_heal:
             if model is None:
                 from advisor.errors import AdvisorError
 
                 raise AdvisorError("self-generated calibration text needs the base model",
                                    hint="pass the model to Calibration.of")
-            windows += generate_windows(model, tokenizer, config.self_generated, config.seq_len)
+            # Sampled once, at the longer length, and shared: sampling is the slow part (one forward per token), a
+            # long sample cut in pieces gives healing several windows, and both uses want the base model's own
+            # distribution.
+            length = max(config.seq_len if config.self_generated else 0, hc.seq_len if wanted_heal else 0)
+            pieces = max(1, length // hc.seq_len) if wanted_heal else 1
+            count = max(config.self_generated, -(-wanted_heal // pieces))
+            samples = generate_windows(model, tokenizer, count, length)
+        windows += [s[: config.seq_len] for s in samples[: config.self_generated]]
         heal = []
-        if recipe.heal:
+        if hc:
             from advisor.evaluate import make_windows, read_text
-            from advisor.heal import HealConfig
 
-            hc = HealConfig.from_dict(recipe.heal)
             heal = make_windows(tokenizer, read_text(config.text)[1], hc.seq_len, hc.windows)
-            if hc.self_generated:
-                if model is None:
-                    from advisor.errors import AdvisorError
-
-                    raise AdvisorError("self-generated healing text needs the base model",
-                                       hint="pass the model to Calibration.of")
-                heal += generate_windows(model, tokenizer, hc.self_generated, hc.seq_len, seed=hc.seed + 1)
+            bos = samples[0][0] if samples else None
+            pieces_of = []
+            for sample in samples:
+                for j in range(0, len(sample) - hc.seq_len + 1, hc.seq_len):
+                    # Every piece is led by BOS like the text windows; later pieces give up one sampled token.
+                    pieces_of.append(sample[j: j + hc.seq_len] if j == 0 else [bos] + sample[j + 1: j + hc.seq_len])
+            heal += pieces_of[:wanted_heal]
         return cls(config, windows, heal)
 
 
@@ -112,7 +124,7 @@ def calibration_windows(tokenizer, config: CalibConfig) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def generate_windows(model, tokenizer, count: int, seq_len: int, seed: int = 0, batch: int = 8) -> list[list[int]]:
+def generate_windows(model, tokenizer, count: int, seq_len: int, seed: int = 0, batch: int = 16) -> list[list[int]]:
     """`count` windows of `seq_len` tokens the model samples itself (temperature 1, from BOS alone: its own
     distribution, which is what distillation matches), each led by BOS like the text windows. Seeded: the same model
     gives the same windows."""

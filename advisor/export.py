@@ -194,8 +194,9 @@ def _group_of(name: str, class_name: str, groups: list[dict]) -> dict:
 
 
 def load_for_eval(path: Path):
-    """Read a compressed-tensors checkpoint back from disk into a float32 transformers model whose linear layers
-    compute what the quantized kernels compute (dequantized weights, per-token activation quantization).
+    """Read a compressed-tensors checkpoint (or a structure-only one without quantization) back from disk into a
+    float32 transformers model whose linear layers compute what the quantized kernels compute (dequantized weights,
+    per-token activation quantization).
 
     Evaluating this model evaluates the checkpoint as written, not the in-memory tensors that produced it. A damaged
     or inconsistent checkpoint raises DamagedWeightsError naming the file."""
@@ -226,10 +227,11 @@ def _load_for_eval(path: Path):
         raise DamagedWeightsError(f"cannot read {path / 'config.json'} ({exc})",
                                   hint="the checkpoint is incomplete: export it again") from None
     qcfg = config_dict.pop("quantization_config", None)
-    if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
-        raise AdvisorError(f"{path} is not a compressed-tensors checkpoint",
+    if qcfg and qcfg.get("quant_method") != "compressed-tensors":
+        raise AdvisorError(f"{path} is quantized with {qcfg.get('quant_method')!r}, not compressed-tensors",
                            hint="evaluate checkpoints written by hubc optimize (or another compressed-tensors exporter)")
-    groups = list(qcfg["config_groups"].values())
+    # No quantization_config: a structure-only (dense) variant, read as the plain model it is.
+    groups = list(qcfg["config_groups"].values()) if qcfg else []
     config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"}, model_type=config_dict["model_type"])
     # Built on the CPU, not on meta: non-persistent buffers (rotary frequencies) must be real.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

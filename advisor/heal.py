@@ -2,9 +2,10 @@
 
 Loss per token: `kl_weight · T² · KL(teacher_T ‖ student_T) + (1 − kl_weight) · CE(student, text)`, where `_T` are the
 next-token distributions softened by temperature T (Hinton et al.; T² keeps the gradient scale independent of T).
-The teacher is the unchanged base model. The budget is wall-clock minutes or a step count, whichever ends first; the
-learning rate warms up, then decays linearly to zero at the budget's end (estimated from the measured step time,
-so a minutes budget ends with a decayed rate instead of being cut mid-schedule).
+The teacher is the unchanged base model. The budget is wall-clock minutes, a step count or a number of passes over the
+training windows, whichever ends first; the learning rate warms up, then decays linearly to zero at the budget's end
+(estimated from the measured step time, so a minutes budget ends with a decayed rate instead of being cut
+mid-schedule).
 
 What trains: every parameter of the decoder layers (norms included); the embeddings and the output head stay frozen
 (they are tied in many models, and a pruned layer shifts the residual stream that every later layer reads, so
@@ -46,6 +47,9 @@ class HealConfig:
     """Training windows of the calibration text (cycled when the budget outlasts them)."""
     self_generated: int = 32
     """Training windows the base model samples itself, mixed in with the text's."""
+    epochs: float = 4.0
+    """At most this many passes over the training windows: a small model on a fast machine stops when more steps
+    would only repeat its text (overfitting it), not when the minutes run out."""
     seed: int = 0
 
     @classmethod
@@ -59,7 +63,7 @@ class HealConfig:
         config = cls(**data)
         if config.minutes is None and config.steps is None:
             raise AdvisorError("healing needs a budget", hint="give `minutes` (e.g. --heal-minutes 15) or `steps`")
-        for key in ("minutes", "temperature", "lr"):
+        for key in ("minutes", "temperature", "lr", "epochs"):
             value = getattr(config, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise AdvisorError(f"heal `{key}` must be a positive number, not {value!r}")
@@ -154,12 +158,12 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
     gen = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     budget_s = config.minutes * 60 if config.minutes is not None else math.inf
-    max_steps = config.steps or 10**9
+    max_steps = min(config.steps or 10**9, max(1, math.ceil(config.epochs * len(windows) / config.batch)))
     warmup = 10
     step, tokens, kls = 0, 0, []
     started = time.monotonic()
-    planned = config.steps
-    bar = tqdm(total=config.steps or None, desc="healing (distillation)", unit="step", leave=False)
+    planned = config.steps and max_steps
+    bar = tqdm(total=planned or None, desc="healing (distillation)", unit="step", leave=False)
     try:
         while step < max_steps and time.monotonic() - started < budget_s:
             if len(order) < config.batch:
@@ -169,7 +173,9 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
             if planned is None and step == warmup:
                 # The schedule's length, from the measured step time once the first steps have run.
                 per_step = (time.monotonic() - started) / step
-                planned = max(step + 1, int(budget_s / per_step))
+                planned = min(max_steps, max(step + 1, int(budget_s / per_step)))
+                bar.total = planned
+                bar.refresh()
             total = planned or max_steps
             lr = config.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
             for group in optimizer.param_groups:

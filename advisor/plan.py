@@ -124,6 +124,20 @@ def assign_linears(recipe: Recipe, structure: ModelStructure, name_of=lambda n: 
     return linears
 
 
+def check_structure_request(spec: dict, structure: ModelStructure) -> None:
+    """Refuse, before any model is loaded, a structure request the architecture cannot take: pruning channels or heads
+    needs an architecture hubc can rebuild with narrower layers (per layer, unless `allocation: uniform`), and
+    factorized linears need hubc's own architecture for the base. Removing layers works everywhere."""
+    from advisor.architecture import check_reshape
+
+    mix = spec.get("mix", ("mlp", "heads")) if spec.get("params") else ()
+    narrows = bool(spec.get("mlp") or spec.get("heads") or any(k != "layers" for k in mix))
+    if narrows:
+        check_reshape(structure.model_type, uniform=spec.get("allocation") == "uniform")
+    if spec.get("factorize"):
+        check_reshape(structure.model_type)
+
+
 def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
     """Validate `recipe` (planned by hubc or read from a file) against the model and the target and resolve it into a
     plan, filling in what is chosen per model (group size, this target's int8 code range). Raises ShapeError or
@@ -152,6 +166,8 @@ def resolve(recipe: Recipe, structure: ModelStructure, target) -> Plan:
     if (recipe.heal or recipe.structure) and not recipe.calibration:
         raise ShapeError("structure search and healing read calibration text; the recipe has none",
                          hint="give the recipe a `calibration` block")
+    if recipe.structure:
+        check_structure_request(recipe.structure, structure)
     for name, action in {**layer_actions, **linear_actions}.items():
         action.check(name, structure, target)
     structural = {**layer_actions, **{n: a for n, a in linear_actions.items() if a.structural}}

@@ -46,10 +46,9 @@ def card_context(result) -> dict:
     import torch
     import transformers
 
-    from hubplugin.card_structure import architecture_note, heal_rows, heal_text, structure_lines
-
     from advisor.schemes import get_scheme
     from hubplugin import __version__
+    from hubplugin.card_structure import architecture_note, heal_rows, heal_text, structure_lines
 
     recipe = result.recipe
     scheme = get_scheme(recipe.scheme)

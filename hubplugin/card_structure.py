@@ -77,7 +77,7 @@ def architecture_note(result) -> str | None:
     return (f"This checkpoint's architecture, `{result.architecture}` (model type `{result.model_type}`), has "
             "per-layer shapes or low-rank factorized linears, which stock vLLM and transformers do not build. "
             "Install hubc first (`pip install hubc`): vLLM then finds hubc's plugin by its entry point and serves "
-            "it with the command below, unchanged; in Python, `import advisor` registers it with transformers' "
-            "`AutoModelForCausalLM`. No `trust_remote_code` is needed or used. Without hubc, transformers stops "
-            f"with \"model type `{result.model_type}` ... does not recognize this architecture\" and vLLM with "
-            f"\"Model architectures ['{result.architecture}'] are not supported\".")
+            "it with the command below, unchanged; in Python, `from advisor.architecture import register; register()` "
+            "registers it with transformers' `AutoModelForCausalLM`. No `trust_remote_code` is needed or used. Without hubc, both transformers and "
+            f"vLLM (which reads the config through transformers) stop with \"The checkpoint you are trying to load "
+            f"has model type `{result.model_type}` but Transformers does not recognize this architecture\".")

@@ -174,9 +174,12 @@ def structure_request(prune: str | None, factorize: float | None) -> dict | None
                 for part in prune.split(","):
                     key, _, value = part.partition("=")
                     key = key.strip()
-                    spec[key] = int(value) if key == "layers" else float(value)
+                    value = value.strip()
+                    spec[key] = int(value) if key == "layers" else value if key in ("allocation", "importance") \
+                        else float(value)
         except ValueError:
-            raise click.BadParameter(f"cannot read {prune!r}: give a share (0.2) or mlp=R,heads=R,layers=N",
+            raise click.BadParameter(f"cannot read {prune!r}: give a share (0.2) or mlp=R,heads=R,layers=N "
+                                     "(optionally allocation=global|uniform, importance=activation|magnitude)",
                                      param_hint="--prune") from None
     if factorize:
         spec["factorize"] = factorize

@@ -18,7 +18,7 @@ from hubplugin.cli import main
 
 def _optimize(*args: str):
     return CliRunner().invoke(main, ["optimize", *args, "--target", "cpu", "--no-serve", "--eval-windows", "2",
-                                     "--seq-len", "64", "--format", "json"], catch_exceptions=False)
+                                     "--seq-len", "64", "--heal-minutes", "0", "--format", "json"], catch_exceptions=False)
 
 
 def _served_perplexity(folder: Path, windows: list[list[int]], log_dir: Path) -> float:

@@ -71,6 +71,9 @@ class Factorize(Action):
         return {self.kind: self.rank if self.whitening else {"rank": self.rank, "whitening": False}}
 
     def check(self, name, structure, target) -> None:
+        from advisor.architecture import check_reshape
+
+        check_reshape(structure.model_type)  # factorized linears need hubc's own architecture for the base
         info = next((li for li in structure.linears if li.name == name), None)
         if info is None:
             return

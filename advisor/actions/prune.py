@@ -84,6 +84,9 @@ class Prune(Action):
         return {self.kind: {k: v for k, v in spec.items() if v != defaults[k]} or {"mlp": 0.0}}
 
     def check(self, name, structure, target) -> None:
+        from advisor.architecture import check_reshape
+
+        check_reshape(structure.model_type, uniform=True)  # per-layer widths are checked again when adopted
         layer = structure.layer(name)
         leaves = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[1] for n in layer.linears}
         needed = [f"mlp.{n}" for n in MLP_NAMES] if self.mlp else []

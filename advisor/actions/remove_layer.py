@@ -57,4 +57,6 @@ class RemoveLayer(Action):
             window = getattr(config, "max_window_layers", None)
             if isinstance(window, int) and window < len(layers):
                 config.max_window_layers = sum(1 for i in kept if i < window)
+        # A hubc architecture lists shapes per layer (hubc_layers, hubc_low_rank): rebuilt from the kept modules.
+        ctx.reshaped = ctx.reshaped or model.config.model_type.startswith("hubc_")
         return moved

@@ -47,6 +47,8 @@ class CompressReport:
     """Learned rounding: mean relative output error of a decoder block with plain rounding and learned rounding."""
     iterations: int | None = None
     """Learned rounding: the learning steps per block it ran."""
+    layer_seconds: list[float] | None = None
+    """Streamed (advisor.stream): seconds each decoder layer took (read, calibrate, quantize, hand to the writer)."""
     kept_dense: dict | None = None
     """Linears moved to the budget's scheme by the dense budget → their estimated quantization cost (nats/token)."""
     quantization_cost: float | None = None
@@ -130,12 +132,18 @@ def compress(model, plan: Plan, calibration: Calibration | None,
                                     plan.recipe)
     report.block_error = info.get("block_error")
     report.iterations = info.get("iterations")
-    for name, t in targets.items():
-        if t.pair_sum is not None and bool((pair_sums(quantized[name].codes) > t.pair_sum).any()):
-            # The kernel would saturate on these codes and serve wrong outputs: never write them.
+    check_codes(targets, quantized)
+    return Compressed(model, plan, quantized, report)
+
+
+def check_codes(targets: dict, quantized: dict[str, QuantizedWeight]) -> None:
+    """Refuse int8 codes above a target's pair limit (the kernel would saturate on them and serve wrong outputs):
+    they are never written."""
+    for name, qw in quantized.items():
+        t = targets[name]
+        if t.pair_sum is not None and bool((pair_sums(qw.codes) > t.pair_sum).any()):
             raise AdvisorError(f"{name}: int8 codes exceed the target's pair limit {t.pair_sum}",
                                hint="report this as a hubc bug; --method rtn is not affected")
-    return Compressed(model, plan, quantized, report)
 
 
 def apply_structure(model, plan: Plan, report: CompressReport, windows: list[list[int]] | None = None,

@@ -80,7 +80,10 @@ def scale_dtype(scheme: Scheme, dtype: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
-def _compressed_tensors(qw: QuantizedWeight, scheme: Scheme, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def compressed_tensors_of(qw: QuantizedWeight, scheme: Scheme, dtype: torch.dtype | None = None,
+                          ) -> dict[str, torch.Tensor]:
+    """One quantized linear's tensors as the checkpoint stores them (suffix → tensor: packed codes, scales, zero
+    points), for its scheme's compressed-tensors format."""
     from compressed_tensors.compressors import pack_to_int32
 
     out: dict[str, torch.Tensor] = {"weight_scale": qw.scale.to(scale_dtype(scheme, dtype)).contiguous()}
@@ -118,7 +121,7 @@ def write_checkpoint(compressed: Compressed, out: Path, dtype: torch.dtype | Non
         if scheme is None:
             continue
         del state[f"{name}.weight"]
-        for suffix, tensor in _compressed_tensors(compressed.quantized[name], scheme, dtype).items():
+        for suffix, tensor in compressed_tensors_of(compressed.quantized[name], scheme, dtype).items():
             packed[f"{name}.{suffix}"] = tensor
     # What stays unquantized is written in the checkpoint's dtype; the quantized tensors keep theirs.
     state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()} | packed
@@ -133,7 +136,13 @@ def write_checkpoint(compressed: Compressed, out: Path, dtype: torch.dtype | Non
         index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    config = model.config.to_dict()
+    write_config(model.config, plan, out, dtype)
+    return ExportResult(out, total, sum(c is not None for c in plan.linears.values()))
+
+
+def write_config(model_config, plan: Plan, out: Path, dtype: torch.dtype | None) -> None:
+    """config.json of a checkpoint: the model's config, the checkpoint dtype and the plan's quantization_config."""
+    config = model_config.to_dict()
     if dtype is not None:
         # Both spellings: transformers 5 reads `dtype`, older readers (and other tools) `torch_dtype`.
         config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -142,7 +151,6 @@ def write_checkpoint(compressed: Compressed, out: Path, dtype: torch.dtype | Non
     else:
         config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return ExportResult(out, total, sum(c is not None for c in plan.linears.values()))
 
 
 def _prefix_of(modules: dict, target) -> str:
@@ -214,9 +222,10 @@ def load_for_eval(path: Path):
             hint="its quantization_config and its tensors disagree: export the checkpoint again") from None
 
 
-def _load_for_eval(path: Path):
-    from compressed_tensors.compressors import unpack_from_int32
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_config(path: Path) -> tuple[object, list[dict]]:
+    """A checkpoint's transformers config (without its quantization_config) and its quantization config groups
+    (empty for a dense checkpoint)."""
+    from transformers import AutoConfig
 
     from advisor.architecture import register
 
@@ -232,10 +241,38 @@ def _load_for_eval(path: Path):
                            hint="evaluate checkpoints written by hubc optimize (or another compressed-tensors exporter)")
     # No quantization_config: a structure-only (dense) variant, read as the plain model it is.
     groups = list(qcfg["config_groups"].values()) if qcfg else []
-    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"}, model_type=config_dict["model_type"])
+    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"},
+                                  model_type=config_dict["model_type"])
+    return config, groups
+
+
+def _load_for_eval(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    config, groups = read_config(path)
     # Built on the CPU, not on meta: non-persistent buffers (rotary frequencies) must be real.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = _read_state(path)
+    quantized = dequantize_into(model, state, groups, path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise DamagedWeightsError(f"{path}: tensors the model does not have: {', '.join(unexpected[:3])}",
+                                  hint="config.json does not match the weights: export the checkpoint again")
+    model.tie_weights()
+    missing = [m for m in missing if not any(m.startswith(q + ".") for q in quantized)]
+    if missing and not (config.tie_word_embeddings and all("lm_head" in m for m in missing)):
+        raise DamagedWeightsError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:3])}",
+                                  hint="the checkpoint is incomplete: export it again")
+    model.eval()
+    return model
+
+
+def dequantize_into(model, state: dict[str, torch.Tensor], groups: list[dict], path: Path) -> list[str]:
+    """Replace each linear of `model` whose quantized tensors are in `state` (all of a checkpoint's, or one decoder
+    layer's) by a FakeQuantLinear computing what its kernel computes, taking those tensors out of `state`; returns
+    the names of the linears replaced."""
+    from compressed_tensors.compressors import unpack_from_int32
+
     quantized = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight_scale")})
     modules = dict(model.named_modules())
     for name in quantized:
@@ -263,14 +300,4 @@ def _load_for_eval(path: Path):
         bias = None if bias is None else bias.float()  # stored in the checkpoint dtype, computed in float32
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, FakeQuantLinear(weight, bias, a_args))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise DamagedWeightsError(f"{path}: tensors the model does not have: {', '.join(unexpected[:3])}",
-                                  hint="config.json does not match the weights: export the checkpoint again")
-    model.tie_weights()
-    missing = [m for m in missing if not any(m.startswith(q + ".") for q in quantized)]
-    if missing and not (config.tie_word_embeddings and all("lm_head" in m for m in missing)):
-        raise DamagedWeightsError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:3])}",
-                                  hint="the checkpoint is incomplete: export it again")
-    model.eval()
-    return model
+    return quantized

@@ -8,6 +8,7 @@ is moved into place only when complete, so a failed run writes nothing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -52,6 +53,9 @@ class OptimizeConfig:
     recipe: Recipe | None = None
     """A recipe to apply instead of `choices` (e.g. one read from a file)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stream: bool | None = None
+    """Compress and evaluate one decoder layer at a time, weights read from the safetensors shards (advisor.stream):
+    True (--stream), False (--no-stream), None: when the model would not fit comfortably in memory."""
     latency_prompt_tokens: int = 128
     latency_output_tokens: int = 32
     latency_requests: int = 5
@@ -112,6 +116,10 @@ class OptimizeResult:
     model_type: str | None = None
     linear_parameters: dict = field(default_factory=dict)
     """Weights of the decoder's linear layers: {base, variant} (what pruning and factorization reduce)."""
+    path: str = "in memory"
+    """How compression and evaluation ran: `in memory` or `streamed layer by layer` (advisor.stream)."""
+    path_reason: str = ""
+    """Why that path (the model's size against the memory available, or the flag)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -178,11 +186,15 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
                            hint=f"use --seq-len {min(512, structure.context_length)} or any value up to "
                                 f"{structure.context_length}")
     plan = resolve(config.recipe, structure, target) if config.recipe else recommend(structure, target, config.choices)
+    from advisor.stream import choose_path
+
+    path = choose_path(config.stream, plan)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
-        result = _build(source, target, plan, staging, out, config, progress)
+        result = _build(source, target, plan, staging, out, config, progress, path)
         result.gate = quality_gate(result.quality, config.max_ppl_increase)
         if not result.gate["passed"]:
             result.flags.insert(0, gate_message(result))
@@ -228,6 +240,21 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{out} exists and is not a folder", hint="choose another --out")
 
 
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders of runs for `out` that were killed outright (SIGKILL, a lost machine: no `finally`
+    ran); the process id in a staging folder's name tells whether its run is gone."""
+    import psutil
+
+    for folder in out.parent.glob(_staging_prefix(out) + "*"):
+        pid = folder.name[len(_staging_prefix(out)):].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class _Clock:
     """Seconds spent in each step, for report.json and the benchmarks that choose defaults by time."""
 
@@ -242,21 +269,17 @@ class _Clock:
         self._step, self._since = name, now
 
 
-def _build(source, target, plan, staging, out, config, progress) -> OptimizeResult:
+def _build(source, target, plan, staging, out, config, progress, path) -> OptimizeResult:
     import torch
     from transformers import AutoTokenizer
 
     from advisor import evaluate as ev
     from advisor.calibrate import Calibration
-    from advisor.compress import compress
-    from advisor.export import load_for_eval, write_checkpoint
-    from advisor.model import load_model
     from hubplugin.source import copy_tokenizer_files
 
     clock = _Clock()
     clock.step("load")
-    progress("loading the model")
-    model = load_model(source.path)
+    progress(f"loading the model: {path.reason}")
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     texts = []
     for name in config.eval.texts:
@@ -267,25 +290,37 @@ def _build(source, target, plan, staging, out, config, progress) -> OptimizeResu
         progress(message)
         clock.step(name)
 
-    # Healing is judged on the evaluation texts (8 windows each: a before/after comparison, not the final numbers).
-    held_out = {t.name: t.windows[:8] for t in texts}
     base_linear = sum(li.in_features * li.out_features for li in plan.structure.linears)
-    compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer, model), step, held_out=held_out)
-    clock.step("export")
-    exported = write_checkpoint(compressed, staging, dtype=getattr(torch, target.checkpoint_dtype))
+    dtype = getattr(torch, target.checkpoint_dtype)
+    if path.stream:
+        from advisor.stream import compress_streaming
+
+        exported, report = compress_streaming(source.path, plan, Calibration.of(plan.recipe, tokenizer), staging,
+                                              dtype, step)
+    else:
+        from advisor.compress import compress
+        from advisor.export import write_checkpoint
+        from advisor.model import load_model
+
+        model = load_model(source.path)
+        # Healing is judged on the evaluation texts (8 windows each: a before/after comparison, not the final
+        # numbers).
+        held_out = {t.name: t.windows[:8] for t in texts}
+        compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer, model), step, held_out=held_out)
+        clock.step("export")
+        exported = write_checkpoint(compressed, staging, dtype=dtype)
+        plan, report = compressed.plan, compressed.report
+        del model, compressed
     copy_tokenizer_files(source.path, staging)
-    plan, report = compressed.plan, compressed.report
     variant_linear = sum(li.in_features * li.out_features for li in plan.structure.linears)
-    del model, compressed
 
     # Base and variant are scored side by side, window by window (the base read again from its files, the variant
-    # from the exported checkpoint), so KL is exact over the vocabulary while only one window's distributions exist.
+    # from the exported checkpoint), so KL is exact over the vocabulary while only one window's distributions exist;
+    # streamed, layer by layer with the head in chunks of the vocabulary.
     progress("evaluating the variant against the base")
     clock.step("evaluation")
-    base, variant = load_model(source.path), load_for_eval(staging)
     quality, base_top1 = [], {}
-    for t in texts:
-        var_scores, base_scores = ev.score(variant, t.windows, f"base and variant on {t.name}", reference=base)
+    for t, (var_scores, base_scores) in zip(texts, _score(source.path, staging, texts, path.stream), strict=True):
         quality.append(
             TextResult(
                 text=t.name,
@@ -295,7 +330,6 @@ def _build(source, target, plan, staging, out, config, progress) -> OptimizeResu
             )
         )
         base_top1[t.name] = base_scores.top1_per_window(t.windows)
-    del base, variant
 
     recipe = plan.recipe
     result = OptimizeResult(
@@ -314,6 +348,8 @@ def _build(source, target, plan, staging, out, config, progress) -> OptimizeResu
         architecture=plan.structure.architecture,
         model_type=plan.structure.model_type,
         linear_parameters={"base": base_linear, "variant": variant_linear},
+        path=path.name,
+        path_reason=path.reason,
     )
     if report.heal:
         result.flags += report.heal.get("flags", [])
@@ -333,6 +369,20 @@ def _build(source, target, plan, staging, out, config, progress) -> OptimizeResu
     clock.step(None)
     result.timings = clock.timings
     return result
+
+
+def _score(base_path: Path, variant_path: Path, texts, stream: bool) -> list:
+    """(variant's scores, base's) per text: both models in memory, or streamed layer by layer."""
+    if stream:
+        from advisor.stream import score_streaming
+
+        return score_streaming(base_path, variant_path, texts)
+    from advisor import evaluate as ev
+    from advisor.export import load_for_eval
+    from advisor.model import load_model
+
+    base, variant = load_model(base_path), load_for_eval(variant_path)
+    return [ev.score(variant, t.windows, f"base and variant on {t.name}", reference=base) for t in texts]
 
 
 def _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress) -> None:

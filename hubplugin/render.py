@@ -44,6 +44,8 @@ def summary(result) -> None:
             b, v = lat.base[key], lat.variant[key]
             table.add_row(label, engine, number(b, ".1f"), number(v, ".1f"), f"{v / b - 1:+.0%}" if b else "")
     console.print(table)
+    if getattr(result, "path_reason", ""):
+        console.print(f"compressed and evaluated {result.path_reason}", markup=False)
     from hubplugin.card_structure import heal_rows, heal_text, structure_lines
 
     for line in structure_lines(result):

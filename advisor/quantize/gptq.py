@@ -145,16 +145,19 @@ def _gptq(w, hessian, args, pair_sum, damp, act_order, block) -> QuantizedWeight
     return QuantizedWeight(codes, scale, None, args)
 
 
+def layer_quantizer(targets: dict):
+    """`quantize(name, weight, hessian)` for advisor.quantize.sequential: GPTQ under each target's scheme."""
+    return lambda name, w, h: gptq_quantize(w, h, targets[name].weights, targets[name].pair_sum)
+
+
 def quantize_model(model, targets: dict, windows: list[list[int]], recipe) -> tuple[dict[str, QuantizedWeight], dict]:
     """GPTQ on every target linear of the decoder stack, layer by layer on the calibration windows; linears outside
     the stack (none in the supported architectures: the head is never quantized) are rounded to nearest."""
     from advisor.quantize.rtn import quantize_weight
     from advisor.quantize.sequential import quantize_sequential
 
-    quantized = quantize_sequential(
-        model, targets, windows, lambda name, w, h: gptq_quantize(w, h, targets[name].weights, targets[name].pair_sum),
-        act_args={n: t.activations for n, t in targets.items()},
-    )
+    quantized = quantize_sequential(model, targets, windows, layer_quantizer(targets),
+                                    act_args={n: t.activations for n, t in targets.items()})
     modules = dict(model.named_modules())
     for name, t in targets.items():
         if name not in quantized:

@@ -8,7 +8,7 @@ architecture-specific keywords need no per-architecture code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -84,7 +84,6 @@ def quantize_activations_of(modules: dict[str, torch.nn.Module], act_args: dict,
     return [m.register_forward_pre_hook(hook(act_args[n])) for n, m in modules.items() if act_args.get(n) is not None]
 
 
-@torch.inference_mode()
 def quantize_sequential(
     model,
     wanted: set[str] | dict,
@@ -94,7 +93,26 @@ def quantize_sequential(
     bf16: bool | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize the `wanted` linears of every decoder layer with `quantize(name, weight, hessian)`; linears outside
-    the decoder stack are left to the caller.
+    the decoder stack are left to the caller. The whole model in memory: see quantize_layers."""
+    results: dict[str, QuantizedWeight] = {}
+    for _, _, done in quantize_layers(model, wanted, windows, quantize, act_args, bf16):
+        results.update(done)
+    return results
+
+
+def quantize_layers(
+    model,
+    wanted: set[str] | dict,
+    windows: list[list[int]],
+    quantize: Callable[[str, torch.Tensor, torch.Tensor], QuantizedWeight],
+    act_args: dict | None = None,
+    bf16: bool | None = None,
+    load: Callable[[int, torch.nn.Module], None] | None = None,
+) -> Iterator[tuple[int, torch.nn.Module, dict[str, QuantizedWeight]]]:
+    """Quantize the decoder layers one after the other, yielding (index, layer, its quantized linears) as each is
+    done, its outputs on every window already computed: the caller may then write the layer out and release it
+    (advisor.stream). `load(index, layer)` is called before a layer is first used (streaming reads its weights
+    there); without it every layer must hold its weights already.
 
     True-sequential: within a layer, each stage (linears sharing one input) is calibrated on the outputs of the
     stages already quantized, and every quantized weight is written back (dequantized, with its activations
@@ -106,35 +124,44 @@ def quantize_sequential(
     prefix, layers = decoder_layers(model)
     inputs = layer_inputs(model, layers, windows)
     act_args = act_args or {}
-    results: dict[str, QuantizedWeight] = {}
     for i, layer in enumerate(tqdm(layers, desc="quantizing layer by layer", unit="layer", leave=False)):
-        names = {f"{prefix}.{i}.{n}": m for n, m in layer.named_modules()
-                 if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
-        act_handles = []
-        short = {n: n[len(f"{prefix}.{i}."):] for n in names}  # names inside the layer
-        memo = _SettledOutputs(layer, set(short.values()))
-        try:
-            for stage in stages(layer, names, inputs[0]):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    hessians = _stage_hessians(layer, {n: names[n] for n in stage}, inputs, memo)
-                for name in stage:
-                    module = names[name]
-                    qw = quantize(name, module.weight, hessians[name])
-                    module.weight.data.copy_(qw.dequantize().to(module.weight.dtype))
-                    results[name] = qw
-                act_handles += quantize_activations_of({n: names[n] for n in stage}, act_args)
-                memo.settle({short[n] for n in names if n in results})
-            outputs = []
+        if load is not None:
+            load(i, layer)
+        results: dict[str, QuantizedWeight] = {}
+        with torch.inference_mode():
+            inputs = _quantize_layer(layer, f"{prefix}.{i}.", wanted, inputs, quantize, act_args, bf16, results)
+        yield i, layer, results
+
+
+def _quantize_layer(layer, prefix: str, wanted, inputs, quantize, act_args: dict, bf16: bool,
+                    results: dict[str, QuantizedWeight]) -> list[tuple[tuple, dict]]:
+    """Quantize one decoder layer's wanted linears into `results`; returns its outputs, the next layer's inputs."""
+    names = {f"{prefix}{n}": m for n, m in layer.named_modules()
+             if isinstance(m, torch.nn.Linear) and f"{prefix}{n}" in wanted}
+    act_handles = []
+    short = {n: n[len(prefix):] for n in names}  # names inside the layer
+    memo = _SettledOutputs(layer, set(short.values()))
+    try:
+        for stage in stages(layer, names, inputs[0]):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                for j, (args, kwargs) in enumerate(inputs):
-                    memo.window = j
-                    outputs.append(((layer_output(layer(*args, **kwargs)).float(),) + tuple(args[1:]), kwargs))
-            inputs = outputs
-        finally:
-            memo.close()
-            for h in act_handles:
-                h.remove()
-    return results
+                hessians = _stage_hessians(layer, {n: names[n] for n in stage}, inputs, memo)
+            for name in stage:
+                module = names[name]
+                qw = quantize(name, module.weight, hessians.pop(name))
+                module.weight.data.copy_(qw.dequantize().to(module.weight.dtype))
+                results[name] = qw
+            act_handles += quantize_activations_of({n: names[n] for n in stage}, act_args)
+            memo.settle({short[n] for n in names if n in results})
+        outputs = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for j, (args, kwargs) in enumerate(inputs):
+                memo.window = j
+                outputs.append(((layer_output(layer(*args, **kwargs)).float(),) + tuple(args[1:]), kwargs))
+        return outputs
+    finally:
+        memo.close()
+        for h in act_handles:
+            h.remove()
 
 
 def _same(a, b) -> bool:

@@ -504,10 +504,12 @@ def _window_scores(xb, xv, base_head, var_head, window: list[int], chunk: int):
 
 
 @torch.inference_mode()
-def score_streaming(base_path: Path, variant_path: Path, texts: list, chunk: int = VOCAB_CHUNK) -> list:
+def score_streaming(base_path: Path, variant_path: Path, texts: list, chunk: int = VOCAB_CHUNK,
+                    layer_seconds: list[float] | None = None) -> list:
     """Score the variant checkpoint against its base on every text's windows (advisor.evaluate.EvalText), both
     streamed layer by layer; returns, per text, (variant's TokenScores with KL and top-1 agreement, base's), the
-    numbers advisor.evaluate.score gives with both models in memory."""
+    numbers advisor.evaluate.score gives with both models in memory. `layer_seconds` receives the seconds each
+    decoder layer took (both models, every window)."""
     from advisor.evaluate import TokenScores
 
     windows = [w for t in texts for w in t.windows]
@@ -516,8 +518,11 @@ def score_streaming(base_path: Path, variant_path: Path, texts: list, chunk: int
         m.enter(windows)
     for i in tqdm(range(len(models[0].layers)), desc="evaluating base and variant layer by layer", unit="layer",
                   leave=False):
+        started = time.monotonic()
         for m in models:
             m.run_layer(i)
+        if layer_seconds is not None:
+            layer_seconds.append(round(time.monotonic() - started, 2))
     base, variant = models
     heads = base.head(), variant.head()
     parts = []

@@ -120,6 +120,8 @@ class OptimizeResult:
     """How compression and evaluation ran: `in memory` or `streamed layer by layer` (advisor.stream)."""
     path_reason: str = ""
     """Why that path (the model's size against the memory available, or the flag)."""
+    layer_seconds: dict = field(default_factory=dict)
+    """Streamed runs: seconds each decoder layer took, {quantization: [...], evaluation: [...]}."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -319,8 +321,9 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
     # streamed, layer by layer with the head in chunks of the vocabulary.
     progress("evaluating the variant against the base")
     clock.step("evaluation")
-    quality, base_top1 = [], {}
-    for t, (var_scores, base_scores) in zip(texts, _score(source.path, staging, texts, path.stream), strict=True):
+    quality, base_top1, eval_layers = [], {}, []
+    scored = _score(source.path, staging, texts, path.stream, eval_layers)
+    for t, (var_scores, base_scores) in zip(texts, scored, strict=True):
         quality.append(
             TextResult(
                 text=t.name,
@@ -350,6 +353,7 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
         linear_parameters={"base": base_linear, "variant": variant_linear},
         path=path.name,
         path_reason=path.reason,
+        layer_seconds={"quantization": report.layer_seconds, "evaluation": eval_layers} if path.stream else {},
     )
     if report.heal:
         result.flags += report.heal.get("flags", [])
@@ -371,12 +375,13 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
     return result
 
 
-def _score(base_path: Path, variant_path: Path, texts, stream: bool) -> list:
-    """(variant's scores, base's) per text: both models in memory, or streamed layer by layer."""
+def _score(base_path: Path, variant_path: Path, texts, stream: bool, layer_seconds: list[float]) -> list:
+    """(variant's scores, base's) per text: both models in memory, or streamed layer by layer (then the seconds
+    each layer took are appended to `layer_seconds`)."""
     if stream:
         from advisor.stream import score_streaming
 
-        return score_streaming(base_path, variant_path, texts)
+        return score_streaming(base_path, variant_path, texts, layer_seconds=layer_seconds)
     from advisor import evaluate as ev
     from advisor.export import load_for_eval
     from advisor.model import load_model

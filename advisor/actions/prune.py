@@ -167,7 +167,7 @@ def statistics_needed(layer: str, importance: str, mlp: bool, heads: bool, refit
     elif importance == "wanda":
         needs["sumsq"] += ([f"{layer}.mlp.gate_proj", down] if mlp else []) + ([f"{attn}.q_proj", o] if heads else [])
     if refit and importance != "magnitude":
-        needs["relative" if REFIT_RELATIVE else "covariance"] += ([down] if mlp else []) + ([o] if heads else [])
+        needs["relative"] += ([down] if mlp else []) + ([o] if heads else [])
     return {k: v for k, v in needs.items() if v}
 
 
@@ -296,27 +296,28 @@ def _rows(linear, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     return linear.weight.detach()[rows], None if linear.bias is None else linear.bias.detach()[rows]
 
 
-REFIT_RELATIVE = True
-
-
 def _gram(st):
-    return st.relative_gram if REFIT_RELATIVE else st.gram
+    """The refit's input covariance, each token weighted by 1/ρ (ρ: the mean square of the decoder layer's input at
+    that token): tokens whose hidden state is large (the first token's attention sink) would otherwise decide the fit
+    for every other token."""
+    return st.relative_gram
 
-SHRINK = True
+
 REFIT_DAMPING = 0.01
 
 
 def refit(linear, gram: torch.Tensor, kept: torch.Tensor, damping: float | None = None) -> torch.Tensor:
     """The weight on input channels `kept` that best reproduces the linear's outputs on the calibration inputs
-    (covariance `gram`): argmin ‖W·X − W′·X_kept‖², i.e. W′ = W·C[:,K]·(C[K,K] + λI)⁻¹, with λ a share of the mean
-    diagonal as in factorization's whitening (a ridge toward directions calibration did not see)."""
+    (covariance `gram`): argmin ‖W·X − W′·X_kept‖² + λ‖W′ − W_K‖², i.e. W′ = (W·C[:,K] + λ·W_K)·(C[K,K] + λI)⁻¹, with
+    λ a share of the mean diagonal as in factorization's whitening: a ridge toward the original weights in the
+    directions calibration did not see."""
     damping = REFIT_DAMPING if damping is None else damping
     w = linear.weight.detach().double()
     c = gram.double()
     a = c[kept][:, kept]
     a = a + damping * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(kept), dtype=a.dtype)
     lam = damping * c[kept][:, kept].diagonal().mean().clamp_min(1e-12)
-    rhs = c[kept] @ w.T + (lam * w[:, kept].T if SHRINK else 0)  # [K, out]
+    rhs = c[kept] @ w.T + lam * w[:, kept].T  # [K, out]
     return torch.cholesky_solve(rhs, torch.linalg.cholesky(a)).T.to(linear.weight.dtype)
 
 

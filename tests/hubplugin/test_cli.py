@@ -241,7 +241,7 @@ def test_gpu_default_keeps_the_costliest_weights_at_8_bits(tiny_llama_dir, tmp_p
     ({"scheme": "w8a8-int8", "target": "cpu", "actions": {"model.layers.0": "prune-everything"}}, [],
      ["unknown recipe action 'prune-everything'"]),
     ({"scheme": "w8a8-int8", "target": "cpu", "calibration": {"text": "wikitext2-valid", "windows": 0}}, [],
-     ["calibration `windows` must be a positive"]),
+     ["calibration `windows` must be a whole number ≥ 1"]),
 ])
 def test_bad_recipe_files_fail_in_one_line_before_work(tiny_llama_dir, tmp_path, content, extra, fragments):
     recipe = tmp_path / "r.yaml"

@@ -132,7 +132,7 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.05):
 
 def write_config(folder: Path, targets: list, **extra) -> Path:
     config = {"watch": {"owners": ["org"]}, "targets": targets,
-              "retry": {"max_attempts": 4, "backoff_seconds": 0.5}, "lease_seconds": 6, **extra}
+              "retry": {"max_attempts": 4, "backoff_seconds": 0.5}, "lease_seconds": 20, **extra}
     path = folder / "watch.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

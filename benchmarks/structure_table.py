@@ -109,16 +109,16 @@ def pct(x) -> str:
 
 def render(rows: list[dict], meta: dict) -> str:
     out = ["# Structure on the demo model: pruning, layer removal and factorization, healed", "",
-           f"SmolLM2-135M-Instruct, `hubc optimize demo --target cpu` per row (command in the JSON), on {meta['cpu']}. "
+           (f"SmolLM2-135M-Instruct, `hubc optimize demo --target cpu` per row (command in the JSON), on {meta['cpu']}. "
            "Δppl against the base on the evaluation windows (16 × 512 tokens per text, transformers float32 for "
            "'evaluated'; vLLM teacher-forced for 'served'); 'before heal' / 'after heal' are the healing report's "
            "held-out windows (8 × 512 per text, never trained on). Healing trains on wikitext-2 valid plus text the "
            "base model sampled itself. TPOT: vLLM p50 time per output token, base and variant interleaved in one "
-           "run on the same server settings.", "",
-           f"Written by `.venv/bin/python benchmarks/structure_table.py` (heal minutes per row in the table).", "",
-           "| run | method | scheme | linear params removed | size (bf16 base → variant) | heal (steps, min) | "
+           "run on the same server settings."), "",
+           "Written by `.venv/bin/python benchmarks/structure_table.py`.", "",
+           ("| run | method | scheme | linear params removed | size (bf16 base → variant) | heal (steps, min) | "
            "Δppl wikitext before → after heal | Δppl licenses before → after heal | Δppl served wikitext / "
-           "licenses | TPOT base → variant (ms) | speed-up |",
+           "licenses | TPOT base → variant (ms) | speed-up |"),
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("failed"):

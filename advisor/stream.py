@@ -365,12 +365,11 @@ class _Streamed:
         self.prefix, self.layers = decoder_layers(self.model)
         load_outer(self.model, self.reader, self.prefix)
         self.hidden: list[torch.Tensor] = []
-        self.calls: list[list[tuple[tuple, dict]]] = []  # per window, per layer: (args after the hidden, kwargs)
+        self.arguments: list[list[tuple[tuple, dict]]] = []  # per layer, per window: (args after the hidden, kwargs)
 
-    def _through_stubs(self, ids: list[int], replace: Callable[[int, tuple, dict], torch.Tensor],
-                       embedded: bool = True):
+    def _through_stubs(self, ids: list[int], replace: Callable[[int, tuple, dict], torch.Tensor]):
         """Run the model with every decoder layer's forward replaced by `replace(i, args, kwargs)`, up to the head's
-        input (returned); `embedded` False passes zeros for the embeddings (the stubs ignore them)."""
+        input (returned); zeros stand for the embeddings (the stubs ignore them; the embedding is released)."""
         head = self.model.get_output_embeddings()
         seen = []
 
@@ -381,10 +380,9 @@ class _Streamed:
         for i, layer in enumerate(self.layers):
             layer.forward = lambda *a, i=i, **k: replace(i, a, k)
         handle = head.register_forward_pre_hook(grab)
-        inputs = {"input_ids": torch.tensor([ids])} if embedded else \
-            {"inputs_embeds": torch.zeros(1, len(ids), self.model.config.get_text_config().hidden_size)}
+        embeds = torch.zeros(1, len(ids), self.model.config.get_text_config().hidden_size)
         try:
-            self.model(**inputs, use_cache=False)
+            self.model(inputs_embeds=embeds, use_cache=False)
         except _Stop:
             pass
         finally:
@@ -396,17 +394,9 @@ class _Streamed:
     def enter(self, windows: list[list[int]]) -> None:
         """Embed the windows and record what the model passes each decoder layer (masks and positions may differ
         by layer: sliding-window layers)."""
-        for w in windows:
-            calls: list[tuple[tuple, dict]] = []
+        from advisor.quantize.sequential import layer_arguments
 
-            def record(i, args, kwargs, calls=calls):
-                if i == 0:
-                    self.hidden.append(args[0])
-                calls.append((tuple(args[1:]), kwargs))
-                return args[0]
-
-            self._through_stubs(w, record)
-            self.calls.append(calls)
+        self.hidden, self.arguments = layer_arguments(self.model, self.layers, windows)
         embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         if embedding.weight is not head.weight:
             release(embedding)  # the windows are embedded; the head reads its inputs from the carried states
@@ -428,13 +418,13 @@ class _Streamed:
         else:
             load_layer(layer, prefix, self.reader)
         for j, h in enumerate(self.hidden):
-            args, kwargs = self.calls[j][i]
+            args, kwargs = self.arguments[i][j]
             self.hidden[j] = layer_output(layer(h, *args, **kwargs))
         release(layer)
 
     def head_inputs(self, j: int, ids: list[int]) -> torch.Tensor:
         """Window j's input to the head (the final norm applied to its carried hidden states)."""
-        return self._through_stubs(ids, lambda i, args, kwargs: self.hidden[j], embedded=False)[0, :-1].float()
+        return self._through_stubs(ids, lambda i, args, kwargs: self.hidden[j])[0, :-1].float()
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
         head = self.model.get_output_embeddings()

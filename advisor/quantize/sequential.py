@@ -49,6 +49,43 @@ def layer_inputs(model, layers, windows: list[list[int]]) -> list[tuple[tuple, d
     return captured
 
 
+@torch.inference_mode()
+def layer_arguments(model, layers, windows: list[list[int]]) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """The hidden states entering the first decoder layer, per window, and what the model passes every layer
+    besides them, per layer and window: (the positional arguments after the hidden states, the keywords). Masks and
+    positions differ between the layers of some architectures (Gemma 2/3's sliding-window and global layers, the
+    latter with their own rotary base). One pass per window with every layer's forward replaced by the identity:
+    no layer runs (a streamed model's are on the meta device), and the pass stops before the head."""
+    hidden: list[torch.Tensor] = []
+    per_layer: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+
+    def stub(i):
+        def forward(*args, **kwargs):
+            if i == 0:
+                hidden.append(args[0])
+            per_layer[i].append((tuple(args[1:]), kwargs))
+            return args[0]
+        return forward
+
+    def stop(module, args):
+        raise _Stop
+
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
+    handle = model.get_output_embeddings().register_forward_pre_hook(stop)
+    try:
+        for w in windows:
+            try:
+                model(torch.tensor([w]), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+    return hidden, per_layer
+
+
 def layer_output(result):
     return result[0] if isinstance(result, tuple) else result
 
@@ -122,20 +159,22 @@ def quantize_layers(
     precision GPUs serve in; each window's XᵀX is then a bf16 product, accumulated in fp32."""
     bf16 = native_bf16() if bf16 is None else bf16
     prefix, layers = decoder_layers(model)
-    inputs = layer_inputs(model, layers, windows)
+    hidden, arguments = layer_arguments(model, layers, windows)
     act_args = act_args or {}
     for i, layer in enumerate(tqdm(layers, desc="quantizing layer by layer", unit="layer", leave=False)):
         if load is not None:
             load(i, layer)
         results: dict[str, QuantizedWeight] = {}
+        inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(hidden, arguments[i], strict=True)]
         with torch.inference_mode():
-            inputs = _quantize_layer(layer, f"{prefix}.{i}.", wanted, inputs, quantize, act_args, bf16, results)
+            hidden = _quantize_layer(layer, f"{prefix}.{i}.", wanted, inputs, quantize, act_args, bf16, results)
+        del inputs
         yield i, layer, results
 
 
 def _quantize_layer(layer, prefix: str, wanted, inputs, quantize, act_args: dict, bf16: bool,
-                    results: dict[str, QuantizedWeight]) -> list[tuple[tuple, dict]]:
-    """Quantize one decoder layer's wanted linears into `results`; returns its outputs, the next layer's inputs."""
+                    results: dict[str, QuantizedWeight]) -> list[torch.Tensor]:
+    """Quantize one decoder layer's wanted linears into `results`; returns its output hidden states per window."""
     names = {f"{prefix}{n}": m for n, m in layer.named_modules()
              if isinstance(m, torch.nn.Linear) and f"{prefix}{n}" in wanted}
     act_handles = []
@@ -156,7 +195,7 @@ def _quantize_layer(layer, prefix: str, wanted, inputs, quantize, act_args: dict
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for j, (args, kwargs) in enumerate(inputs):
                 memo.window = j
-                outputs.append(((layer_output(layer(*args, **kwargs)).float(),) + tuple(args[1:]), kwargs))
+                outputs.append(layer_output(layer(*args, **kwargs)).float())
         return outputs
     finally:
         memo.close()

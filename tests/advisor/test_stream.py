@@ -136,3 +136,42 @@ def test_shard_writer_gives_oversized_tensors_a_shard_of_their_own(tmp_path):
     assert sorted(reader.names()) == ["a", "b", "c"]
     assert len({reader.file_of[n] for n in "abc"}) == 3
     assert not list(tmp_path.glob(".shard-*"))
+
+
+def test_every_layer_is_calibrated_with_its_own_masks_and_positions(tmp_path):
+    """Gemma 3's sixth layer is a global-attention layer: another mask and another rotary base than the sliding
+    layers before it. Calibrated layer by layer (advisor.quantize.sequential, which streaming runs), its o_proj
+    must see what it sees in the model's own forward pass."""
+    import transformers
+    from tiny_models import ARCHITECTURES, COMMON
+
+    from advisor.model import decoder_layers
+    from advisor.quantize.rtn import quantize_weight
+    from advisor.quantize.sequential import quantize_sequential
+    from advisor.schemes import get_scheme
+
+    config_class, extra = ARCHITECTURES["gemma3_text"]
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, "num_hidden_layers": 6})
+    assert config.layer_types[5] != config.layer_types[0]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    name = "model.layers.5.self_attn.o_proj"
+    windows = [list(range(4, 100)), list(range(200, 296))]  # longer than the sliding window (64)
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.inference_mode():
+        for w in windows:
+            model(torch.tensor([w]))
+    handle.remove()
+    x = torch.cat(seen)
+    expected = 2 / len(x) * x.T @ x
+    got = {}
+    args = get_scheme("w8a16").weights
+
+    def record(n, weight, hessian):
+        got[n] = hessian
+        return quantize_weight(weight, args)
+
+    assert decoder_layers(model)[0] == "model.layers"
+    quantize_sequential(model, {name}, windows, record, bf16=False)
+    torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-5)

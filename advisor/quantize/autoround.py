@@ -26,7 +26,7 @@ from advisor.model import decoder_layers
 from advisor.quantize.rtn import QuantizedWeight, int_range, limit_pairs, pair_limited_scale
 from advisor.quantize.sequential import (
     clone_tree,
-    layer_inputs,
+    layer_arguments,
     layer_output,
     native_bf16,
     quantize_activations_of,
@@ -252,16 +252,21 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
     the rounding also compensates the activation error. Returns the quantized weights and the per-block (error of
     plain rounding, error after learning)."""
     prefix, layers = decoder_layers(model)
-    # Copies made outside inference mode: autograd cannot use tensors captured under it.
-    captured = [clone_tree(c) for c in layer_inputs(model, layers, windows)]
-    fp_inputs = captured
-    q_inputs = captured
+    # Copies made outside inference mode: autograd cannot use tensors captured under it. Each layer gets its own
+    # masks and positions (Gemma's sliding and global layers differ: advisor.quantize.sequential.layer_arguments).
+    memo: dict = {}
+    hidden, arguments = layer_arguments(model, layers, windows)
+    hidden, arguments = clone_tree(hidden, memo), clone_tree(arguments, memo)
+    del memo
+    fp_hidden = q_hidden = hidden
     results: dict[str, QuantizedWeight] = {}
     errors = []
     bar = tqdm(layers, desc="learning rounding block by block", unit="block", leave=False)
     for i, layer in enumerate(bar):
         names = {n: m for n, m in layer.named_modules()
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
+        fp_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(fp_hidden, arguments[i], strict=True)]
+        q_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(q_hidden, arguments[i], strict=True)]
         started = time.monotonic()
         with torch.no_grad():
             targets = [layer_output(layer(*a, **k)) for a, k in fp_inputs]
@@ -279,11 +284,11 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
                 qw = learned[n].quantized()
                 m.weight.data.copy_(qw.dequantize().to(m.weight.dtype))
                 results[f"{prefix}.{i}.{n}"] = qw
-            q_inputs = [((out,) + tuple(a[1:]), k) for out, (a, k) in zip(outputs, q_inputs)]
+            q_hidden = outputs
         finally:
             for h in handles:
                 h.remove()
-        fp_inputs = [((t,) + tuple(a[1:]), k) for t, (a, k) in zip(targets, fp_inputs)]
+        fp_hidden = targets
     return results, errors
 
 

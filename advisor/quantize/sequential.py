@@ -214,17 +214,22 @@ def _same(a, b) -> bool:
     return a is b or a == b
 
 
-def clone_tree(tree):
+def clone_tree(tree, memo: dict | None = None):
     """Copies of the tensors in nested arguments (tuples, lists, dicts); outside inference mode the copies are
-    ordinary tensors autograd can use."""
+    ordinary tensors autograd can use. With `memo` (a dict kept across calls), a tensor met twice (one mask or
+    rotary table passed to every layer) is copied once and shared, as the original was."""
     if torch.is_tensor(tree):
-        return tree.detach().clone()
+        if memo is None:
+            return tree.detach().clone()
+        if id(tree) not in memo:
+            memo[id(tree)] = (tree, tree.detach().clone())  # the original kept alive: its id stays its own
+        return memo[id(tree)][1]
     if isinstance(tree, tuple):
-        return tuple(clone_tree(t) for t in tree)
+        return tuple(clone_tree(t, memo) for t in tree)
     if isinstance(tree, list):
-        return [clone_tree(t) for t in tree]
+        return [clone_tree(t, memo) for t in tree]
     if isinstance(tree, dict):
-        return {k: clone_tree(v) for k, v in tree.items()}
+        return {k: clone_tree(v, memo) for k, v in tree.items()}
     return tree
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES
 
 from advisor import evaluate as ev
 from advisor.calibrate import Calibration
@@ -51,13 +52,16 @@ def test_streamed_checkpoint_is_the_in_memory_one_byte_for_byte(tiny_llama_dir, 
         assert filecmp.cmp(memory / name, streamed / name, shallow=False), name
 
 
-def test_tied_head_architecture_streams_byte_for_byte(tmp_path):
-    """Gemma 3 ties its head to the embedding (stored once) and scales its embeddings."""
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_streams_byte_for_byte(tmp_path, model_type):
+    """Biases (Qwen2), fused q/k/v and gate/up stored fused (Phi-3), q/k norms (Qwen3), heads tied to the
+    embedding and stored once, scaled embeddings and sliding windows (Gemma)."""
     from tiny_models import build_tiny_model
 
-    folder = build_tiny_model(tmp_path / "gemma3", "gemma3_text")
+    folder = build_tiny_model(tmp_path / model_type, model_type)
     memory, streamed = both_ways(folder, plan_for(folder, "w4a16", "gptq"), tmp_path)
-    assert filecmp.cmp(memory / "model.safetensors", streamed / "model.safetensors", shallow=False)
+    for name in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(memory / name, streamed / name, shallow=False), name
 
 
 def test_sharded_stream_holds_the_same_tensors_with_an_index(tiny_llama_dir, tmp_path):
@@ -175,3 +179,23 @@ def test_every_layer_is_calibrated_with_its_own_masks_and_positions(tmp_path):
     assert decoder_layers(model)[0] == "model.layers"
     quantize_sequential(model, {name}, windows, record, bf16=False)
     torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reshaped_hubc_architecture_streams_byte_for_byte(tiny_llama_dir, tmp_path):
+    """A model pruned and factorized by an earlier run (hubc_llama: per-layer widths and heads, low-rank factors)
+    compressed again."""
+    import shutil
+
+    from reshaped_models import reshape_every_way
+
+    from advisor.architecture import adopt
+
+    model = load_model(tiny_llama_dir)
+    reshape_every_way(model)
+    folder = tmp_path / "reshaped"
+    adopt(model).save_pretrained(folder)
+    for f in tiny_llama_dir.glob("tokenizer*"):
+        shutil.copy(f, folder)
+    memory, streamed = both_ways(folder, plan_for(folder, "w4a16", "gptq"), tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(memory / name, streamed / name, shallow=False), name

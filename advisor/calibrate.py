@@ -128,6 +128,9 @@ def generate_windows(model, tokenizer, count: int, seq_len: int, seed: int = 0, 
     """`count` windows of `seq_len` tokens the model samples itself (temperature 1, from BOS alone: its own
     distribution, which is what distillation matches), each led by BOS like the text windows. Seeded: the same model
     gives the same windows."""
+    from advisor.heal import fast_dtype
+
+    dtype = fast_dtype()
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -138,9 +141,13 @@ def generate_windows(model, tokenizer, count: int, seq_len: int, seed: int = 0, 
                 n = min(batch, count - len(out))
                 ids = torch.full((n, 1), bos, dtype=torch.long)
                 # No early stop: an EOS mid-sample is kept (the model continues after it, as it would in a stream).
-                sampled = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                         top_k=0, top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                                         pad_token_id=bos, eos_token_id=None)
+                # In bf16 where this CPU computes bf16 natively (one forward per token: the slow part of structure
+                # calibration); the samples are training text, not a measurement.
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    sampled = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                             top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                             min_new_tokens=seq_len - 1,
+                                             pad_token_id=bos, eos_token_id=None)
                 out += [row.tolist() for row in sampled[:, :seq_len]]
                 bar.update(n)
     finally:

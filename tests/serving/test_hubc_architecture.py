@@ -123,3 +123,28 @@ def test_vllm_without_the_hubc_plugin_refuses_a_hubc_checkpoint(tmp_path):
             VllmServer(out, _server_config({"VLLM_PLUGINS": ""}), log_dir=tmp_path / "logs"):
         pass
     assert "model type `hubc_llama` but Transformers does not recognize this architecture" in str(refused.value)
+
+
+@pytest.mark.parametrize("action, native", [
+    ({"mlp": 0.25}, True),  # one MLP width in every layer: the base's own architecture, served natively
+    ({"heads": 0.5}, None),  # whole KV groups or query heads within groups, chosen per layer on calibration text
+])
+def test_a_checkpoint_pruned_by_the_prune_action_is_served_as_evaluated(action, native, tmp_path):
+    import json
+
+    from advisor.actions import Prune, StructureContext
+    from advisor.model import structure_of
+
+    model = load_model(_source(tmp_path / "source", "qwen3"))
+    structure = structure_of(model)
+    ctx = StructureContext(windows=_windows(), structure=structure)
+    Prune.apply(model, {li.name: Prune(**action) for li in structure.layers}, ctx)
+    model = adopt(model)
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    for f in (tmp_path / "source").glob("*token*"):
+        shutil.copy(f, out)
+    config = json.loads((out / "config.json").read_text())
+    if native is not None:
+        assert (config["model_type"] == "qwen3") == native, config["model_type"]
+    _check_served_as_evaluated(out, load_model(out), tmp_path / "logs")

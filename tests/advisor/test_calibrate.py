@@ -1,0 +1,41 @@
+"""Calibration text for structure and healing: windows the base model samples itself, sampled once and shared."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import build_tiny_llama
+from transformers import AutoTokenizer
+
+from advisor.calibrate import Calibration, generate_windows
+from advisor.model import load_model
+from advisor.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = build_tiny_llama(tmp_path_factory.mktemp("m"))
+    return load_model(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def test_self_generated_windows_are_whole_bos_led_and_repeat_with_their_seed(tiny):
+    model, tokenizer = tiny
+    windows = generate_windows(model, tokenizer, 3, 24, seed=5)
+    assert len(windows) == 3 and all(len(w) == 24 for w in windows)
+    assert all(w[0] == tokenizer.bos_token_id for w in windows)
+    assert generate_windows(model, tokenizer, 3, 24, seed=5) == windows
+    assert generate_windows(model, tokenizer, 3, 24, seed=6) != windows
+
+
+def test_healing_text_takes_bos_led_pieces_of_the_calibration_samples(tiny):
+    model, tokenizer = tiny
+    recipe = Recipe(scheme="dense", target="cpu",
+                    calibration={"text": "wikitext2-valid", "windows": 2, "seq_len": 32, "self_generated": 2},
+                    heal={"steps": 1, "seq_len": 16, "windows": 3, "self_generated": 4})
+    calib = Calibration.of(recipe, tokenizer, model)
+    sampled = calib.windows[2:]
+    assert len(calib.windows) == 4 and [len(w) for w in sampled] == [32, 32]
+    text, own = calib.heal[:3], calib.heal[3:]
+    assert len(text) == 3 and len(own) == 4 and all(len(w) == 16 for w in calib.heal)
+    assert all(w[0] == tokenizer.bos_token_id for w in own)
+    # The first piece of each sample is its head; the second continues it after a BOS.
+    assert own[0] == sampled[0][:16] and own[1][1:] == sampled[0][17:32]

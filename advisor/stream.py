@@ -14,7 +14,7 @@ weights are read from the safetensors shards when the layer's turn comes (`safe_
   vocabulary with running log-sum-exps, so KL over the full vocabulary is exact without two whole models, or one
   window's full distribution, in memory.
 
-Only what is layer-local streams: rounding with `rtn` or `gptq`. Smoothing searches its scales and the dense
+Only what is layer-local streams: rounding with `rtn`, `gptq` or `autoround`. Smoothing searches its scales and the dense
 budget ranks layers with whole-model passes, and structural actions choose across layers: those run in memory
 (`streaming_refusal` says why, and optimize falls back).
 """
@@ -39,6 +39,8 @@ part of the peak memory, and a checkpoint smaller than one shard is held whole u
 bounds how much the peak can differ between a shallow model and a deep one."""
 VOCAB_CHUNK = 16384
 """Vocabulary entries per chunk of the head (rows × chunk × 4 bytes per model at a time)."""
+STREAMED_METHODS = ("rtn", "gptq", "autoround")
+"""Rounding methods that work one decoder layer at a time (their in-memory code is the streamed code)."""
 IN_MEMORY_FACTOR = 4
 """The in-memory path holds a model's weights about four times over in bf16 terms: base and variant side by side,
 in float32, while it evaluates."""
@@ -69,8 +71,9 @@ def streaming_refusal(plan) -> str | None:
                 "the whole model in memory")
     if (recipe.calibration or {}).get("self_generated"):
         return "self-generated calibration text is sampled from the whole model: it runs with the model in memory"
-    if recipe.method not in ("rtn", "gptq"):
-        return f"streaming rounds with rtn or gptq; {recipe.method} runs with the whole model in memory"
+    if recipe.method not in STREAMED_METHODS:
+        return (f"streaming rounds with {', '.join(STREAMED_METHODS)}; {recipe.method} runs with the whole model "
+                "in memory")
     if recipe.smoothing != "none":
         return ("smoothing checks its scales on whole-model passes: it runs with the whole model in memory "
                 "(--smoothing none streams)")
@@ -98,7 +101,7 @@ def choose_path(requested: bool | None, plan, available: int | None = None) -> P
         return PathChoice(False, "in memory (--no-stream)")
     if requested:
         if refusal:
-            raise AdvisorError(f"--stream: {refusal}", hint="drop --stream, or use a plain rtn/gptq recipe")
+            raise AdvisorError(f"--stream: {refusal}", hint="drop --stream, or round without smoothing, dense budget or structural actions")
         return PathChoice(True, "layer by layer, weights streamed from the safetensors shards (--stream)")
     big = IN_MEMORY_FACTOR * size > RAM_SHARE * available
     what = f"bf16 weights {size / 2**30:.1f} GiB, {available / 2**30:.1f} GiB of memory available"
@@ -334,6 +337,16 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
                                                    act_args={n: t.activations for n, t in targets.items()},
                                                    load=load):
             write(i, layer, quantized)
+    elif recipe.method == "autoround":
+        from advisor.quantize.autoround import autoround_layers, report_info, round_config
+
+        config, errors = round_config(recipe), []
+        for i, layer, quantized, error in autoround_layers(model, {n: targets[n] for n in inside},
+                                                           calibration.windows, config, load=load):
+            errors.append(error)
+            write(i, layer, quantized)
+        info = report_info(errors, config)
+        report.block_error, report.iterations = info["block_error"], info["iterations"]
     else:
         for i, layer in enumerate(tqdm(layers, desc="rounding layer by layer", unit="layer", leave=False)):
             load(i, layer)

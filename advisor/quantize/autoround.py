@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -251,6 +252,20 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
     by block; where the scheme quantizes activations, they are quantized while learning too (straight-through), so
     the rounding also compensates the activation error. Returns the quantized weights and the per-block (error of
     plain rounding, error after learning)."""
+    results: dict[str, QuantizedWeight] = {}
+    errors = []
+    for _, _, done, error in autoround_layers(model, wanted, windows, config):
+        results.update(done)
+        errors.append(error)
+    return results, errors
+
+
+def autoround_layers(model, wanted: dict, windows: list[list[int]], config: RoundConfig = RoundConfig(),
+                     load: Callable[[int, torch.nn.Module], None] | None = None,
+                     ) -> Iterator[tuple[int, torch.nn.Module, dict[str, QuantizedWeight], tuple[float, float]]]:
+    """autoround_sequential one block at a time: yields (index, block, its quantized linears, its (error of plain
+    rounding, error after learning)) as each block is done, its outputs already computed; `load(index, block)` is
+    called before a block is first used (advisor.stream reads its weights there)."""
     prefix, layers = decoder_layers(model)
     # Copies made outside inference mode: autograd cannot use tensors captured under it. Each layer gets its own
     # masks and positions (Gemma's sliding and global layers differ: advisor.quantize.sequential.layer_arguments).
@@ -259,10 +274,11 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
     hidden, arguments = clone_tree(hidden, memo), clone_tree(arguments, memo)
     del memo
     fp_hidden = q_hidden = hidden
-    results: dict[str, QuantizedWeight] = {}
-    errors = []
     bar = tqdm(layers, desc="learning rounding block by block", unit="block", leave=False)
     for i, layer in enumerate(bar):
+        if load is not None:
+            load(i, layer)
+        results: dict[str, QuantizedWeight] = {}
         names = {n: m for n, m in layer.named_modules()
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
         fp_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(fp_hidden, arguments[i], strict=True)]
@@ -279,7 +295,6 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
         handles = quantize_activations_of(names, {n: spec[n].activations for n in names}, straight_through=True)
         try:
             before, after, outputs = optimize_block(layer, learned, q_inputs, targets, config)
-            errors.append((before, after))
             for n, m in names.items():
                 qw = learned[n].quantized()
                 m.weight.data.copy_(qw.dequantize().to(m.weight.dtype))
@@ -289,7 +304,8 @@ def autoround_sequential(model, wanted: dict, windows: list[list[int]],
             for h in handles:
                 h.remove()
         fp_hidden = targets
-    return results, errors
+        del fp_inputs, q_inputs, targets, learned
+        yield i, layer, results, (before, after)
 
 
 def quantize_model(model, targets: dict, windows: list[list[int]], recipe) -> tuple[dict[str, QuantizedWeight], dict]:
@@ -297,13 +313,24 @@ def quantize_model(model, targets: dict, windows: list[list[int]], recipe) -> tu
     plain and learned rounding."""
     from advisor.quantize.rtn import quantize_weight
 
-    given = {"iterations": recipe.iterations, "seed": recipe.seed}
-    config = RoundConfig(**{k: v for k, v in given.items() if v is not None})
+    config = round_config(recipe)
     quantized, errors = autoround_sequential(model, targets, windows, config)
     modules = dict(model.named_modules())
     for name, t in targets.items():
         if name not in quantized:
             quantized[name] = quantize_weight(modules[name].weight, t.weights, t.pair_sum)
-    return quantized, {"block_error": {"rounding": sum(e[0] for e in errors) / len(errors),
-                                       "learned": sum(e[1] for e in errors) / len(errors)},
-                       "iterations": config.iterations, "seed": config.seed}
+    return quantized, report_info(errors, config)
+
+
+def round_config(recipe) -> RoundConfig:
+    """The learning settings a recipe asks for (its steps and seed; defaults for the rest)."""
+    given = {"iterations": recipe.iterations, "seed": recipe.seed}
+    return RoundConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def report_info(errors: list[tuple[float, float]], config: RoundConfig) -> dict:
+    """For the compression report: the steps run and the mean relative block error of plain and learned
+    rounding."""
+    return {"block_error": {"rounding": sum(e[0] for e in errors) / len(errors),
+                            "learned": sum(e[1] for e in errors) / len(errors)},
+            "iterations": config.iterations, "seed": config.seed}

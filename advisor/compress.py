@@ -231,16 +231,30 @@ def keep_sensitive_dense(model, plan: Plan, windows: list[list[int]], report: Co
     """The plan with its most costly linears moved to `recipe.budget_scheme` (dense, or a scheme with more bits),
     within `recipe.dense_budget` (measured on the model as transformed, so after smoothing); the layers already
     dense or at the budget's scheme count against the budget."""
-    from advisor.sensitivity import choose_dense, quantization_costs
+    from advisor.sensitivity import quantization_costs
+
+    costs = quantization_costs(model, plan.linears, windows[:DENSE_BUDGET_WINDOWS], cost_pair_sum(plan.recipe))
+    return with_dense_choice(plan, costs, report)
+
+
+# The cost ranking settles within a few windows (the top layers agree with leave-one-out evaluation at 8).
+DENSE_BUDGET_WINDOWS = 8
+
+
+def cost_pair_sum(recipe) -> int | None:
+    """The int8 pair limit a layer's quantization cost is measured under. GPTQ and learned rounding recover most of
+    what an int8 pair limit costs round-to-nearest (weights), never what activation quantization costs: for them a
+    layer is ranked by its cost with unconstrained codes. Ranked with the limit, the AVX2 demo kept a down_proj
+    whose pair-limited rounding learned rounding then fixed anyway."""
+    return recipe.int8_pair_sum if recipe.method == "rtn" else None
+
+
+def with_dense_choice(plan: Plan, costs: dict, report: CompressReport | None = None) -> Plan:
+    """The plan with the linears the dense budget keeps (from their measured costs, advisor.sensitivity.LayerCost)
+    moved to the budget's scheme."""
+    from advisor.sensitivity import choose_dense
 
     recipe = plan.recipe
-    # The cost ranking settles within a few windows (the top layers agree with leave-one-out evaluation at 8).
-    windows = windows[:8]
-    # GPTQ and learned rounding recover most of what an int8 pair limit costs round-to-nearest (weights), never
-    # what activation quantization costs: for them a layer is ranked by its cost with unconstrained codes. Ranked
-    # with the limit, the AVX2 demo kept a down_proj whose pair-limited rounding learned rounding then fixed anyway.
-    pair_sum = recipe.int8_pair_sum if recipe.method == "rtn" else None
-    costs = quantization_costs(model, plan.linears, windows, pair_sum)
     sizes = {li.name: li.in_features * li.out_features for li in plan.structure.linears}
     protected = None if recipe.budget_scheme == DENSE else recipe.budget_scheme
     chosen = plan.linears

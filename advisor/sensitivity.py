@@ -28,42 +28,56 @@ class LayerCost:
     params: int
 
 
-def quantization_costs(model, schemes: dict[str, Scheme | None], windows: list[list[int]],
-                       pair_sum: int | None = None) -> dict[str, LayerCost]:
-    """Score every linear that `schemes` quantizes on the calibration `windows` (full-precision model, in place
-    and unchanged)."""
-    modules = dict(model.named_modules())
-    wanted = {n: s for n, s in schemes.items() if s is not None}
-    dequantized = {n: quantize_weight(modules[n].weight.detach().float(), s.weights, pair_limit(s, pair_sum)).dequantize()
-                   for n, s in wanted.items()}
-    totals = dict.fromkeys(wanted, 0.0)
-    tokens = 0
-    handles = []
+class CostHooks:
+    """Forward hooks on linears that record, for a pass whose loss is then backpropagated, each linear's
+    ½ Σ_t (g_t · Δy_t)² (see the module docstring) into `totals`. Attached to a whole model (quantization_costs) or
+    to one decoder layer at a time (advisor.stream)."""
 
-    def hook(name: str):
-        scheme = wanted[name]
+    def __init__(self, modules: dict[str, torch.nn.Module], schemes: dict[str, Scheme], pair_sum: int | None,
+                 totals: dict[str, float]) -> None:
+        self.totals = totals
+        self.handles = []
+        for name, module in modules.items():
+            scheme = schemes[name]
+            dequantized = quantize_weight(module.weight.detach().float(), scheme.weights,
+                                          pair_limit(scheme, pair_sum)).dequantize()
+            self.handles.append(module.register_forward_hook(self._hook(name, scheme, dequantized)))
 
+    def _hook(self, name: str, scheme: Scheme, dequantized: torch.Tensor):
         def fn(module, args, out):
             if not out.requires_grad:
                 return
             x = args[0].detach().float()
             xq = x if scheme.input_activations is None else fake_quantize_activations(x, scheme.input_activations)
             exact = out.detach().float() - (0 if module.bias is None else module.bias.detach().float())
-            delta = xq @ dequantized[name].T - exact
+            delta = xq @ dequantized.T - exact
 
             def grad_hook(g):
-                totals[name] += 0.5 * (g.float() * delta).sum(-1).pow(2).sum().item()
+                self.totals[name] += 0.5 * (g.float() * delta).sum(-1).pow(2).sum().item()
 
             out.register_hook(grad_hook)
         return fn
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def quantization_costs(model, schemes: dict[str, Scheme | None], windows: list[list[int]],
+                       pair_sum: int | None = None) -> dict[str, LayerCost]:
+    """Score every linear that `schemes` quantizes on the calibration `windows` (full-precision model, in place
+    and unchanged)."""
+    modules = dict(model.named_modules())
+    wanted = {n: s for n, s in schemes.items() if s is not None}
+    totals = dict.fromkeys(wanted, 0.0)
+    tokens = 0
 
     def needs_grad(module, args, out):
         # Frozen weights: gradients flow to activations only, from the embedding output onwards.
         return out.detach().requires_grad_(True)
 
-    handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
-    for name in wanted:
-        handles.append(modules[name].register_forward_hook(hook(name)))
+    handle = model.get_input_embeddings().register_forward_hook(needs_grad)
+    hooks = CostHooks({n: modules[n] for n in wanted}, wanted, pair_sum, totals)
     grad_state = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -76,11 +90,16 @@ def quantization_costs(model, schemes: dict[str, Scheme | None], windows: list[l
                 torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
             tokens += len(w) - 1
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
+        hooks.remove()
         for p, req in zip(model.parameters(), grad_state):
             p.requires_grad_(req)
-    return {n: LayerCost(n, totals[n] / max(tokens, 1), modules[n].weight.numel()) for n in wanted}
+    return costs_of(totals, tokens, {n: modules[n].weight.numel() for n in wanted})
+
+
+def costs_of(totals: dict[str, float], tokens: int, params: dict[str, int]) -> dict[str, LayerCost]:
+    """LayerCosts from summed ½(g·Δy)² per linear over `tokens` scored tokens."""
+    return {n: LayerCost(n, totals[n] / max(tokens, 1), params[n]) for n in totals}
 
 
 def choose_dense(costs: dict[str, LayerCost], budget: float, fused: tuple[tuple[str, ...], ...] = (),

@@ -14,9 +14,9 @@ weights are read from the safetensors shards when the layer's turn comes (`safe_
   vocabulary with running log-sum-exps, so KL over the full vocabulary is exact without two whole models, or one
   window's full distribution, in memory.
 
-Only what is layer-local streams: rounding with `rtn`, `gptq` or `autoround`. Smoothing searches its scales and the dense
-budget ranks layers with whole-model passes, and structural actions choose across layers: those run in memory
-(`streaming_refusal` says why, and optimize falls back).
+Rounding with `rtn`, `gptq` or `autoround` streams, and so does the dense budget (its backward pass runs from the
+last layer to the first, each layer read again). Smoothing checks its scales on whole-model passes, and structural
+actions choose and train across layers: those run in memory (`streaming_refusal` says why; optimize falls back).
 """
 
 from __future__ import annotations
@@ -77,9 +77,6 @@ def streaming_refusal(plan) -> str | None:
     if recipe.smoothing != "none":
         return ("smoothing checks its scales on whole-model passes: it runs with the whole model in memory "
                 "(--smoothing none streams)")
-    if recipe.dense_budget > 0:
-        return ("the dense budget ranks layers by backward passes through the whole model: it runs with the whole "
-                "model in memory (--dense-budget 0 streams)")
     return None
 
 
@@ -101,7 +98,7 @@ def choose_path(requested: bool | None, plan, available: int | None = None) -> P
         return PathChoice(False, "in memory (--no-stream)")
     if requested:
         if refusal:
-            raise AdvisorError(f"--stream: {refusal}", hint="drop --stream, or round without smoothing, dense budget or structural actions")
+            raise AdvisorError(f"--stream: {refusal}", hint="drop --stream, or drop smoothing and structural actions")
         return PathChoice(True, "layer by layer, weights streamed from the safetensors shards (--stream)")
     big = IN_MEMORY_FACTOR * size > RAM_SHARE * available
     what = f"bf16 weights {size / 2**30:.1f} GiB, {available / 2**30:.1f} GiB of memory available"
@@ -270,13 +267,84 @@ def _checkpoint_tensors(state: dict[str, torch.Tensor], quantized: dict, plan, d
     return out
 
 
+# --- the dense budget's costs ---------------------------------------------------------------------------------------
+
+def quantization_costs_streaming(model, reader: ShardReader, schemes: dict, windows: list[list[int]],
+                                 pair_sum: int | None) -> dict:
+    """advisor.sensitivity.quantization_costs, one decoder layer at a time: a forward pass stores every layer's
+    input hidden states (on disk, one file per layer), the loss's gradient is taken at the head, and the backward
+    pass goes from the last layer to the first, each layer read again and run forward then backward on its stored
+    inputs with advisor.sensitivity.CostHooks on its linears. The model's skeleton must hold its embeddings and
+    head (load_outer)."""
+    import tempfile
+
+    from advisor.model import decoder_layers
+    from advisor.quantize.sequential import clone_tree, layer_arguments, layer_output
+    from advisor.sensitivity import CostHooks, costs_of
+
+    prefix, layers = decoder_layers(model)
+    wanted = {n: s for n, s in schemes.items() if s is not None}
+    totals = dict.fromkeys(wanted, 0.0)
+    params: dict[str, int] = {}
+    memo: dict = {}
+    hidden, arguments = layer_arguments(model, layers, windows)
+    # Copies made outside inference mode: autograd cannot use tensors captured under it.
+    hidden, arguments = clone_tree(hidden, memo), clone_tree(arguments, memo)
+    del memo
+    with tempfile.TemporaryDirectory(prefix="hubc-costs-") as tmp:
+        stored = Path(tmp)
+        with torch.no_grad():
+            for i, layer in enumerate(tqdm(layers, desc="quantization cost: forward", unit="layer", leave=False)):
+                torch.save(hidden, stored / f"{i}.pt")
+                load_layer(layer, f"{prefix}.{i}.", reader)
+                hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, arguments[i], strict=True)]
+                release(layer)
+        grads = [_head_gradient(model, layers, h, w) for h, w in zip(hidden, windows, strict=True)]
+        del hidden
+        for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="quantization cost: backward",
+                      unit="layer", leave=False):
+            layer, inside = layers[i], f"{prefix}.{i}."
+            load_layer(layer, inside, reader)
+            modules = {n: model.get_submodule(n) for n in wanted if n.startswith(inside)}
+            params.update({n: m.weight.numel() for n, m in modules.items()})
+            hooks = CostHooks(modules, wanted, pair_sum, totals)
+            try:
+                inputs = torch.load(stored / f"{i}.pt")
+                for j, (a, k) in enumerate(arguments[i]):
+                    with torch.enable_grad():
+                        h = inputs[j].requires_grad_(True)
+                        layer_output(layer(h, *a, **k)).backward(grads[j])
+                    grads[j] = h.grad
+            finally:
+                hooks.remove()
+                release(layer)
+    return costs_of(totals, sum(len(w) - 1 for w in windows), params)
+
+
+def _head_gradient(model, layers, hidden: torch.Tensor, window: list[int]) -> torch.Tensor:
+    """The gradient of the window's summed next-token loss with respect to the last decoder layer's output."""
+    h = hidden.detach().requires_grad_(True)
+    for layer in layers:
+        layer.forward = lambda *a, **k: h
+    try:
+        with torch.enable_grad():
+            embeds = torch.zeros(1, len(window), h.shape[-1])
+            logits = model(inputs_embeds=embeds, use_cache=False).logits[0, :-1].float()
+            torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").backward()
+    finally:
+        for layer in layers:
+            del layer.forward
+    return h.grad
+
+
 # --- compression ---------------------------------------------------------------------------------------------------
 
 def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dtype | None = None,
                        step: Callable[[str, str], None] = lambda name, message: None,
                        max_shard_bytes: int = STREAM_SHARD_BYTES):
     """Compress the model in folder `path` under `plan` one decoder layer at a time and write the checkpoint into
-    `out` (existing, empty) shard by shard; returns (advisor.export.ExportResult, advisor.compress.CompressReport).
+    `out` (existing, empty) shard by shard; returns (advisor.export.ExportResult, advisor.compress.CompressReport,
+    the plan as applied: the dense budget's choices included).
     The plan must stream (streaming_refusal); the checkpoint holds what write_checkpoint writes for the same plan."""
     from advisor.compress import CompressReport, check_codes
     from advisor.export import ExportResult, write_config
@@ -287,15 +355,25 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
     if refusal:
         raise AdvisorError(f"cannot stream this recipe: {refusal}", hint="run it in memory (--no-stream)")
     recipe = plan.recipe
-    if recipe.method != "rtn" and calibration is None:
-        raise AdvisorError(f"{recipe.method} calibrates, but was given no calibration text",
-                           hint="give the recipe a `calibration` block")
-    report = CompressReport(calibration_tokens=calibration.tokens if calibration and recipe.method != "rtn" else 0)
+    calibrates = recipe.method != "rtn" or recipe.dense_budget > 0
+    if calibrates and calibration is None:
+        raise AdvisorError("this recipe calibrates (a calibrated method or a dense budget) but was given no "
+                           "calibration text", hint="give the recipe a `calibration` block")
+    report = CompressReport(calibration_tokens=calibration.tokens if calibration and calibrates else 0)
     step("load", "reading the model's skeleton, embeddings and head (layers are read one at a time)")
     model, _ = skeleton(path)
     reader = ShardReader(path)
     prefix, layers = decoder_layers(model)
     load_outer(model, reader, prefix)
+    if recipe.dense_budget > 0:
+        from advisor.compress import DENSE_BUDGET_WINDOWS, cost_pair_sum, with_dense_choice
+
+        how = "stay dense" if recipe.budget_scheme == "dense" else f"get {recipe.budget_scheme}"
+        step("dense budget", f"measuring each layer's quantization cost, layer by layer (up to "
+                             f"{recipe.dense_budget:.1%} of the weights {how})")
+        costs = quantization_costs_streaming(model, reader, plan.linears, calibration.windows[:DENSE_BUDGET_WINDOWS],
+                                             cost_pair_sum(recipe))
+        plan = with_dense_choice(plan, costs, report)
     targets = plan.quant_targets
     writer = ShardWriter(out, max_shard_bytes)
     inside = {n for n in targets if n.startswith(prefix + ".")}
@@ -356,7 +434,7 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
     step("export", "writing the last shard and the index")
     total = writer.close()
     write_config(model.config, plan, out, dtype)
-    return ExportResult(out, total, sum(c is not None for c in plan.linears.values())), report
+    return ExportResult(out, total, sum(c is not None for c in plan.linears.values())), report, plan
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------

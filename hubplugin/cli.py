@@ -117,7 +117,7 @@ def targets(fmt: str) -> None:
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--stream/--no-stream", default=None,
               help="compress and evaluate one decoder layer at a time, weights read from the safetensors shards, so "
-                   "memory does not grow with depth (rtn, gptq or autoround; no smoothing, dense budget or structure). "
+                   "memory does not grow with depth (rtn, gptq, autoround, the dense budget; not smoothing or structure). "
                    "Default: when the model's bf16 weights, four times over, would take more than 75% of the "
                    "available memory")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")

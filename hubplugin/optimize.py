@@ -297,8 +297,8 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
     if path.stream:
         from advisor.stream import compress_streaming
 
-        exported, report = compress_streaming(source.path, plan, Calibration.of(plan.recipe, tokenizer), staging,
-                                              dtype, step)
+        exported, report, plan = compress_streaming(source.path, plan, Calibration.of(plan.recipe, tokenizer),
+                                                    staging, dtype, step)
     else:
         from advisor.compress import compress
         from advisor.export import write_checkpoint

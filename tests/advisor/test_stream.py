@@ -38,7 +38,7 @@ def both_ways(folder: Path, plan, tmp_path: Path, max_shard_bytes: int | None = 
 
     calibration = Calibration.of(plan.recipe, AutoTokenizer.from_pretrained(folder))
     memory, streamed = tmp_path / "memory", tmp_path / "streamed"
-    memory.mkdir()
+    memory.mkdir(parents=True)
     streamed.mkdir()
     write_checkpoint(compress(load_model(folder), plan, calibration), memory, dtype=torch.bfloat16)
     extra = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
@@ -65,6 +65,32 @@ def test_every_architecture_streams_byte_for_byte(tmp_path, model_type):
     memory, streamed = both_ways(folder, plan_for(folder, "w4a16", "gptq"), tmp_path)
     for name in ("model.safetensors", "config.json"):
         assert filecmp.cmp(memory / name, streamed / name, shallow=False), name
+
+
+@pytest.mark.parametrize(("scheme", "method", "budget_scheme"), [("w4a16", "gptq", "w8a16"),
+                                                                 ("w8a8-int8", "rtn", "dense")])
+def test_dense_budget_streams_with_the_in_memory_choice(tiny_llama_dir, tmp_path, scheme, method, budget_scheme):
+    """The dense budget's costs measured layer by layer (forward, then backward from the last layer) are the
+    in-memory ones within float rounding, keep the same linears, and the checkpoints are the same bytes."""
+    from transformers import AutoTokenizer
+
+    from advisor.compress import CompressReport, keep_sensitive_dense
+
+    plan = plan_for(tiny_llama_dir, scheme, method, dense_budget=0.3, budget_scheme=budget_scheme)
+    calibration = Calibration.of(plan.recipe, AutoTokenizer.from_pretrained(tiny_llama_dir))
+    in_memory = CompressReport()
+    keep_sensitive_dense(load_model(tiny_llama_dir), plan, calibration.windows, in_memory)
+    out = tmp_path / "streamed"
+    out.mkdir()
+    _, streamed, streamed_plan = compress_streaming(tiny_llama_dir, plan, calibration, out, dtype=torch.bfloat16)
+    assert streamed.kept_dense and streamed.kept_dense.keys() == in_memory.kept_dense.keys()
+    for name, cost in in_memory.kept_dense.items():
+        assert streamed.kept_dense[name] == pytest.approx(cost, rel=1e-4)
+    assert streamed.quantization_cost == pytest.approx(in_memory.quantization_cost, rel=1e-4)
+    assert sum(s is None or s.name != scheme for s in streamed_plan.linears.values()) > 0
+    memory, _ = both_ways(tiny_llama_dir, plan, tmp_path / "both")
+    assert filecmp.cmp(memory / "model.safetensors", out / "model.safetensors", shallow=False)
+    assert (memory / "config.json").read_text() == (out / "config.json").read_text()
 
 
 def test_sharded_stream_holds_the_same_tensors_with_an_index(tiny_llama_dir, tmp_path):
@@ -127,8 +153,7 @@ def test_path_is_chosen_by_size_and_refused_with_its_reason(tiny_llama_dir):
     assert not fallback.stream and "smoothing" in fallback.reason
     with pytest.raises(AdvisorError, match="--stream: smoothing"):
         choose_path(True, smoothed)
-    with pytest.raises(AdvisorError, match="dense budget"):
-        choose_path(True, plan_for(tiny_llama_dir, "w4a16", "gptq", dense_budget=0.1, budget_scheme="w8a16"))
+    assert choose_path(True, plan_for(tiny_llama_dir, "w4a16", "gptq", dense_budget=0.1, budget_scheme="w8a16")).stream
     assert choose_path(True, plan_for(tiny_llama_dir, "w4a16", "autoround")).stream
     with pytest.raises(AdvisorError, match="pruning"):
         choose_path(True, plan_for(tiny_llama_dir, "w4a16", "gptq", remove_layers=(1,), heal_minutes=0))

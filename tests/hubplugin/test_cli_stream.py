@@ -1,5 +1,6 @@
-"""`hubc optimize --stream`: the same checkpoint and numbers as in memory, the path named in the summary, refusals in
-one line before any work, and a run killed mid-way leaves neither a checkpoint nor a staging folder behind."""
+"""`hubc optimize --stream`: the same checkpoint, recipe and numbers as in memory (a GPU target's defaults: GPTQ and
+the dense budget), the path named in the summary, refusals in one line before any work, and a run killed mid-way
+leaves neither a checkpoint nor a staging folder behind."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from click.testing import CliRunner
 
 from hubplugin.cli import main
 
-SMALL = ["--target", "a10g", "--scheme", "w4a16", "--method", "gptq", "--dense-budget", "0", "--no-serve",
-         "--seq-len", "64", "--eval-windows", "2"]
+# The GPU target's defaults: W4A16 GPTQ, 30% of the weights kept at W8A16 by the dense budget.
+SMALL = ["--target", "a10g", "--no-serve", "--seq-len", "64", "--eval-windows", "2"]
 
 
 def run(*args: str):
@@ -33,6 +34,8 @@ def test_streamed_run_matches_the_in_memory_one_and_says_so(tiny_llama_dir, tmp_
     assert "compressed and evaluated in memory (--no-stream)" in memory.stdout
     assert filecmp.cmp(tmp_path / "s" / "model.safetensors", tmp_path / "m" / "model.safetensors", shallow=False)
     reports = [json.loads((tmp_path / f / "report.json").read_text()) for f in "sm"]
+    assert reports[0]["transforms"]["kept_dense"].keys() == reports[1]["transforms"]["kept_dense"].keys() != set()
+    assert reports[0]["recipe"] == reports[1]["recipe"]
     assert [r["path"] for r in reports] == ["streamed layer by layer", "in memory"]
     for a, b in zip(reports[0]["quality"], reports[1]["quality"], strict=True):
         for side in ("base", "variant"):

@@ -7,7 +7,11 @@ from collections import Counter
 
 
 def _m(n: int) -> str:
-    return f"{n / 1e6:.1f} M"
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer{'s' if n != 1 else ''}"
 
 
 def structure_lines(result) -> list[str]:
@@ -30,10 +34,10 @@ def structure_lines(result) -> list[str]:
         importance = sorted({n.get("importance", "activation") for n in prune.values()})
         parts = []
         if widths:
-            parts.append(f"MLP channels pruned in {sum(widths.values())} layers (widths kept: "
+            parts.append(f"MLP channels pruned in {_layers(sum(widths.values()))} (widths kept: "
                          + ", ".join(f"{w} ×{c}" for w, c in sorted(widths.items())) + ")")
         if heads:
-            parts.append(f"attention heads pruned in {sum(heads.values())} layers (query/KV heads kept: "
+            parts.append(f"attention heads pruned in {_layers(sum(heads.values()))} (query/KV heads kept: "
                          + ", ".join(f"{h}/{kv} ×{c}" for (h, kv), c in sorted(heads.items())) + ")")
         if parts:
             lines.append("; ".join(parts) + f", ranked by {' and '.join(importance)} importance.")

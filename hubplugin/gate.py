@@ -47,6 +47,16 @@ def gate_message(result) -> str:
     removed = result.transforms.get("removed_layers") or []
     if removed:
         tries.append(f"remove fewer layers (this variant removed {len(removed)}: {', '.join(removed)})")
+    params = result.linear_parameters or {}
+    if params.get("base") and params.get("variant", params["base"]) < params["base"]:
+        share = 1 - params["variant"] / params["base"]
+        heal = result.transforms.get("heal") or {}
+        tries.append(f"prune or factorize less (this variant removed {share:.0%} of the decoder's linear weights)")
+        tries.append(f"heal longer (--heal-minutes; this variant healed {heal['steps']} steps)" if heal.get("steps")
+                     else "heal by distillation (--heal-minutes 15)")
+    if recipe.scheme == "dense":
+        return (f"quality gate failed: {gate_summary(result.gate)}; try {'; '.join(tries)}. "
+                "--push refuses this variant unless --accept-quality-loss is given")
     if recipe.method == "rtn":
         tries.append("--method gptq (fast) or --method autoround (best, slower)")
     elif recipe.method == "gptq":

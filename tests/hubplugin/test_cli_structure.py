@@ -105,3 +105,18 @@ def test_pruning_an_architecture_with_fused_projections_is_refused_before_work(t
                  "--no-serve", "--out", str(out))
     one_line_error(result, "phi3")
     assert not out.exists()
+
+
+def test_a_structural_variant_failing_the_gate_is_told_to_prune_less_or_heal_longer():
+    from types import SimpleNamespace
+
+    from advisor.recipe import Recipe
+    from hubplugin.gate import gate_message
+
+    gate = {"threshold": 0.05, "passed": False, "worst": {"text": "licenses", "engine": "hubc", "increase": 0.4},
+            "failures": [{"text": "licenses", "engine": "hubc", "increase": 0.4}]}
+    result = SimpleNamespace(recipe=Recipe(scheme="dense", target="cpu"), gate=gate,
+                             transforms={"heal": {"steps": 30}}, linear_parameters={"base": 100, "variant": 80})
+    message = gate_message(result)
+    assert "removed 20% of the decoder's linear weights" in message and "healed 30 steps" in message
+    assert "--method" not in message and "--dense-budget" not in message  # nothing is quantized

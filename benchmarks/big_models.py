@@ -108,11 +108,14 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run(folder: Path, out: Path, calib_windows: int, eval_windows: int, stream: bool) -> dict:
-    """`hubc optimize` on the folder, its process tree's peak RSS sampled; returns the measurements."""
+def run(folder: Path, out: Path, calib_windows: int, eval_windows: int, stream: bool, dense_budget: float = 0.0,
+        ) -> dict:
+    """`hubc optimize` on the folder, its process tree's peak RSS sampled; returns the measurements. A
+    `dense_budget` keeps that share of the weights at W8A16 (the GPU targets' default is 0.3)."""
     recipe = out.parent / f"{out.name}.recipe.yaml"
     recipe.write_text(
-        "scheme: w4a16\ntarget: a10g\nmethod: gptq\nsmoothing: none\ndense_budget: 0.0\n"
+        f"scheme: w4a16\ntarget: a10g\nmethod: gptq\nsmoothing: none\ndense_budget: {dense_budget}\n"
+        "budget_scheme: w8a16\n"
         f"calibration: {{text: wikitext2-valid, windows: {calib_windows}, seq_len: 512}}\n")
     shutil.rmtree(out, ignore_errors=True)
     command = [str(ROOT / ".venv" / "bin" / "hubc"), "optimize", str(folder), "--target", "a10g", "--recipe",
@@ -157,6 +160,7 @@ def run(folder: Path, out: Path, calib_windows: int, eval_windows: int, stream: 
         "evaluation_s_per_layer": round(statistics.median(eval_layers), 2) if eval_layers else None,
         "evaluation_s_per_layer_mean": round(statistics.mean(eval_layers), 2) if eval_layers else None,
         "evaluation_fixed_s": round(timings.get("evaluation", 0) - sum(eval_layers), 2),
+        "dense_budget_s": timings.get("dense budget"),
         "checkpoint_bytes": report["size_after"],
         "perplexity": {"base": quality["base"]["perplexity"], "variant": quality["variant"]["perplexity"]},
         "kl": quality["variant"]["kl"],
@@ -239,6 +243,13 @@ def render(rows: dict, meta: dict) -> str:
                   (f"- Time per layer, 22 layers against 2 (medians): quantization {q:+.0%}, evaluation {e:+.0%} "
                    f"(bar ±15%): {'met' if abs(q) <= 0.15 and abs(e) <= 0.15 else 'NOT met'}; by the means "
                    f"{qm:+.0%} and {em:+.0%}.")]
+    d2, d22 = rows.get("1b:2 +30% at w8a16"), rows.get("1b:22 +30% at w8a16")
+    if d2 and d22:
+        lines += [(f"- With the dense budget (30% at W8A16, its costs measured layer by layer, forward then "
+                   f"backward): peak RSS {d2['peak_rss_bytes'] / 1e9:.2f} → {d22['peak_rss_bytes'] / 1e9:.2f} GB "
+                   f"({d22['peak_rss_bytes'] / d2['peak_rss_bytes']:.2f}×); cost pass {d2['dense_budget_s']} s → "
+                   f"{d22['dense_budget_s']} s ({d2['dense_budget_s'] / 2:.1f} → {d22['dense_budget_s'] / 22:.1f} "
+                   "s/layer).")]
     big = rows.get("7b:2")
     if big:
         per = big["quantization_s_per_layer"] + big["evaluation_s_per_layer"]
@@ -293,6 +304,8 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--eval-windows", type=int, default=2)
     parser.add_argument("--no-stream", action="store_true", help="run in memory (for comparison)")
+    parser.add_argument("--dense-budget", type=float, default=0.0,
+                        help="share of the weights kept at W8A16, measured layer by layer (GPU defaults: 0.3)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per row, their layer times pooled (a 2-layer row has few on a noisy machine)")
     parser.add_argument("--kill", action="store_true", help="only check that killing a 1b:2 run leaves nothing")
@@ -314,10 +327,11 @@ def main() -> None:
     for row in args.rows.split(","):
         shape, layers = row.split(":")
         folder = build(args.work / f"llama-{shape}-{layers}", shape, int(layers))
-        key = row + (" in memory" if args.no_stream else "")
+        key = row + (" in memory" if args.no_stream else "") + \
+            (f" +{args.dense_budget:.0%} at w8a16" if args.dense_budget else "")
         print(f"» {key}: running hubc optimize", file=sys.stderr)
         runs = [run(folder, args.work / f"out-{shape}-{layers}", args.calib_windows, args.eval_windows,
-                    not args.no_stream) for _ in range(args.repeat)]
+                    not args.no_stream, args.dense_budget) for _ in range(args.repeat)]
         data["rows"][key] = merged(runs)
         print(json.dumps(data["rows"][key]), file=sys.stderr)
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False,

@@ -194,7 +194,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-{_host()}-", dir=out.parent))
     try:
         result = _build(source, target, plan, staging, out, config, progress, path)
         result.gate = quality_gate(result.quality, config.max_ppl_increase)
@@ -246,14 +246,23 @@ def _staging_prefix(out: Path) -> str:
     return f".{out.name}.partial-"
 
 
+def _host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
 def _remove_stale_staging(out: Path) -> None:
-    """Remove the staging folders of runs for `out` that were killed outright (SIGKILL, a lost machine: no `finally`
-    ran); the process id in a staging folder's name tells whether its run is gone."""
+    """Remove the staging folders of runs for `out` that were killed outright (SIGKILL, out of memory: no `finally`
+    ran). A staging folder's name carries its run's process id and host: only this host's, of processes gone, are
+    removed (a run on another machine sharing the folder is left alone)."""
     import psutil
 
     for folder in out.parent.glob(_staging_prefix(out) + "*"):
-        pid = folder.name[len(_staging_prefix(out)):].partition("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+        pid, _, rest = folder.name[len(_staging_prefix(out)):].partition("-")
+        if pid.isdigit() and rest.startswith(_host() + "-") and int(pid) != os.getpid() \
+                and not psutil.pid_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

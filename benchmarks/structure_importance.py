@@ -19,6 +19,7 @@ import copy
 import json
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def main() -> None:
         "calibration": {"wikitext2-valid windows": args.calibration, "self-generated windows": args.calibration,
                         "seq_len": SEQ_LEN},
         "base_ppl": base_ppl, "rows": rows, "seconds": time.time() - started,
+        "arguments": " ".join(sys.argv[1:]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(record, indent=1) + "\n")
@@ -176,7 +178,8 @@ def markdown(record: dict) -> str:
         f"{record['base_ppl']['licenses']:.2f}) on {ev['wikitext2-test']['windows']} windows × {SEQ_LEN} tokens of "
         f"each text. Calibration: {record['calibration']['wikitext2-valid windows']} windows of wikitext-2 valid and "
         f"{record['calibration']['self-generated windows']} the base model sampled itself. No healing."),
-        "Written by `.venv/bin/python benchmarks/structure_importance.py`.",
+        (f"Written by `.venv/bin/python benchmarks/structure_importance.py {record.get('arguments', '')}`"
+         f" on {record.get('cpu', 'an unrecorded CPU')}."),
         "",
         "| method | request | params removed | Δppl wikitext-2 test | Δppl licenses |",
         "|---|---|---:|---:|---:|",

@@ -1,0 +1,65 @@
+"""Distillation healing: it brings a damaged student back toward its teacher on held-out text, stops at its budget
+(steps, or passes over its text), and refuses a bad heal block in one line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import build_tiny_llama
+
+from advisor.errors import AdvisorError
+from advisor.heal import HealConfig, heal
+from advisor.model import load_model
+
+
+def _windows(n, length=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 1000, (length,), generator=gen).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return load_model(build_tiny_llama(tmp_path_factory.mktemp("m")))
+
+
+def _damaged(teacher):
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        mlp = student.model.layers[0].mlp
+        mlp.down_proj.weight[:, : mlp.down_proj.weight.shape[1] // 2] = 0  # half the channels cut, not refitted
+    return student
+
+
+def test_healing_brings_the_student_back_toward_the_teacher(teacher):
+    student = _damaged(teacher)
+    # The teacher's own text (a random model's): what the student must reproduce is the teacher, not random tokens.
+    torch.manual_seed(0)
+    own = [teacher.generate(torch.tensor([[1]]), do_sample=True, max_new_tokens=31, min_new_tokens=31,
+                            pad_token_id=0)[0].tolist() for _ in range(20)]
+    train, held_out = own[:16], {"held": own[16:]}
+    report = heal(student, teacher, train, HealConfig(steps=40, lr=3e-3, batch=4, epochs=10), held_out)
+    assert report.steps == 40 and report.tokens == 40 * 4 * 31
+    assert report.kl_end < report.kl_start
+    r = report.held_out["held"]
+    assert abs(r["after"] - r["base"]) < abs(r["before"] - r["base"])
+    assert all(not p.requires_grad for p in student.parameters())  # left as it was found: for inference
+
+
+def test_healing_stops_after_its_passes_over_the_text(teacher):
+    student = _damaged(teacher)
+    report = heal(student, teacher, _windows(8), HealConfig(minutes=10, batch=4, epochs=2), {"held": _windows(1)})
+    assert report.steps == 4  # 2 passes × 8 windows / 4 per step, long before 10 minutes
+
+
+@pytest.mark.parametrize("block, fragment", [
+    ({}, "budget"),
+    ({"minutes": -1}, "minutes"),
+    ({"steps": 10, "kl_weight": 2}, "kl_weight"),
+    ({"steps": 10, "epochs": 0}, "epochs"),
+    ({"steps": 10, "learning_rate": 1}, "unknown heal keys"),
+])
+def test_a_bad_heal_block_is_refused_in_one_line(block, fragment):
+    with pytest.raises(AdvisorError, match=fragment):
+        HealConfig.from_dict(block)

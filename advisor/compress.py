@@ -91,7 +91,9 @@ def compress(model, plan: Plan, calibration: Calibration | None,
         request = dict(recipe.structure)
         step("structure search", "measuring what each layer, head and channel contributes, and choosing what to "
                                  "remove (" + ", ".join(f"{k} {v}" for k, v in request.items()) + ")")
-        plan = with_structure(plan, choose(model, plan.structure, request, calibration.windows, cache))
+        # Widths and ranks become multiples of the quantization group where the scheme quantizes in groups.
+        search = {**request, "group_size": request.get("group_size") or plan.recipe.group_size}
+        plan = with_structure(plan, choose(model, plan.structure, search, calibration.windows, cache))
         report.structure_request = request
     teacher = None
     if recipe.heal and plan.structural:

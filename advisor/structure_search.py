@@ -77,9 +77,10 @@ def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, obje
         dropped = cheapest_layers(cache, spec["layers"])
     live = [n for n in layers if n not in dropped]
     ratios: dict[str, dict] = {}
+    multiple = math.lcm(WIDTH_MULTIPLE, spec.get("group_size") or 1)  # MLP channels go in whole groups of this
     if spec.get("params"):
         steps = [s for kind in mix if kind != "layers"
-                 for s in prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes)]
+                 for s in prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes, multiple)]
         if "layers" in mix:
             steps += layer_steps(cache, layers, sizes)
         ratios, dropped = take_cheapest(steps, spec["params"] * total)
@@ -89,9 +90,16 @@ def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, obje
             continue
         if allocation == "uniform":
             for n in live:
-                ratios.setdefault(n, {})[kind] = share
+                width = layers[n].mlp_width if kind == "mlp" else None
+                if width and width % multiple == 0:
+                    # The share rounded to whole groups of channels (kept_width then keeps exactly that).
+                    # Nearest whole group; a tie removes the group (a request for 25% of two groups removes one).
+                    kept = max(multiple, math.floor(width * (1 - share) / multiple + 0.5 - 1e-9) * multiple)
+                    ratios.setdefault(n, {})[kind] = 1 - kept / width
+                else:
+                    ratios.setdefault(n, {})[kind] = share
             continue
-        steps = prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes)
+        steps = prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes, multiple)
         count = sum(unit_count(layers[n], kind) for n in live)
         chosen, _ = take_cheapest(steps, share * count, by_units=True)
         for n, r in chosen.items():
@@ -189,8 +197,9 @@ def cheapest_layers(cache: dict, count: int) -> list[str]:
 
 
 def prune_steps(model, layers: dict, live: list[str], kind: str, importance: str, cache: dict,
-                sensitivity: dict[str, float], sizes: dict[str, int]) -> list[Step]:
-    """Every layer's removal steps of `kind`: blocks of 32 MLP channels, or the head counts its KV groups allow."""
+                sensitivity: dict[str, float], sizes: dict[str, int], multiple: int = WIDTH_MULTIPLE) -> list[Step]:
+    """Every layer's removal steps of `kind`: blocks of `multiple` MLP channels (32, or the quantization group where
+    the width divides by it), or the head counts its KV groups allow."""
     from advisor.importance import INPUTS
 
     stats = cache.get(INPUTS, {})
@@ -204,11 +213,11 @@ def prune_steps(model, layers: dict, live: list[str], kind: str, importance: str
             scale = per_token(stats, f"{name}.mlp.down_proj", importance, sensitivity.get(name, 1.0))
             costs = torch.sort(scores).values * (1 / scores.sum().item() if relative else scale)
             width = len(costs)
-            blocks = int(width * MAX_LAYER_SHARE) // WIDTH_MULTIPLE
+            step = multiple if width % multiple == 0 else WIDTH_MULTIPLE
+            blocks = int(width * MAX_LAYER_SHARE) // step
             for b in range(blocks):
-                cost = costs[b * WIDTH_MULTIPLE:(b + 1) * WIDTH_MULTIPLE].sum().item()
-                steps.append(_step(cost, 3 * hidden * WIDTH_MULTIPLE, (name, kind), b, name, kind,
-                                   (b + 1) * WIDTH_MULTIPLE / width, WIDTH_MULTIPLE))
+                cost = costs[b * step:(b + 1) * step].sum().item()
+                steps.append(_step(cost, 3 * hidden * step, (name, kind), b, name, kind, (b + 1) * step / width, step))
         else:
             attn = layer.self_attn
             heads, kv = info.attention_heads, info.kv_heads

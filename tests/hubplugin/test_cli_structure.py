@@ -120,3 +120,20 @@ def test_a_structural_variant_failing_the_gate_is_told_to_prune_less_or_heal_lon
     message = gate_message(result)
     assert "removed 20% of the decoder's linear weights" in message and "healed 30 steps" in message
     assert "--method" not in message and "--dense-budget" not in message  # nothing is quantized
+
+
+@pytest.mark.parametrize("prune", ["mlp=0.25", "mlp=0.25,allocation=uniform"])
+def test_pruned_widths_are_whole_quantization_groups(trained_tiny_llama_dir, tmp_path, prune):
+    """W4A16 quantizes MLP inputs in groups of 64 here (the tiny model's widths allow it): pruning keeps whole groups,
+    so the pruned down_proj still quantizes and exports."""
+    out = tmp_path / "pruned-w4"
+    result = run("optimize", str(trained_tiny_llama_dir), "--target", "a10g", "--scheme", "w4a16", "--method", "rtn",
+                 "--prune", prune, "--heal-minutes", "0", "--out", str(out), *SMALL_EVAL)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    group = max(g["weights"].get("group_size") or 0 for g in config["quantization_config"]["config_groups"].values())
+    assert group == 64
+    widths = [layer["intermediate_size"] for layer in config.get("hubc_layers", [])] or [config["intermediate_size"]]
+    assert all(w % group == 0 for w in widths), (widths, group)
+    linear = json.loads(result.stdout)["linear_parameters"]
+    assert linear["variant"] < linear["base"]

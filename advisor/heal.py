@@ -162,7 +162,7 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
     warmup = 10
     step, tokens, kls = 0, 0, []
     started = time.monotonic()
-    planned = config.steps and max_steps
+    planned = max_steps if config.steps else None  # a minutes budget plans its length after warm-up
     bar = tqdm(total=planned or None, desc="healing (distillation)", unit="step", leave=False)
     try:
         while step < max_steps and time.monotonic() - started < budget_s:

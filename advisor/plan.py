@@ -129,8 +129,9 @@ def check_structure_request(spec: dict, structure: ModelStructure) -> None:
     needs an architecture hubc can rebuild with narrower layers (per layer, unless `allocation: uniform`), and
     factorized linears need hubc's own architecture for the base. Removing layers works everywhere."""
     from advisor.architecture import check_reshape
+    from advisor.structure_search import DEFAULT_MIX
 
-    mix = spec.get("mix", ("mlp", "heads")) if spec.get("params") else ()
+    mix = spec.get("mix", DEFAULT_MIX) if spec.get("params") else ()
     narrows = bool(spec.get("mlp") or spec.get("heads") or any(k != "layers" for k in mix))
     if narrows:
         check_reshape(structure.model_type, uniform=spec.get("allocation") == "uniform")

@@ -40,6 +40,22 @@ def failed_gate(folder: Path) -> str | None:
     return gate_summary(gate)
 
 
+def quantization_tries(recipe) -> list[str]:
+    """What to change in the quantization of a variant over the gate: a calibrated method, more kept dense, more
+    bits."""
+    tries = []
+    if recipe.method == "rtn":
+        tries.append("--method gptq (fast) or --method autoround (best, slower)")
+    elif recipe.method == "gptq":
+        tries.append("--method autoround")
+    raised = "w8a16" if recipe.scheme == "w4a16" else "dense"
+    tries.append(f"a larger --dense-budget (e.g. {min(0.5, max(0.1, 2 * recipe.dense_budget)):.2f}"
+                 + (f" with --budget-scheme {raised}" if raised != "dense" else "") + ")")
+    if recipe.scheme == "w4a16":
+        tries.append("--scheme w8a16")
+    return tries
+
+
 def gate_message(result) -> str:
     """The flag a variant failing the quality gate carries in the summary and the card, with what to try."""
     recipe = result.recipe
@@ -54,17 +70,7 @@ def gate_message(result) -> str:
         tries.append(f"prune or factorize less (this variant removed {share:.0%} of the decoder's linear weights)")
         tries.append(f"heal longer (--heal-minutes; this variant healed {heal['steps']} steps)" if heal.get("steps")
                      else "heal by distillation (--heal-minutes 15)")
-    if recipe.scheme == "dense":
-        return (f"quality gate failed: {gate_summary(result.gate)}; try {'; '.join(tries)}. "
-                "--push refuses this variant unless --accept-quality-loss is given")
-    if recipe.method == "rtn":
-        tries.append("--method gptq (fast) or --method autoround (best, slower)")
-    elif recipe.method == "gptq":
-        tries.append("--method autoround")
-    raised = "w8a16" if recipe.scheme == "w4a16" else "dense"
-    tries.append(f"a larger --dense-budget (e.g. {min(0.5, max(0.1, 2 * recipe.dense_budget)):.2f}"
-                 + (f" with --budget-scheme {raised}" if raised != "dense" else "") + ")")
-    if recipe.scheme == "w4a16":
-        tries.append("--scheme w8a16")
+    if recipe.scheme != "dense":  # a structure-only variant quantizes nothing: no method or budget to change
+        tries += quantization_tries(recipe)
     return (f"quality gate failed: {gate_summary(result.gate)}; try {'; '.join(tries)}. "
             "--push refuses this variant unless --accept-quality-loss is given")

@@ -30,26 +30,6 @@ def native_bf16() -> bool:
 
 
 @torch.inference_mode()
-def layer_inputs(model, layers, windows: list[list[int]]) -> list[tuple[tuple, dict]]:
-    captured = []
-
-    def grab(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for w in windows:
-            try:
-                model(torch.tensor([w]), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-@torch.inference_mode()
 def layer_arguments(model, layers, windows: list[list[int]]) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
     """The hidden states entering the first decoder layer, per window, and what the model passes every layer
     besides them, per layer and window: (the positional arguments after the hidden states, the keywords). Masks and

@@ -101,11 +101,13 @@ def test_sequential_gptq_exports_a_readable_checkpoint(tiny_llama_dir, tmp_path)
 
 def test_true_sequential_stages_follow_the_layer_dataflow(tiny_llama_dir):
     from advisor.model import load_model
-    from advisor.quantize.sequential import decoder_layers, layer_inputs, stages
+    from advisor.quantize.sequential import decoder_layers, layer_arguments, stages
 
     model = load_model(tiny_llama_dir)
     _, layers = decoder_layers(model)
-    sample = layer_inputs(model, layers, [list(range(16))])[0]
+    hidden, arguments = layer_arguments(model, layers, [list(range(16))])
+    args, kwargs = arguments[0][0]
+    sample = ((hidden[0], *args), kwargs)
     names = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
     got = [[n.rsplit(".", 1)[-1] for n in stage] for stage in stages(layers[0], names, sample)]
     assert got == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]

@@ -117,9 +117,14 @@ def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, obje
         free = [li for li in structure.linears if layer_of(li.name, layers) in live and layer_of(li.name, layers)
                 not in actions]
         multiple = math.lcm(RANK_MULTIPLE, spec.get("group_size") or 1)
-        ranks = choose_ranks(model, free, spec["factorize"] * total, cache, multiple, spec.get("whitening", True),
-                             layers)
-        actions.update({n: {"factorize": r} for n, r in ranks.items()})
+        whitening = spec.get("whitening", True)
+        if allocation == "uniform":
+            ranks = uniform_ranks(free, spec["factorize"], multiple)
+        else:
+            ranks = choose_ranks(model, free, spec["factorize"] * total, cache, multiple,
+                                 whitening, layers)
+        actions.update({n: {"factorize": r if whitening else {"rank": r, "whitening": False}}
+                        for n, r in ranks.items()})
     return actions
 
 
@@ -304,6 +309,18 @@ def convex(chain: list[Step]) -> list[Step]:
     for i, step in enumerate(out):
         step.index = i
     return out
+
+
+def uniform_ranks(linears, share: float, multiple: int) -> dict[str, int]:
+    """The same share of weights removed from every linear (SVD-LLM's uniform compression ratio): the rank with
+    r·(m+n) nearest (1 − share)·m·n, in multiples of `multiple`; linears where no such rank saves weights stay."""
+    ranks = {}
+    for li in linears:
+        m, n = li.out_features, li.in_features
+        rank = min(round((1 - share) * m * n / (m + n) / multiple) * multiple, largest_saving_rank(n, m, multiple))
+        if rank > 0:
+            ranks[li.name] = rank
+    return ranks
 
 
 def choose_ranks(model, linears, target: float, cache: dict, multiple: int, whitening: bool, layers: dict

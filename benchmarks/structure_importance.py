@@ -40,8 +40,10 @@ METHODS: dict[str, dict] = {
     "params: MLP+heads+layers": {"params": "share", "mix": ["mlp", "heads", "layers"]},
     "params, taylor": {"params": "share", "importance": "taylor"},
     "layers by skip loss": {"layers": "share"},
-    "plain SVD": {"factorize": "share", "whitening": False},
-    "whitened SVD": {"factorize": "share"},
+    "plain SVD, uniform": {"factorize": "share", "whitening": False, "allocation": "uniform"},
+    "whitened SVD, uniform": {"factorize": "share", "allocation": "uniform"},
+    "plain SVD, ranks by plain spectrum": {"factorize": "share", "whitening": False},
+    "whitened SVD (hubc default)": {"factorize": "share"},
 }
 
 

@@ -128,3 +128,26 @@ def test_prune_and_factorize_through_compress(tmp_path):
     assert isinstance(new.get_submodule("model.layers.1.mlp.down_proj"), LowRankLinear)
     assert set(done.report.structure) == {"prune", "factorize"}
     assert torch.isfinite(new(torch.tensor(windows[:1])).logits).all()
+
+
+def test_the_search_factorizes_as_asked(tmp_path):
+    """A factorize request keeps its whitening choice in every action it makes (a plain-SVD request must not come
+    back whitened), and a uniform allocation removes about the same share of every linear it factorizes."""
+    from advisor.actions.base import parse_action as parse
+    from advisor.structure_search import choose
+
+    model = _model(tmp_path)
+    structure = structure_of(model)
+    windows = _windows()
+    plain = choose(model, structure, {"factorize": 0.2, "whitening": False}, windows, {})
+    assert plain and all(not parse(a).whitening for a in plain.values())
+    whitened = choose(model, structure, {"factorize": 0.2}, windows, {})
+    assert whitened and all(parse(a).whitening for a in whitened.values())
+    uniform = choose(model, structure, {"factorize": 0.5, "allocation": "uniform"}, windows, {})
+    sizes = {li.name: (li.out_features, li.in_features) for li in structure.linears}
+    assert len(uniform) > 2
+    for name, action in uniform.items():
+        m, n = sizes[name]
+        rank = parse(action).rank
+        assert rank % 32 == 0 and rank * (m + n) < m * n
+        assert abs(rank * (m + n) / (m * n) - 0.5) <= 32 * (m + n) / (m * n)  # within one rank step of the share

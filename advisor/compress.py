@@ -201,32 +201,89 @@ def _compose(renamed: dict[str, str], moved: dict[str, str | None]) -> dict[str,
 
 
 def smooth_model(model, plan: Plan, windows: list[list[int]], report: CompressReport) -> None:
-    """Per-channel smoothing (SmoothQuant / AWQ-style scales) folded into the preceding ops, searched per group."""
-    from advisor.calibrate import collect
-    from advisor.quantize import smooth
+    """Per-channel smoothing (SmoothQuant / AWQ-style scales) folded into the preceding ops, searched per group,
+    one decoder layer at a time (LayerSmoothing, as streaming runs it); then the whole model's full-precision
+    logits are checked against the unsmoothed ones."""
+    from advisor.model import decoder_layers
 
-    names = list(plan.linears)  # dense linears too: those reading a scaled activation must absorb the factors
     probe = torch.tensor([windows[0][: min(128, len(windows[0]))]])
     with torch.inference_mode():
         before = model(probe).logits.float()
-    stats = collect(model, names, windows, (plan.recipe.calibration or {}).get("sample_rows", 512))
-    groups = smooth.find_groups(model, names, windows[0][:64])
-    choices = smooth.search_and_apply(model, groups, stats, plan.linears, plan.recipe.int8_pair_sum)
+    smoothing = LayerSmoothing(model, plan, windows)
+    for i, layer in enumerate(decoder_layers(model)[1]):
+        smoothing(i, layer)
     with torch.inference_mode():
         after = model(probe).logits.float()
-    drift = ((after - before).abs().max() / before.abs().max().clamp_min(1e-6)).item()
+    _check_drift(((after - before).abs().max() / before.abs().max().clamp_min(1e-6)).item(), "model's outputs")
+    smoothing.fill(report)
+
+
+def _check_drift(drift: float, what: str) -> None:
     if drift > EQUIVALENCE_TOL:
         raise AdvisorError(
-            f"smoothing changed the full-precision model's outputs (relative drift {drift:.2e}); this architecture "
-            "feeds a norm's output to more than linear layers",
+            f"smoothing changed the full-precision {what} (relative drift {drift:.2e}); this architecture feeds a "
+            "norm's output to more than linear layers",
             hint="run with --smoothing none",
         )
-    report.smoothing_groups = len(choices)
-    report.smoothed = sum(c.alpha is not None for c in choices)
-    report.alphas = dict(sorted(Counter("none" if c.alpha is None else f"{c.alpha:.2f}" for c in choices).items()))
-    done = [c for c in choices if c.alpha is not None and c.error_before > 0]
-    if done:
-        report.error_reduction = sum(c.error_after / c.error_before for c in done) / len(done)
+
+
+class LayerSmoothing:
+    """Smoothing one decoder layer at a time, each layer searched on its inputs in the full-precision, unsmoothed
+    model (as a whole-model calibration pass would see them: layer i's outputs are computed before its factors are
+    folded, and carried to layer i+1), so the factors do not depend on what was quantized before. The in-memory
+    path (smooth_model) and advisor.stream run it; call it on each layer as the layer is ready, in order the first
+    time. A layer read again from the shards gets the factors found for it folded again (the same bytes)."""
+
+    def __init__(self, model, plan: Plan, windows: list[list[int]]) -> None:
+        from advisor.model import decoder_layers
+        from advisor.quantize.sequential import layer_arguments
+
+        self.plan = plan
+        self.prefix, layers = decoder_layers(model)
+        self.names = list(plan.linears)  # dense linears too: those reading a scaled activation must absorb the factors
+        self.sample_rows = (plan.recipe.calibration or {}).get("sample_rows", 512)
+        self.hidden, self.arguments = layer_arguments(model, layers, windows)
+        self.layers = len(layers)
+        self.choices: dict[int, list] = {}
+
+    def __call__(self, i: int, layer) -> None:
+        from advisor.quantize import smooth
+
+        prefix = f"{self.prefix}.{i}."
+        modules = dict(layer.named_modules(prefix=prefix.rstrip(".")))
+        if i in self.choices:
+            smooth.fold(modules, self.choices[i])
+            return
+        if i != len(self.choices):
+            raise RuntimeError(f"smoothing reached decoder layer {i} before layer {len(self.choices)}")
+        inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(self.hidden, self.arguments[i], strict=True)]
+        groups, outside = smooth.find_layer_groups(layer, prefix, self.names, *inputs[0])
+        if outside:
+            raise AdvisorError(f"smoothing works within decoder layers, and {outside[0]} reads its layer's input as "
+                               "given (its producer lies before the layer)", hint="run with --smoothing none")
+        stats, outputs = smooth.layer_statistics(layer, prefix, self.names, inputs, self.sample_rows, seed=i)
+        self.choices[i] = smooth.search_and_apply(modules, groups, stats, self.plan.linears,
+                                                  self.plan.recipe.int8_pair_sum)
+        with torch.inference_mode():
+            after = layer(*inputs[0][0], **inputs[0][1])
+        after = after[0] if isinstance(after, tuple) else after
+        # Relative to what the layer adds to its input: the residual stream's large channels would hide a change of
+        # the layer's own contribution.
+        added = (outputs[0] - self.hidden[0]).abs().max().clamp_min(1e-6)
+        _check_drift(((after - outputs[0]).abs().max() / added).item(), f"outputs of decoder layer {i}")
+        self.hidden = outputs
+        if len(self.choices) == self.layers:
+            self.hidden, self.arguments = [], []  # every layer is searched: its inputs are no longer needed
+
+    def fill(self, report: CompressReport) -> None:
+        """The report's smoothing fields, over every layer."""
+        choices = [c for layer in self.choices.values() for c in layer]
+        report.smoothing_groups = len(choices)
+        report.smoothed = sum(c.alpha is not None for c in choices)
+        report.alphas = dict(sorted(Counter("none" if c.alpha is None else f"{c.alpha:.2f}" for c in choices).items()))
+        done = [c for c in choices if c.alpha is not None and c.error_before > 0]
+        if done:
+            report.error_reduction = sum(c.error_after / c.error_before for c in done) / len(done)
 
 
 def keep_sensitive_dense(model, plan: Plan, windows: list[list[int]], report: CompressReport | None = None) -> Plan:

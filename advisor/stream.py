@@ -6,7 +6,9 @@ weights are read from the safetensors shards when the layer's turn comes (`safe_
 
 - Compression (`compress_streaming`): layer i is calibrated on the outputs of the compressed layer i-1 by the same
   code the in-memory path runs (advisor.quantize.sequential.quantize_layers), quantized, its tensors handed to a
-  shard writer and the layer released. The checkpoint is written shard by shard (a size limit per shard and
+  shard writer and the layer released. Smoothing searches each layer's factors as the layer is first read, on its
+  full-precision inputs carried alongside (advisor.compress.LayerSmoothing, the in-memory path's code), and folds
+  them again whenever the layer is read anew. The checkpoint is written shard by shard (a size limit per shard and
   `model.safetensors.index.json`, as the Hub's large checkpoints are), with the tensors and names of
   advisor.export.write_checkpoint.
 - Evaluation (`score_streaming`): base and variant run layer by layer over every evaluation window, the hidden
@@ -14,9 +16,9 @@ weights are read from the safetensors shards when the layer's turn comes (`safe_
   vocabulary with running log-sum-exps, so KL over the full vocabulary is exact without two whole models, or one
   window's full distribution, in memory.
 
-Rounding with `rtn`, `gptq` or `autoround` streams, and so does the dense budget (its backward pass runs from the
-last layer to the first, each layer read again). Smoothing checks its scales on whole-model passes, and structural
-actions choose and train across layers: those run in memory (`streaming_refusal` says why; optimize falls back).
+Rounding with `rtn`, `gptq` or `autoround` streams, and so do smoothing and the dense budget (its backward pass runs
+from the last layer to the first, each layer read again). Structural actions choose and train across layers: those
+run in memory (`streaming_refusal` says why; optimize falls back).
 """
 
 from __future__ import annotations
@@ -74,9 +76,6 @@ def streaming_refusal(plan) -> str | None:
     if recipe.method not in STREAMED_METHODS:
         return (f"streaming rounds with {', '.join(STREAMED_METHODS)}; {recipe.method} runs with the whole model "
                 "in memory")
-    if recipe.smoothing != "none":
-        return ("smoothing checks its scales on whole-model passes: it runs with the whole model in memory "
-                "(--smoothing none streams)")
     return None
 
 
@@ -98,7 +97,7 @@ def choose_path(requested: bool | None, plan, available: int | None = None) -> P
         return PathChoice(False, "in memory (--no-stream)")
     if requested:
         if refusal:
-            raise AdvisorError(f"--stream: {refusal}", hint="drop --stream, or drop smoothing and structural actions")
+            raise AdvisorError(f"--stream: {refusal}", hint="drop --stream, or drop structural actions")
         return PathChoice(True, "layer by layer, weights streamed from the safetensors shards (--stream)")
     big = IN_MEMORY_FACTOR * size > RAM_SHARE * available
     what = f"bf16 weights {size / 2**30:.1f} GiB, {available / 2**30:.1f} GiB of memory available"
@@ -285,12 +284,13 @@ def _checkpoint_tensors(state: dict[str, torch.Tensor], quantized: dict, plan, d
 # --- the dense budget's costs ---------------------------------------------------------------------------------------
 
 def quantization_costs_streaming(model, reader: ShardReader, schemes: dict, windows: list[list[int]],
-                                 pair_sum: int | None) -> dict:
+                                 pair_sum: int | None,
+                                 load: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
     """advisor.sensitivity.quantization_costs, one decoder layer at a time: a forward pass stores every layer's
     input hidden states (on disk, one file per layer), the loss's gradient is taken at the head, and the backward
     pass goes from the last layer to the first, each layer read again and run forward then backward on its stored
     inputs with advisor.sensitivity.CostHooks on its linears. The model's skeleton must hold its embeddings and
-    head (load_outer)."""
+    head (load_outer). `load(index, layer)` reads a layer (default: its weights from `reader`, as stored)."""
     import tempfile
 
     from advisor.model import decoder_layers
@@ -298,6 +298,9 @@ def quantization_costs_streaming(model, reader: ShardReader, schemes: dict, wind
     from advisor.sensitivity import CostHooks, costs_of
 
     prefix, layers = decoder_layers(model)
+    if load is None:
+        def load(i, layer):
+            load_layer(layer, f"{prefix}.{i}.", reader)
     wanted = {n: s for n, s in schemes.items() if s is not None}
     totals = dict.fromkeys(wanted, 0.0)
     params: dict[str, int] = {}
@@ -311,7 +314,7 @@ def quantization_costs_streaming(model, reader: ShardReader, schemes: dict, wind
         with torch.no_grad():
             for i, layer in enumerate(tqdm(layers, desc="quantization cost: forward", unit="layer", leave=False)):
                 torch.save(hidden, stored / f"{i}.pt")
-                load_layer(layer, f"{prefix}.{i}.", reader)
+                load(i, layer)
                 hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, arguments[i], strict=True)]
                 release(layer)
         grads = [_head_gradient(model, layers, h, w) for h, w in zip(hidden, windows, strict=True)]
@@ -319,7 +322,7 @@ def quantization_costs_streaming(model, reader: ShardReader, schemes: dict, wind
         for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="quantization cost: backward",
                       unit="layer", leave=False):
             layer, inside = layers[i], f"{prefix}.{i}."
-            load_layer(layer, inside, reader)
+            load(i, layer)
             modules = {n: model.get_submodule(n) for n in wanted if n.startswith(inside)}
             params.update({n: m.weight.numel() for n, m in modules.items()})
             hooks = CostHooks(modules, wanted, pair_sum, totals)
@@ -370,16 +373,30 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
     if refusal:
         raise AdvisorError(f"cannot stream this recipe: {refusal}", hint="run it in memory (--no-stream)")
     recipe = plan.recipe
-    calibrates = recipe.method != "rtn" or recipe.dense_budget > 0
+    calibrates = recipe.smoothing != "none" or recipe.method != "rtn" or recipe.dense_budget > 0
     if calibrates and calibration is None:
-        raise AdvisorError("this recipe calibrates (a calibrated method or a dense budget) but was given no "
-                           "calibration text", hint="give the recipe a `calibration` block")
+        raise AdvisorError("this recipe calibrates (smoothing, a calibrated method or a dense budget) but was given "
+                           "no calibration text", hint="give the recipe a `calibration` block")
     report = CompressReport(calibration_tokens=calibration.tokens if calibration and calibrates else 0)
     step("load", "reading the model's skeleton, embeddings and head (layers are read one at a time)")
     model, _ = skeleton(path)
     reader = ShardReader(path)
     prefix, layers = decoder_layers(model)
     load_outer(model, reader, prefix)
+    smoothing = None
+    if recipe.smoothing != "none":
+        from advisor.compress import LayerSmoothing
+
+        what = "smoothing activation outliers" if any(s.input_activations for s in plan.schemes) \
+            else "activation-aware scaling"
+        step("smoothing", f"{what}: per-channel scales searched on each layer as it is first read")
+        smoothing = LayerSmoothing(model, plan, calibration.windows)
+
+    def load(i: int, layer) -> None:
+        load_layer(layer, f"{prefix}.{i}.", reader)
+        if smoothing is not None:
+            smoothing(i, layer)
+
     if recipe.dense_budget > 0:
         from advisor.compress import DENSE_BUDGET_WINDOWS, cost_pair_sum, with_dense_choice
 
@@ -387,7 +404,7 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
         step("dense budget", f"measuring each layer's quantization cost, layer by layer (up to "
                              f"{recipe.dense_budget:.1%} of the weights {how})")
         costs = quantization_costs_streaming(model, reader, plan.linears, calibration.windows[:DENSE_BUDGET_WINDOWS],
-                                             cost_pair_sum(recipe))
+                                             cost_pair_sum(recipe), load)
         plan = with_dense_choice(plan, costs, report)
     targets = plan.quant_targets
     writer = ShardWriter(out, max_shard_bytes)
@@ -418,9 +435,6 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
         report.layer_seconds.append(round(time.monotonic() - started[0], 2))
         started[0] = time.monotonic()
 
-    def load(i: int, layer) -> None:
-        load_layer(layer, f"{prefix}.{i}.", reader)
-
     step("quantization", f"quantizing with {recipe.scheme} ({recipe.method}), one layer at a time from the shards")
     if recipe.method == "gptq":
         from advisor.quantize.gptq import layer_quantizer
@@ -446,6 +460,8 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
             names = [n for n in inside if n.startswith(f"{prefix}.{i}.")]
             write(i, layer, {n: quantize_weight(model.get_submodule(n).weight, targets[n].weights,
                                                 targets[n].pair_sum) for n in names})
+    if smoothing is not None:
+        smoothing.fill(report)
     step("export", "writing the last shard and the index")
     total = writer.close()
     write_config(model.config, plan, out, dtype)

@@ -9,10 +9,15 @@ weight-only schemes it enlarges the weight columns that meet large activations, 
 relative to their contribution. The division is folded into the op that produces the activations: a norm's weight, `up_proj`'s rows (for `down_proj`),
 or `v_proj`'s rows (for `o_proj`). Groups are found by tracing which linears read which norm's output, so no module
 names are assumed beyond the common `up_proj/down_proj` and `v_proj/o_proj` pairs.
+
+Every group lies within one decoder layer (a layer's norms feed its own linears), so smoothing runs one layer at a
+time on that layer's full-precision inputs (`layer_statistics`, `find_layer_groups`): the in-memory path and the
+streamed one (advisor.stream) run the same code and fold the same factors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +51,9 @@ class SmoothChoice:
     """None: smoothing did not reduce the error, the group is left as is."""
     error_before: float
     error_after: float
+    scales: torch.Tensor | None = None
+    """The per-producer-channel factors folded in (None when none were): `fold` applies them again to the same
+    weights read anew."""
 
 
 def _norm_form(norm) -> str | None:
@@ -71,25 +79,49 @@ def _norm_form(norm) -> str | None:
 
 @torch.inference_mode()
 def find_groups(model, linear_names: list[str], probe_ids: list[int]) -> list[SmoothGroup]:
-    """Trace one short forward pass: a linear whose input *is* a norm's output tensor consumes that norm."""
-    modules = dict(model.named_modules())
-    wanted = set(linear_names)
+    """Trace one short forward pass of the whole model: a linear whose input *is* a norm's output tensor consumes
+    that norm."""
+    groups, _ = _trace(dict(model.named_modules()), linear_names, lambda: model(torch.tensor([probe_ids])))
+    return groups
+
+
+@torch.inference_mode()
+def find_layer_groups(layer, prefix: str, linear_names: list[str], args: tuple, kwargs: dict,
+                      ) -> tuple[list[SmoothGroup], list[str]]:
+    """The groups of one decoder layer (`prefix`: its module name and a dot), traced from one call of the layer on
+    `args`/`kwargs`; also the wanted linears that read a tensor the layer was given as it is (their producer, a norm
+    applied before the layer, lies outside it: a group spanning layers, which layer-by-layer smoothing cannot
+    fold)."""
+    given = {id(t) for t in (*args, *kwargs.values()) if torch.is_tensor(t)}
+    modules = dict(layer.named_modules(prefix=prefix.rstrip(".")))
+    return _trace(modules, linear_names, lambda: layer(*args, **kwargs), given)
+
+
+def _trace(modules: dict[str, torch.nn.Module], linear_names: list[str], run: Callable[[], object],
+           given: frozenset[int] | set[int] = frozenset()) -> tuple[list[SmoothGroup], list[str]]:
+    """The groups among `modules` (names → modules) from one `run()`, and the wanted linears whose input is one of
+    the tensors whose ids are in `given`."""
+    wanted = [n for n in linear_names if n in modules]
+    wanted_set = set(wanted)
     produced: dict[int, tuple[str, torch.Tensor]] = {}
     consumers: dict[str, list[str]] = {}
+    outside: list[str] = []
     handles = []
     for name, m in modules.items():
-        if name in wanted or not hasattr(m, "weight") or "norm" not in type(m).__name__.lower():
+        if name in wanted_set or not hasattr(m, "weight") or "norm" not in type(m).__name__.lower():
             continue
         handles.append(m.register_forward_hook(
             lambda mod, args, out, name=name: produced.__setitem__(id(out), (name, out)) if torch.is_tensor(out) else None))
-    for name in linear_names:
+    for name in wanted:
         def pre(mod, args, name=name):
             hit = produced.get(id(args[0]))
             if hit is not None:
                 consumers.setdefault(hit[0], []).append(name)
+            elif id(args[0]) in given and name not in outside:
+                outside.append(name)
         handles.append(modules[name].register_forward_pre_hook(pre))
     try:
-        model(torch.tensor([probe_ids]))
+        run()
     finally:
         for h in handles:
             h.remove()
@@ -97,17 +129,47 @@ def find_groups(model, linear_names: list[str], probe_ids: list[int]) -> list[Sm
     groups = [SmoothGroup(norm, "norm", names) for norm, names in consumers.items() if _norm_form(modules[norm])]
     for name, m in modules.items():
         children = dict(m.named_children())
-        if {"up_proj", "down_proj"} <= set(children) and f"{name}.down_proj" in wanted:
+        if {"up_proj", "down_proj"} <= set(children) and f"{name}.down_proj" in wanted_set:
             up, down = children["up_proj"], children["down_proj"]
             if isinstance(up, torch.nn.Linear) and up.out_features == down.in_features:
                 groups.append(SmoothGroup(f"{name}.up_proj", "rows", [f"{name}.down_proj"]))
-        if {"v_proj", "o_proj"} <= set(children) and f"{name}.o_proj" in wanted:
+        if {"v_proj", "o_proj"} <= set(children) and f"{name}.o_proj" in wanted_set:
             v, o = children["v_proj"], children["o_proj"]
             head_dim = getattr(m, "head_dim", None)
             if isinstance(v, torch.nn.Linear) and head_dim and o.in_features % v.out_features == 0:
                 groups.append(SmoothGroup(f"{name}.v_proj", "heads", [f"{name}.o_proj"],
                                           repeat=o.in_features // v.out_features, head_dim=head_dim))
-    return groups
+    return groups, outside
+
+
+class _LayerAsModel:
+    """One decoder layer in the role of the model advisor.calibrate.collect runs: its modules under their model
+    names, and a call with window j's index runs the layer on window j's inputs, keeping the outputs."""
+
+    def __init__(self, layer, prefix: str, inputs: list[tuple[tuple, dict]]) -> None:
+        self.layer, self.prefix, self.inputs = layer, prefix, inputs
+        self.outputs: list[torch.Tensor] = []
+
+    def named_modules(self):
+        return self.layer.named_modules(prefix=self.prefix.rstrip("."))
+
+    def __call__(self, ids: torch.Tensor):
+        args, kwargs = self.inputs[int(ids[0, 0])]
+        out = self.layer(*args, **kwargs)
+        self.outputs.append(out[0] if isinstance(out, tuple) else out)
+
+
+def layer_statistics(layer, prefix: str, linear_names: list[str], inputs: list[tuple[tuple, dict]],
+                     sample_rows: int, seed: int = 0) -> tuple[dict[str, LinearStats], list[torch.Tensor]]:
+    """advisor.calibrate.collect's statistics of one decoder layer's linears, the layer run on each window's
+    inputs ((positional arguments, hidden states first; keywords)); also the layer's outputs per window (the next
+    layer's inputs)."""
+    from advisor.calibrate import collect
+
+    runner = _LayerAsModel(layer, prefix, inputs)
+    names = [n for n in linear_names if n.startswith(prefix)]
+    stats = collect(runner, names, [[j] for j in range(len(inputs))], sample_rows, seed)
+    return stats, runner.outputs
 
 
 def _expand(s_producer: torch.Tensor, group: SmoothGroup) -> torch.Tensor:
@@ -162,8 +224,9 @@ def _candidates(g: SmoothGroup, st: LinearStats, weights: list[torch.Tensor], qu
 def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearStats],
                      schemes: dict[str, Scheme | None], pair_sum: int | None) -> list[SmoothChoice]:
     """For each group pick the alpha (or none) that minimises the quantized output error of its consumers (each
-    under its own scheme; dense consumers only absorb the factors), then fold it in."""
-    modules = dict(model.named_modules())
+    under its own scheme; dense consumers only absorb the factors), then fold it in. `model`: a module, or a
+    mapping of module names to modules (one decoder layer's, under their model names)."""
+    modules = model if isinstance(model, dict) else dict(model.named_modules())
     choices = []
     from tqdm import tqdm
 
@@ -185,8 +248,16 @@ def search_and_apply(model, groups: list[SmoothGroup], stats: dict[str, LinearSt
                 best_alpha, best_err, best_s = alpha, err, s
         if best_s is not None:
             _fold(modules, g, best_s)
-        choices.append(SmoothChoice(g, best_alpha, base, best_err))
+        choices.append(SmoothChoice(g, best_alpha, base, best_err, best_s))
     return choices
+
+
+@torch.inference_mode()
+def fold(modules: dict[str, torch.nn.Module], choices: list[SmoothChoice]) -> None:
+    """Fold chosen factors into weights read anew (in the order they were first folded: the same bytes)."""
+    for c in choices:
+        if c.scales is not None:
+            _fold(modules, c.group, c.scales)
 
 
 def _fold(modules: dict, g: SmoothGroup, s: torch.Tensor) -> None:

@@ -62,6 +62,32 @@ def test_smoothing_keeps_the_model_and_reduces_quantization_error(kind):
     assert any(c.group.kind == "norm" for c in smoothed)  # the outlier channels were moved
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma2"])
+def test_layer_by_layer_tracing_finds_the_whole_models_groups(kind):
+    """Every group lies within one decoder layer: traced one layer at a time on the layer's own inputs, the groups
+    are those of the whole model's trace, and no linear reads its layer's input as given."""
+    from advisor.model import decoder_layers
+    from advisor.quantize.sequential import layer_arguments
+
+    model = _model(kind)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    ids = list(range(4, 20))
+    whole = smooth.find_groups(model, names, ids)
+    prefix, layers = decoder_layers(model)
+    hidden, arguments = layer_arguments(model, layers, [ids])
+    by_layer = []
+    h = hidden[0]
+    for i, layer in enumerate(layers):
+        args, kwargs = arguments[i][0]
+        groups, outside = smooth.find_layer_groups(layer, f"{prefix}.{i}.", names, (h, *args), kwargs)
+        assert outside == []
+        by_layer += groups
+        with torch.inference_mode():
+            out = layer(h, *args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+    assert sorted(map(repr, by_layer)) == sorted(map(repr, whole)) and len(whole) == 4 * len(layers)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 def test_activation_aware_scaling_protects_weight_only_quantization(kind):
     """Weight-only schemes get AWQ-style scaling: the full-precision model is unchanged and the 4-bit error of the

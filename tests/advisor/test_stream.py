@@ -93,6 +93,60 @@ def test_dense_budget_streams_with_the_in_memory_choice(tiny_llama_dir, tmp_path
     assert (memory / "config.json").read_text() == (out / "config.json").read_text()
 
 
+@pytest.mark.parametrize(("scheme", "method", "dense_budget"), [("w8a8-int8", "gptq", 0), ("w8a8-int8", "rtn", 0.3),
+                                                                 ("w4a16", "gptq", 0)])
+def test_smoothing_streams_byte_for_byte(tiny_llama_dir, tmp_path, scheme, method, dense_budget):
+    """Smoothing searches each decoder layer on its full-precision inputs in both paths (the in-memory path one
+    layer at a time too), so the factors, the report and the checkpoint are the same; with a dense budget the
+    layers are read three times (budget forward and backward, quantization) and get the first read's factors
+    folded again. W8A8: SmoothQuant; W4A16: activation-aware scaling."""
+    from transformers import AutoTokenizer
+
+    plan = plan_for(tiny_llama_dir, scheme, method, smoothing="search", dense_budget=dense_budget,
+                    **({"budget_scheme": "dense"} if dense_budget else {}))
+    calibration = Calibration.of(plan.recipe, AutoTokenizer.from_pretrained(tiny_llama_dir))
+    memory, streamed = tmp_path / "memory", tmp_path / "streamed"
+    memory.mkdir()
+    streamed.mkdir()
+    compressed = compress(load_model(tiny_llama_dir), plan, calibration)
+    write_checkpoint(compressed, memory, dtype=torch.bfloat16)
+    _, report, _ = compress_streaming(tiny_llama_dir, plan, calibration, streamed, dtype=torch.bfloat16)
+    fields = ("smoothing_groups", "smoothed", "alphas", "error_reduction", "kept_dense", "calibration_tokens")
+    assert {f: getattr(report, f) for f in fields} == {f: getattr(compressed.report, f) for f in fields}
+    assert report.smoothing_groups == 8 and report.smoothed > 0  # per layer: q/k/v, gate/up, v→o, up→down
+    assert bool(report.kept_dense) == bool(dense_budget)
+    for name in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(memory / name, streamed / name, shallow=False), name
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_smooths_the_same_streamed(tmp_path, model_type):
+    """Gemma's (1 + weight) norms and sandwich norms, Qwen3's q/k norms, Phi-3's fused q/k/v and gate/up."""
+    from tiny_models import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / model_type, model_type)
+    memory, streamed = both_ways(folder, plan_for(folder, "w8a8-int8", "rtn", smoothing="search"), tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        assert filecmp.cmp(memory / name, streamed / name, shallow=False), name
+
+
+def test_smoothing_refuses_a_layer_whose_norm_lies_before_it(tiny_llama_dir):
+    """A group spanning two decoder layers cannot be folded layer by layer: refused in one line, with the hint."""
+    from transformers import AutoTokenizer
+
+    from advisor.compress import LayerSmoothing
+    from advisor.model import decoder_layers
+
+    plan = plan_for(tiny_llama_dir, "w8a8-int8", "rtn", smoothing="search")
+    windows = Calibration.of(plan.recipe, AutoTokenizer.from_pretrained(tiny_llama_dir)).windows
+    model = load_model(tiny_llama_dir)
+    layer = decoder_layers(model)[1][0]
+    layer.input_layernorm = torch.nn.Identity()  # q/k/v read the layer's input as given
+    with pytest.raises(AdvisorError, match="q_proj reads its layer's input") as caught:
+        LayerSmoothing(model, plan, windows)(0, layer)
+    assert "--smoothing none" in caught.value.hint
+
+
 def test_sharded_stream_holds_the_same_tensors_with_an_index(tiny_llama_dir, tmp_path):
     """Shards of at most 64 KB: same tensors as the in-memory file, every one named in the index, and the
     checkpoint reads back."""
@@ -148,11 +202,10 @@ def test_path_is_chosen_by_size_and_refused_with_its_reason(tiny_llama_dir):
     small = choose_path(None, plain, available=1000)
     assert small.stream and "bf16 weights" in small.reason
     assert not choose_path(False, plain, available=1000).stream
-    smoothed = plan_for(tiny_llama_dir, "w4a16", "gptq", smoothing="search")
-    fallback = choose_path(None, smoothed, available=1000)
-    assert not fallback.stream and "smoothing" in fallback.reason
-    with pytest.raises(AdvisorError, match="--stream: smoothing"):
-        choose_path(True, smoothed)
+    assert choose_path(True, plan_for(tiny_llama_dir, "w8a8-int8", "rtn", smoothing="search")).stream
+    removed = plan_for(tiny_llama_dir, "w4a16", "gptq", remove_layers=(1,), heal_minutes=0)
+    fallback = choose_path(None, removed, available=1000)
+    assert not fallback.stream and "pruning" in fallback.reason
     assert choose_path(True, plan_for(tiny_llama_dir, "w4a16", "gptq", dense_budget=0.1, budget_scheme="w8a16")).stream
     assert choose_path(True, plan_for(tiny_llama_dir, "w4a16", "autoround")).stream
     with pytest.raises(AdvisorError, match="pruning"):

@@ -43,11 +43,25 @@ def test_streamed_run_matches_the_in_memory_one_and_says_so(tiny_llama_dir, tmp_
         assert a["variant"]["kl"] == pytest.approx(b["variant"]["kl"], rel=1e-3, abs=1e-6)
 
 
+def test_cpu_defaults_smoothed_stream_as_in_memory(tiny_llama_dir, tmp_path):
+    """The CPU target's defaults (W8A8-int8 with smoothing) stream: same checkpoint and smoothing report."""
+    cpu = ["--target", "cpu", *SMALL[2:]]
+    streamed = run("optimize", str(tiny_llama_dir), *cpu, "--stream", "--out", str(tmp_path / "s"))
+    assert streamed.exit_code == 0, streamed.output
+    memory = run("optimize", str(tiny_llama_dir), *cpu, "--no-stream", "--out", str(tmp_path / "m"))
+    assert memory.exit_code == 0, memory.output
+    assert filecmp.cmp(tmp_path / "s" / "model.safetensors", tmp_path / "m" / "model.safetensors", shallow=False)
+    reports = [json.loads((tmp_path / f / "report.json").read_text()) for f in "sm"]
+    assert reports[0]["recipe"]["smoothing"] == "search"
+    transforms = [{k: v for k, v in r["transforms"].items() if k != "layer_seconds"} for r in reports]
+    assert transforms[0] == transforms[1] and transforms[0]["smoothing_groups"] > 0
+
+
 def test_stream_refuses_what_does_not_stream_in_one_line_before_any_work(tiny_llama_dir, tmp_path):
-    result = run("optimize", str(tiny_llama_dir), *SMALL, "--smoothing", "search", "--stream",
+    result = run("optimize", str(tiny_llama_dir), *SMALL, "--factorize", "0.2", "--stream",
                  "--out", str(tmp_path / "o"))
     assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --stream: smoothing")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --stream: pruning, factorization")
     assert not list(tmp_path.iterdir())
 
 

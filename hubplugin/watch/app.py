@@ -23,20 +23,26 @@ __all__ = ["MAX_BODY", "create_app"]
 
 MAX_BODY = 1 << 20
 """Largest delivery read (1 MB); Hub payloads are a few kB."""
+DRAIN_LIMIT = 4 * MAX_BODY
+"""Largest refused body still read to its end (and discarded) before the answer."""
 
 
 async def _read_body(request: Request) -> bytes | None:
-    """The body, or None when it is over MAX_BODY (read no further than that)."""
+    """The body, or None when it is over MAX_BODY (kept no further than that). A body up to DRAIN_LIMIT is read to
+    its end and discarded: a sender that writes its whole request before reading the answer (most HTTP clients) then
+    gets the 400 and its reason instead of a connection reset; a larger one is answered at once."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+    declared = int(length) if length is not None and length.isdigit() else None
+    if declared is not None and declared > DRAIN_LIMIT:
         return None
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY:
+        if size > DRAIN_LIMIT:
             return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if size <= MAX_BODY:
+            chunks.append(chunk)
+    return b"".join(chunks) if size <= MAX_BODY else None
 
 
 def create_app(config: WatchConfig, queue: JobQueue, secret: str, log: logging.Logger) -> FastAPI:

@@ -120,9 +120,8 @@ def compress(model, plan: Plan, calibration: Calibration | None,
         step("smoothing", f"calibrating and searching per-channel scales ({what})")
         smooth_model(model, plan, calibration.windows, report)
     if recipe.dense_budget > 0:
-        how = "stay dense" if recipe.budget_scheme == DENSE else f"get {recipe.budget_scheme}"
         step("dense budget", f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the "
-                             f"weights {how})")
+                             f"weights kept {recipe.budget_kept})")
         plan = keep_sensitive_dense(model, plan, calibration.windows, report)
     targets = plan.quant_targets
     if not targets:

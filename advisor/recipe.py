@@ -76,6 +76,11 @@ class Recipe:
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     version: int = RECIPE_VERSION
 
+    @property
+    def budget_kept(self) -> str:
+        """How the dense budget keeps the linears it chooses, in words: `dense` or `at <scheme>`."""
+        return "dense" if self.budget_scheme == "dense" else f"at {self.budget_scheme}"
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 

@@ -400,9 +400,8 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
     if recipe.dense_budget > 0:
         from advisor.compress import DENSE_BUDGET_WINDOWS, cost_pair_sum, with_dense_choice
 
-        how = "stay dense" if recipe.budget_scheme == "dense" else f"get {recipe.budget_scheme}"
         step("dense budget", f"measuring each layer's quantization cost, layer by layer (up to "
-                             f"{recipe.dense_budget:.1%} of the weights {how})")
+                             f"{recipe.dense_budget:.1%} of the weights kept {recipe.budget_kept})")
         costs = quantization_costs_streaming(model, reader, plan.linears, calibration.windows[:DENSE_BUDGET_WINDOWS],
                                              cost_pair_sum(recipe), load)
         plan = with_dense_choice(plan, costs, report)

@@ -228,8 +228,7 @@ def _method_text(result) -> str:
     if kept:
         total = t.get("quantization_cost") or 0.0
         share = f", {sum(kept.values()) / total:.0%} of the estimated quantization loss" if total > 0 else ""
-        how = "dense" if recipe.budget_scheme == "dense" else f"at {recipe.budget_scheme}"
-        parts.append(f"{len(kept)} linear layer{'s' if len(kept) > 1 else ''} kept {how} within a "
+        parts.append(f"{len(kept)} linear layer{'s' if len(kept) > 1 else ''} kept {recipe.budget_kept} within a "
                      f"{recipe.dense_budget:.1%} weight budget, the most costly to quantize as measured on the "
                      f"calibration text ({', '.join(kept)}{share})")
     removed = t.get("removed_layers") or []

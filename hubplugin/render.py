@@ -57,8 +57,7 @@ def summary(result) -> None:
                           f" after {row['after']} ({row['after_delta']})", markup=False)
     kept = (result.transforms or {}).get("kept_dense")
     if kept:
-        how = "dense" if result.recipe.budget_scheme == "dense" else f"at {result.recipe.budget_scheme}"
-        console.print(f"kept {how} ({result.recipe.dense_budget:.1%} weight budget, most costly to quantize first): "
+        console.print(f"kept {result.recipe.budget_kept} ({result.recipe.dense_budget:.1%} weight budget, most costly to quantize first): "
                       + ", ".join(kept), markup=False)
     if result.latency is not None:
         console.print(speed_note(result))

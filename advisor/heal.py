@@ -92,6 +92,8 @@ class HealReport:
     held_out: dict = field(default_factory=dict)
     """Text → {base, before, after}: perplexity of the base, of the student before healing and after."""
     flags: list[str] = field(default_factory=list)
+    lr: float | None = None
+    """Peak learning rate of the schedule."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,7 +217,8 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
     report = HealReport(steps=step, seconds=round(seconds, 1), tokens=tokens, dtype=str(dtype).removeprefix("torch."),
                         kl_start=sum(head) / len(head) if head else float("nan"),
                         kl_end=sum(tail) / len(tail) if tail else float("nan"),
-                        held_out={n: {"base": base[n], "before": before[n], "after": after[n]} for n in held_out})
+                        held_out={n: {"base": base[n], "before": before[n], "after": after[n]} for n in held_out},
+                        lr=config.lr)
     report.flags = judge(report.held_out, report.kl_start, report.kl_end)
     return report
 

@@ -94,7 +94,7 @@ def run_one(name: str, work: Path, heal_minutes: float, eval_windows: int) -> di
         "linear_removed": 1 - report["linear_parameters"]["variant"] / report["linear_parameters"]["base"],
         "size_before": report["size_before"], "size_after": report["size_after"],
         "checkpoint_dtype": report["checkpoint_dtype"], "architecture": report["architecture"],
-        "heal": {k: heal.get(k) for k in ("steps", "seconds", "tokens", "dtype", "kl_start", "kl_end", "flags")},
+        "heal": {k: heal.get(k) for k in ("steps", "seconds", "tokens", "dtype", "kl_start", "kl_end", "flags", "lr")},
         "quality": quality, "tpot_ms_p50": tpot,
         "speedup": tpot["base"] / tpot["variant"] if tpot["base"] and tpot["variant"] else None,
         "served": report["served"], "not_served_reason": report["not_served_reason"],

@@ -37,6 +37,9 @@ def test_streamed_run_matches_the_in_memory_one_and_says_so(tiny_llama_dir, tmp_
     assert reports[0]["transforms"]["kept_dense"].keys() == reports[1]["transforms"]["kept_dense"].keys() != set()
     assert reports[0]["recipe"] == reports[1]["recipe"]
     assert [r["path"] for r in reports] == ["streamed layer by layer", "in memory"]
+    cards = [(tmp_path / f / "README.md").read_text() for f in "sm"]
+    assert "compressed and evaluated layer by layer, weights streamed from the safetensors shards" in cards[0]
+    assert "weights streamed" not in cards[1]
     for a, b in zip(reports[0]["quality"], reports[1]["quality"], strict=True):
         for side in ("base", "variant"):
             assert a[side]["perplexity"] == pytest.approx(b[side]["perplexity"], rel=1e-3)

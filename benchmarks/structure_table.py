@@ -116,7 +116,7 @@ def render(rows: list[dict], meta: dict) -> str:
            "base model sampled itself. TPOT: vLLM p50 time per output token, base and variant interleaved in one "
            "run on the same server settings."), "",
            "Written by `.venv/bin/python benchmarks/structure_table.py`.", "",
-           ("| run | method | scheme | linear params removed | size (bf16 base → variant) | heal (steps, min) | "
+           ("| run | method | scheme | linear params removed | size (bf16 base → variant) | heal (steps, min, learning rate) | "
            "Δppl wikitext before → after heal | Δppl licenses before → after heal | Δppl served wikitext / "
            "licenses | TPOT base → variant (ms) | speed-up |"),
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -127,7 +127,8 @@ def render(rows: list[dict], meta: dict) -> str:
         q = r["quality"]
         w, lic = q.get("wikitext2-test", {}), q.get("licenses", {})
         h = r["heal"]
-        heal = f"{h['steps']}, {h['seconds'] / 60:.1f}" if h.get("steps") else "none"
+        # Rows healed before healing reported its learning rate ran at 1e-4, the default then.
+        heal = f"{h['steps']}, {h['seconds'] / 60:.1f}, {h.get('lr') or 1e-4:.0e}" if h.get("steps") else "none"
         tpot = r["tpot_ms_p50"]
         out.append(
             f"| {r['name']} | {r['method']} | {r['scheme']} | {r['linear_removed']:.1%} | "

@@ -21,6 +21,7 @@ import copy
 import json
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ def main() -> None:
     record = {"model": "SmolLM2-135M-Instruct (demo)", "pruning": "hubc default, 20% of decoder-linear weights",
               "steps": args.steps, "transformers": transformers.__version__, "torch": torch.__version__,
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "rows": rows, "seconds": time.time() - started, "arguments": " ".join(sys.argv[1:])}
+              "rows": rows, "seconds": time.time() - started, "arguments": shlex.join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(record, indent=1) + "\n")
     (RESULTS / "heal_settings.md").write_text(markdown(record))
@@ -118,7 +119,8 @@ def markdown(record: dict) -> str:
              (f"SmolLM2-135M-Instruct pruned by hubc's default (20% of the decoder-linear weights), healed "
               f"{record['steps']} steps of 4 × 256 tokens per setting from the same pruned model. Δppl against the "
               "base on held-out windows (8 × 512 tokens per text, never trained on), before → after healing."),
-             f"Written by `.venv/bin/python benchmarks/heal_settings.py {record['arguments']}`.", "",
+             ("Written by `.venv/bin/python benchmarks/heal_settings.py [--only REGEX]` (rows accumulate; the last "
+              f"run: `{record['arguments'] or 'all settings'}`)."), "",
              ("| setting | training windows (wikitext-2 valid + self-generated) | Δppl wikitext-2 test | "
               "Δppl licenses | final KL |"), "|---|---:|---:|---:|---:|"]
     for r in record["rows"]:

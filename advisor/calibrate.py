@@ -96,14 +96,19 @@ class Calibration:
             from advisor.evaluate import make_windows, read_text
 
             heal = make_windows(tokenizer, read_text(config.text)[1], hc.seq_len, hc.windows)
-            bos = samples[0][0] if samples else None
-            pieces_of = []
-            for sample in samples:
-                for j in range(0, len(sample) - hc.seq_len + 1, hc.seq_len):
-                    # Every piece is led by BOS like the text windows; later pieces give up one sampled token.
-                    pieces_of.append(sample[j: j + hc.seq_len] if j == 0 else [bos] + sample[j + 1: j + hc.seq_len])
-            heal += pieces_of[:wanted_heal]
+            heal += heal_pieces(samples, hc.seq_len)[:wanted_heal]
         return cls(config, windows, heal)
+
+
+def heal_pieces(samples: list[list[int]], seq_len: int) -> list[list[int]]:
+    """Self-generated samples cut into healing windows of `seq_len` tokens, each led by BOS like the text windows
+    (the samples' own first token; later pieces give up one sampled token for it)."""
+    pieces = []
+    for sample in samples:
+        bos = sample[0]
+        for j in range(0, len(sample) - seq_len + 1, seq_len):
+            pieces.append(sample[j: j + seq_len] if j == 0 else [bos] + sample[j + 1: j + seq_len])
+    return pieces
 
 
 @dataclass

@@ -115,9 +115,7 @@ def compress(model, plan: Plan, calibration: Calibration | None,
                            progress=lambda message: step("healing", message)).to_dict()
         del teacher
     if recipe.smoothing != "none":
-        what = "smoothing activation outliers" if any(s.input_activations for s in plan.schemes) \
-            else "activation-aware scaling"
-        step("smoothing", f"calibrating and searching per-channel scales ({what})")
+        step("smoothing", f"calibrating and searching per-channel scales ({smoothing_kind(plan)})")
         smooth_model(model, plan, calibration.windows, report)
     if recipe.dense_budget > 0:
         step("dense budget", f"measuring each layer's quantization cost (up to {recipe.dense_budget:.1%} of the "
@@ -197,6 +195,12 @@ def _compose(renamed: dict[str, str], moved: dict[str, str | None]) -> dict[str,
         if new not in moved:
             out.setdefault(new, old)
     return out
+
+
+def smoothing_kind(plan: Plan) -> str:
+    """What smoothing does for `plan`'s schemes, in words (for progress)."""
+    return "smoothing activation outliers" if any(s.input_activations for s in plan.schemes) \
+        else "activation-aware scaling"
 
 
 def smooth_model(model, plan: Plan, windows: list[list[int]], report: CompressReport) -> None:

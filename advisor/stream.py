@@ -385,11 +385,9 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
     load_outer(model, reader, prefix)
     smoothing = None
     if recipe.smoothing != "none":
-        from advisor.compress import LayerSmoothing
+        from advisor.compress import LayerSmoothing, smoothing_kind
 
-        what = "smoothing activation outliers" if any(s.input_activations for s in plan.schemes) \
-            else "activation-aware scaling"
-        step("smoothing", f"{what}: per-channel scales searched on each layer as it is first read")
+        step("smoothing", f"{smoothing_kind(plan)}: per-channel scales searched on each layer as it is first read")
         smoothing = LayerSmoothing(model, plan, calibration.windows)
 
     def load(i: int, layer) -> None:

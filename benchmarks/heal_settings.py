@@ -52,7 +52,7 @@ def main() -> None:
     torch.manual_seed(0)
     from transformers import AutoTokenizer
 
-    from advisor.calibrate import generate_windows
+    from advisor.calibrate import generate_windows, heal_pieces
     from advisor.compress import CompressReport, apply_structure
     from advisor.evaluate import make_windows, read_text
     from advisor.heal import HealConfig, heal
@@ -79,8 +79,7 @@ def main() -> None:
     pruned, _ = apply_structure(model, resolve(recipe, structure, get_target("cpu")), CompressReport(), calibration,
                                 cache)
     wiki = make_windows(tokenizer, read_text("wikitext2-valid")[1], 256, 512)
-    bos = samples[0][0]
-    pieces = [p for s in samples for p in (s[:256], [bos] + s[257:512])]  # as Calibration.of cuts them
+    pieces = heal_pieces(samples, 256)
 
     out_json = RESULTS / "heal_settings.json"
     old = {r["setting"]: r for r in json.loads(out_json.read_text())["rows"]} if args.only and out_json.exists() \

@@ -246,7 +246,7 @@ def _method_text(result) -> str:
     if recipe.int8_pair_sum:
         parts.append(f"same-sign int8 codes of adjacent input channels kept within |q[2j]| + |q[2j+1]| ≤ {recipe.int8_pair_sum} "
                      "for this CPU's int8 GEMM (no VNNI: pairs of products are added in int16)")
-    if getattr(result, "path", "in memory") != "in memory":
+    if result.path != "in memory":
         # Streamed and in-memory runs give the same bytes (tests/advisor/test_stream.py); the card says which ran
         # so that a reader of a big model's card knows how it was made on the hardware it names.
         parts.append(f"compressed and evaluated {result.path_reason}")

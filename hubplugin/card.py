@@ -74,6 +74,7 @@ def card_context(result) -> dict:
         "size_original": _size(result.size_original) if result.size_original else None,
         "size_original_ratio": f"{result.size_after / result.size_original:.0%}" if result.size_original else None,
         "gate_text": _gate_text(result),
+        "size_budget_text": budget_text(result),
         "quantized_modules": result.quantized_modules,
         "method_text": _method_text(result),
         "ignore_text": ", ".join(f"`{m}`" for m in recipe.ignore) or "none",
@@ -378,3 +379,14 @@ def refresh_bench_section(folder: Path, store=None) -> int:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, readme)  # the card is never left half-written
     return len({(m.traffic, m.hardware, m.engine_version) for m in records})
+
+
+def budget_text(result) -> str | None:
+    """`--max-size`: the budget, what hubc chose to fit it, and whether the written weights did."""
+    b = getattr(result, "size_budget", None)
+    if not b:
+        return None
+    fits = "within it" if result.size_after <= b["max_bytes"] else "over it"
+    return (f"Size budget {_size(b['max_bytes'])} (`--max-size`): {b['choice']}; the weights written take "
+            f"{_size(result.size_after)}, {fits}.")
+

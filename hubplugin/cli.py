@@ -96,6 +96,10 @@ def targets(fmt: str) -> None:
 @click.option("--heal-minutes", type=click.FloatRange(min=0),
               help="distillation healing after --prune/--factorize/--remove-layer: minutes of training against the "
                    "base model (default 15; 0: none)")
+@click.option("--max-size", "max_size", metavar="SIZE",
+              help="largest weights on disk, e.g. 120MB or 1.5GB: hubc takes the scheme with the most bits that "
+                   "fits, then a smaller dense budget, then prunes what is still over (chosen on calibration text, "
+                   "healed by distillation); keeps whichever of --scheme/--dense-budget you give")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False),
               help="recipe YAML to apply (e.g. per-module mixed precision) instead of --scheme/--method/...")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
@@ -122,7 +126,7 @@ def targets(fmt: str) -> None:
                    "available memory")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
 def optimize(model, target, scheme, group_size, method, iterations, smoothing, dense_budget, budget_scheme, activations,
-             remove_layers, prune_spec, factorize_share, heal_minutes, recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
+             remove_layers, prune_spec, factorize_share, heal_minutes, max_size, recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
              eval_texts, eval_windows, seq_len, stream, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
@@ -133,6 +137,17 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
         from hubplugin.render import summary
 
         recipe = None
+        max_bytes = None
+        if max_size is not None:
+            from advisor.size_budget import parse_size
+
+            try:
+                max_bytes = parse_size(max_size)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--max-size") from None
+            if recipe_file is not None:
+                raise click.BadParameter("a recipe file fixes the scheme and structure; --max-size chooses them",
+                                         param_hint="--max-size")
         if recipe_file is not None:
             recipe = _read_recipe(recipe_file, scheme=scheme, group_size=group_size, method=method,
                                   iterations=iterations, smoothing=smoothing, dense_budget=dense_budget,
@@ -150,7 +165,7 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
             out=out, overwrite=overwrite, push=push_repo, private=private, serve=not no_serve, revision=revision,
             max_ppl_increase=max_ppl_increase, accept_quality_loss=accept_quality_loss,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
-            stream=stream,
+            stream=stream, max_size=max_bytes,
         )
         result = run(model, target, config, progress=lambda s: click.echo(f"» {s}", err=True))
         if fmt == "json":

@@ -56,6 +56,9 @@ class OptimizeConfig:
     stream: bool | None = None
     """Compress and evaluate one decoder layer at a time, weights read from the safetensors shards (advisor.stream):
     True (--stream), False (--no-stream), None: when the model would not fit comfortably in memory."""
+    max_size: int | None = None
+    """Largest checkpoint weights in bytes (--max-size): hubc chooses the scheme, dense budget and pruning that fit
+    (advisor.size_budget) for what the user left open."""
     latency_prompt_tokens: int = 128
     latency_output_tokens: int = 32
     latency_requests: int = 5
@@ -122,6 +125,8 @@ class OptimizeResult:
     """Why that path (the model's size against the memory available, or the flag)."""
     layer_seconds: dict = field(default_factory=dict)
     """Streamed runs: seconds each decoder layer took, {quantization: [...], evaluation: [...]}."""
+    size_budget: dict | None = None
+    """--max-size: {max_bytes, estimate, choice: what hubc chose and why}; the written size is `size_after`."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -174,8 +179,8 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     from hubplugin import source as sources
 
     source = sources.resolve(ref, revision=config.revision, token=config.token)
-    out = (config.out or default_out(source, scheme.name, target.name)).resolve()
-    _check_out(out, config.overwrite)
+    if config.out is None:
+        _check_out(default_out(source, scheme.name, target.name), config.overwrite)
 
     from advisor.model import inspect_structure
     from advisor.plan import resolve
@@ -187,7 +192,15 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
                            f"({structure.context_length} tokens)",
                            hint=f"use --seq-len {min(512, structure.context_length)} or any value up to "
                                 f"{structure.context_length}")
-    plan = resolve(config.recipe, structure, target) if config.recipe else recommend(structure, target, config.choices)
+    choices, budget = config.choices, None
+    if config.max_size is not None and config.recipe is None:
+        from advisor.size_budget import fit_choices
+
+        choices, budget = fit_choices(structure, target, config.max_size, choices)
+        progress(f"size budget: {budget['choice']}")
+    plan = resolve(config.recipe, structure, target) if config.recipe else recommend(structure, target, choices)
+    out = (config.out or default_out(source, plan.recipe.scheme, target.name)).resolve()
+    _check_out(out, config.overwrite)
     from advisor.stream import choose_path
 
     path = choose_path(config.stream, plan)
@@ -197,6 +210,12 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-{_host()}-", dir=out.parent))
     try:
         result = _build(source, target, plan, staging, out, config, progress, path)
+        if budget is not None:
+            result.size_budget = budget
+            if result.size_after > budget["max_bytes"]:
+                result.flags.append(f"the weights take {result.size_after / 1e6:.1f} MB, over the --max-size budget "
+                                    f"of {budget['max_bytes'] / 1e6:.1f} MB (estimated {budget['estimate'] / 1e6:.1f}"
+                                    " MB): give a smaller --max-size")
         result.gate = quality_gate(result.quality, config.max_ppl_increase)
         if not result.gate["passed"]:
             result.flags.insert(0, gate_message(result))

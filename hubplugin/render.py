@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hubplugin.card import speed_note
+from hubplugin.card import budget_text, speed_note
 from hubplugin.formatting import number, size
 
 
@@ -44,6 +44,8 @@ def summary(result) -> None:
             b, v = lat.base[key], lat.variant[key]
             table.add_row(label, engine, number(b, ".1f"), number(v, ".1f"), f"{v / b - 1:+.0%}" if b else "")
     console.print(table)
+    if budget_text(result):
+        console.print(budget_text(result), markup=False)
     if getattr(result, "path_reason", ""):
         console.print(f"compressed and evaluated {result.path_reason}", markup=False)
     from hubplugin.card_structure import heal_rows, heal_text, structure_lines

@@ -39,14 +39,15 @@ ARCHITECTURES = {
 }
 
 
-def build_tiny_model(folder: Path, model_type: str) -> Path:
+def build_tiny_model(folder: Path, model_type: str, **overrides) -> Path:
     """A complete causal-LM folder of `model_type` (a key of ARCHITECTURES) that transformers loads and vLLM serves
-    on CPU: random weights (seed 0), 3 layers, safetensors and a tokenizer; < 1 MB."""
+    on CPU: random weights (seed 0), 3 layers, safetensors and a tokenizer; < 1 MB (`overrides`: config settings,
+    e.g. wider layers)."""
     import torch
     import transformers
 
     config_class, extra = ARCHITECTURES[model_type]
-    settings = {**COMMON, **extra}
+    settings = {**COMMON, **extra, **overrides}
     settings = {k: v for k, v in settings.items() if v is not None}
     config = getattr(transformers, config_class)(**settings)
     folder.mkdir(parents=True, exist_ok=True)

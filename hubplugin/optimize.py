@@ -8,9 +8,7 @@ is moved into place only when complete, so a failed run writes nothing.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,12 +18,10 @@ from advisor.errors import AdvisorError
 from advisor.evaluate import EvalConfig, TextResult
 from advisor.recipe import Recipe
 from advisor.recommend import Choices
-from hubplugin.errors import HubcError, OutputExistsError
+from hubplugin.errors import HubcError
 from hubplugin.gate import gate_message, gate_summary, quality_gate
+from hubplugin.outfolder import check_out, default_out, staging_folder, weights_size, weights_size_in
 from hubplugin.source import ModelSource
-
-# A served perplexity further than this from hubc's own evaluation of the same checkpoint is flagged.
-SERVED_GAP = 0.02
 
 
 @dataclass
@@ -136,23 +132,6 @@ class OptimizeResult:
         return d
 
 
-def default_out(source: ModelSource, scheme: str, target: str) -> Path:
-    name = (source.hub_id or source.path.name).split("/")[-1]
-    return Path.cwd() / f"{name}-{scheme}-{target}"
-
-
-def weights_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
-def weights_size_in(path: Path, dtype: str) -> int:
-    """Bytes of the safetensors weights in `path` with every floating-point tensor stored in `dtype` (read from the
-    files' headers; integer tensors keep their size), plus the headers as they are."""
-    from advisor.checkpoint_features import stored_bytes
-
-    return stored_bytes(path, {"float32": 4, "float16": 2, "bfloat16": 2}[dtype])
-
-
 def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Callable[[str], None] = lambda s: None) -> OptimizeResult:
     """Run the whole path for one model and one target. Raises HubcError/AdvisorError/ServingError subclasses."""
     from advisor.schemes import get_scheme
@@ -165,7 +144,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     scheme = get_scheme(config.recipe.scheme if config.recipe else config.choices.scheme or target.default_scheme)
     target.require_scheme(scheme.name)
     if config.out is not None:
-        _check_out(config.out, config.overwrite)
+        check_out(config.out, config.overwrite)
     from advisor.evaluate import read_text
 
     for name in config.eval.texts:
@@ -180,7 +159,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
 
     source = sources.resolve(ref, revision=config.revision, token=config.token)
     if config.out is None:
-        _check_out(default_out(source, scheme.name, target.name), config.overwrite)
+        check_out(default_out(source, scheme.name, target.name), config.overwrite)
 
     from advisor.model import inspect_structure
     from advisor.plan import resolve
@@ -200,14 +179,12 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
         progress(f"size budget: {budget['choice']}")
     plan = resolve(config.recipe, structure, target) if config.recipe else recommend(structure, target, choices)
     out = (config.out or default_out(source, plan.recipe.scheme, target.name)).resolve()
-    _check_out(out, config.overwrite)
+    check_out(out, config.overwrite)
     from advisor.stream import choose_path
 
     path = choose_path(config.stream, plan)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-{_host()}-", dir=out.parent))
+    staging = staging_folder(out)
     try:
         result = _build(source, target, plan, staging, out, config, progress, path)
         if budget is not None:
@@ -252,37 +229,6 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     result.seconds = time.monotonic() - started
     return result
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists", hint="pass --overwrite, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder", hint="choose another --out")
-
-
-def _staging_prefix(out: Path) -> str:
-    return f".{out.name}.partial-"
-
-
-def _host() -> str:
-    import re
-    import socket
-
-    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
-
-
-def _remove_stale_staging(out: Path) -> None:
-    """Remove the staging folders of runs for `out` that were killed outright (SIGKILL, out of memory: no `finally`
-    ran). A staging folder's name carries its run's process id and host: only this host's, of processes gone, are
-    removed (a run on another machine sharing the folder is left alone)."""
-    import psutil
-
-    for folder in out.parent.glob(_staging_prefix(out) + "*"):
-        pid, _, rest = folder.name[len(_staging_prefix(out)):].partition("-")
-        if pid.isdigit() and rest.startswith(_host() + "-") and int(pid) != os.getpid() \
-                and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Clock:
@@ -396,8 +342,10 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
             f"but not served here ({target.not_served_reason or 'this machine has no such GPU'})"
         )
     else:
+        from hubplugin.served import serve_and_measure
+
         clock.step("serving")
-        _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress)
+        serve_and_measure(result, source, staging, texts, base_top1, target, config, progress)
     clock.step(None)
     result.timings = clock.timings
     return result
@@ -407,7 +355,7 @@ def _score(base_path: Path, variant_path: Path, texts, stream: bool, layer_secon
     """(variant's scores, base's) per text: both models in memory, or streamed layer by layer (then the seconds
     each layer took are appended to `layer_seconds`)."""
     if stream:
-        from advisor.stream import score_streaming
+        from advisor.stream_eval import score_streaming
 
         return score_streaming(base_path, variant_path, texts, layer_seconds=layer_seconds)
     from advisor import evaluate as ev
@@ -416,52 +364,6 @@ def _score(base_path: Path, variant_path: Path, texts, stream: bool, layer_secon
 
     base, variant = load_model(base_path), load_for_eval(variant_path)
     return [ev.score(variant, t.windows, f"base and variant on {t.name}", reference=base) for t in texts]
-
-
-def _serve_and_measure(result, source, staging, texts, base_top1, target, config, progress) -> None:
-    """Serve base and variant (serving.check: served quality, latency through `hubc bench`'s path, a completion),
-    put the numbers on `result`, and store them in the results store under the variant's final folder."""
-    import dataclasses
-
-    from advisor.measurement import Traffic
-    from serving.check import CheckConfig, EvalWindows, check
-    from serving.server import ServerConfig
-    from serving.store import ResultsStore, describe
-
-    traffic = Traffic(config.latency_prompt_tokens, config.latency_output_tokens, concurrency=1)
-    support = target.schemes[result.recipe.scheme]
-    server = ServerConfig(dtype=support.serve_dtype or target.serve_dtype, env=dict(target.serve_env),
-                          max_model_len=max(config.eval.seq_len, traffic.input_len + traffic.output_len) + 16,
-                          extra_args=("--no-enable-prefix-caching",))  # as `hubc bench` serves
-    measured = {tr.text for tr in result.quality}
-    windows = [EvalWindows(t.name, t.windows, config.eval.seq_len, base_top1[t.name]) for t in texts
-               if t.name in measured]
-    base = describe(source.path, model_id=source.hub_id, revision=source.revision,
-                    name=source.ref if source.kind in ("hub", "demo") else source.hub_id)
-    variant = describe(staging)
-    # What describe() will read from the finished folder's report.json, so stored records name the final folder.
-    final = dataclasses.replace(variant, path=str(Path(result.out).resolve()), model_id=source.hub_id,
-                                revision=source.revision, base_model_id=source.hub_id, base_path=str(source.path),
-                                recipe=result.to_dict().get("recipe"), target=result.target)
-    checked = check(base, variant, CheckConfig(server=server, texts=windows, traffic=traffic,
-                                               num_prompts=config.latency_requests,
-                                               layout="frozen" if target.kind == "cpu" else "one-at-a-time"),
-                    store=ResultsStore(), variant_record=final, progress=progress)
-    for tr in result.quality:
-        tr.served_base, tr.served_variant = checked.quality["base"][tr.text], checked.quality["variant"][tr.text]
-    result.served = True
-    result.sample = checked.sample
-    result.latency = LatencyPair(base=checked.latency["base"], variant=checked.latency["variant"],
-                                 hardware=checked.hardware, vllm_version=checked.vllm_version,
-                                 settings=checked.settings)
-    for tr in result.quality:
-        sv, ev_ = tr.served_variant, tr.variant
-        gap = sv.perplexity / ev_.perplexity - 1.0
-        if abs(gap) > SERVED_GAP:
-            result.flags.append(
-                f"on {tr.text}, vLLM serves this checkpoint at perplexity {sv.perplexity:.3f} while hubc's evaluation of "
-                f"the same checkpoint gives {ev_.perplexity:.3f} ({gap:+.1%}); trust the served number"
-            )
 
 
 def _write_outputs(result: OptimizeResult, staging: Path) -> None:

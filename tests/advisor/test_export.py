@@ -176,7 +176,7 @@ def test_checkpoint_is_written_in_the_targets_dtype(tiny_llama_dir, tmp_path, sc
 
 
 def test_base_size_is_counted_in_the_checkpoint_dtype(tiny_llama_dir):
-    from hubplugin.optimize import weights_size, weights_size_in
+    from hubplugin.outfolder import weights_size, weights_size_in
 
     as_given = weights_size(tiny_llama_dir)  # the tiny model is written in float32
     half = weights_size_in(tiny_llama_dir, "bfloat16")

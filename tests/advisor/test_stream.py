@@ -19,7 +19,9 @@ from advisor.errors import AdvisorError
 from advisor.export import load_for_eval, write_checkpoint
 from advisor.model import inspect_structure, load_model
 from advisor.recommend import Choices, recommend
-from advisor.stream import ShardReader, ShardWriter, choose_path, compress_streaming, score_streaming
+from advisor.shards import ShardReader, ShardWriter
+from advisor.stream import choose_path, compress_streaming
+from advisor.stream_eval import score_streaming
 from advisor.targets import get_target
 
 CALIBRATION = {"text": "wikitext2-valid", "windows": 4, "seq_len": 64}

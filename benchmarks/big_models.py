@@ -2,7 +2,8 @@
 random weights, built on the fly as sharded safetensors (nothing downloaded).
 
 Rows are SHAPE:LAYERS (default 1b:2 and 1b:22; 7b:2 times the Llama-2-7B shape on two layers, extrapolated to its
-32). Each runs `hubc optimize` as a user would (W4A16 GPTQ, --no-serve, evaluation on a few windows of wikitext-2
+32). Each runs `hubc optimize` as a user would (W4A16 GPTQ, or with --scheme w8a8-int8 the cpu default's smoothing
+and round to nearest; --no-serve, evaluation on a few windows of wikitext-2
 test) in a subprocess whose process tree's resident memory is sampled from /proc every 0.2 s. The acceptance of
 issue 21: peak RSS at 22 layers ≤ 1.3 × that at 2 layers, time per layer within ±15%, the 7B shape under 12 GB.
 
@@ -108,17 +109,25 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+# --scheme → (target, the recipe's scheme lines): W4A16 GPTQ for a GPU target, or the CPU default's W8A8-int8 with
+# smoothing searched layer by layer (round to nearest: the smoothing's memory and time, not GPTQ's).
+SCHEMES = {
+    "w4a16": ("a10g", "scheme: w4a16\ntarget: a10g\nmethod: gptq\nsmoothing: none\nbudget_scheme: w8a16\n"),
+    "w8a8-int8": ("cpu", "scheme: w8a8-int8\ntarget: cpu\nmethod: rtn\nsmoothing: search\n"),
+}
+
+
 def run(folder: Path, out: Path, calib_windows: int, eval_windows: int, stream: bool, dense_budget: float = 0.0,
-        ) -> dict:
+        scheme: str = "w4a16") -> dict:
     """`hubc optimize` on the folder, its process tree's peak RSS sampled; returns the measurements. A
-    `dense_budget` keeps that share of the weights at W8A16 (the GPU targets' default is 0.3)."""
+    `dense_budget` keeps that share of the weights at W8A16 (the GPU targets' default is 0.3) or dense (W8A8)."""
+    target, lines = SCHEMES[scheme]
     recipe = out.parent / f"{out.name}.recipe.yaml"
     recipe.write_text(
-        f"scheme: w4a16\ntarget: a10g\nmethod: gptq\nsmoothing: none\ndense_budget: {dense_budget}\n"
-        "budget_scheme: w8a16\n"
+        f"{lines}dense_budget: {dense_budget}\n"
         f"calibration: {{text: wikitext2-valid, windows: {calib_windows}, seq_len: 512}}\n")
     shutil.rmtree(out, ignore_errors=True)
-    command = [str(ROOT / ".venv" / "bin" / "hubc"), "optimize", str(folder), "--target", "a10g", "--recipe",
+    command = [str(ROOT / ".venv" / "bin" / "hubc"), "optimize", str(folder), "--target", target, "--recipe",
                str(recipe), "--no-serve", "--eval-text", "wikitext2-test", "--eval-windows", str(eval_windows),
                "--seq-len", "512", "--stream" if stream else "--no-stream", "--format", "json", "--out", str(out)]
     started = time.monotonic()
@@ -236,7 +245,8 @@ def render(rows: dict, meta: dict) -> str:
     gb = 1e9
     lines = [
         "# Big models streamed: peak memory and time per layer", "",
-        (f"`hubc optimize --stream` (W4A16 GPTQ, calibration {meta['calib_windows']}×512 tokens of wikitext-2 valid, "
+        (f"`hubc optimize --stream` (W4A16 GPTQ unless the row names W8A8-int8 smoothed — the cpu default's smoothing "
+         "searched layer by layer, weights rounded to nearest —, calibration {meta['calib_windows']}×512 tokens of wikitext-2 valid, "
         f"evaluation {meta['eval_windows']}×512 tokens of wikitext-2 test, --no-serve) on Llama-shaped models with "
         f"random bf16 weights built by `benchmarks/big_models.py`; {meta['machine']}, a machine shared with other "
         "work (timings are noisy). Peak RSS: the hubc process tree, sampled every 0.2 s from /proc."), "",
@@ -321,6 +331,8 @@ def main() -> None:
     parser.add_argument("--no-stream", action="store_true", help="run in memory (for comparison)")
     parser.add_argument("--dense-budget", type=float, default=0.0,
                         help="share of the weights kept at W8A16, measured layer by layer (GPU defaults: 0.3)")
+    parser.add_argument("--scheme", choices=sorted(SCHEMES), default="w4a16",
+                        help="w4a16 (GPTQ, a10g) or w8a8-int8 (the cpu default's smoothing, round to nearest)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per row, their layer times pooled (a 2-layer row has few on a noisy machine)")
     parser.add_argument("--kill", action="store_true", help="only check that killing a 1b:2 run leaves nothing")
@@ -343,10 +355,11 @@ def main() -> None:
         shape, layers = row.split(":")
         folder = build(args.work / f"llama-{shape}-{layers}", shape, int(layers))
         key = row + (" in memory" if args.no_stream else "") + \
-            (f" +{args.dense_budget:.0%} at w8a16" if args.dense_budget else "")
+            (f" +{args.dense_budget:.0%} at w8a16" if args.dense_budget else "") + \
+            (f" {args.scheme} smoothed" if args.scheme != "w4a16" else "")
         print(f"» {key}: running hubc optimize", file=sys.stderr)
         runs = [run(folder, args.work / f"out-{shape}-{layers}", args.calib_windows, args.eval_windows,
-                    not args.no_stream, args.dense_budget) for _ in range(args.repeat)]
+                    not args.no_stream, args.dense_budget, args.scheme) for _ in range(args.repeat)]
         data["rows"][key] = merged(runs)
         print(json.dumps(data["rows"][key]), file=sys.stderr)
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False,

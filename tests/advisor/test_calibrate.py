@@ -26,6 +26,19 @@ def test_self_generated_windows_are_whole_bos_led_and_repeat_with_their_seed(tin
     assert generate_windows(model, tokenizer, 3, 24, seed=6) != windows
 
 
+def test_self_generated_windows_start_from_random_ordinary_tokens(tiny):
+    """Each sample starts from its own token, never a special one: a small model sampled from BOS alone drifts into
+    the same few registers."""
+    model, tokenizer = tiny
+    windows = generate_windows(model, tokenizer, 8, 6, seed=1)
+    firsts = [w[1] for w in windows]
+    assert not set(firsts) & set(tokenizer.all_special_ids)
+    assert len(set(firsts)) >= 6
+    assert all(len(w) == 6 for w in generate_windows(model, tokenizer, 2, 6, start="bos"))
+    with pytest.raises(ValueError):
+        generate_windows(model, tokenizer, 1, 6, start="middle")
+
+
 def test_healing_text_takes_bos_led_pieces_of_the_calibration_samples(tiny):
     model, tokenizer = tiny
     recipe = Recipe(scheme="dense", target="cpu",

@@ -158,7 +158,7 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     from hubplugin import source as sources
 
     source = sources.resolve(ref, revision=config.revision, token=config.token)
-    if config.out is None:
+    if config.out is None and config.max_size is None:  # a size budget may choose another scheme: named below
         check_out(default_out(source, scheme.name, target.name), config.overwrite)
 
     from advisor.model import inspect_structure

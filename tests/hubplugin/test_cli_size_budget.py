@@ -119,3 +119,16 @@ def test_bad_budgets_fail_in_one_line_before_work(wide, tmp_path, args, fragment
     errors = [line for line in result.stderr.strip().splitlines() if line.lower().startswith("error")]
     assert len(errors) == 1 and fragment in errors[0], result.stderr
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_the_default_output_folder_is_named_for_the_scheme_the_budget_chose(wide, tmp_path, monkeypatch):
+    """An earlier run's folder for the target's default scheme is not this run's output, and is left alone."""
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "qwen3-w4a16-a10g"
+    earlier.mkdir()
+    roomy = estimate(inspect_structure(wide), get_scheme("w8a16"), "bfloat16").total * 1.01
+    result = run("optimize", str(wide), "--target", "a10g", "--max-size", str(int(roomy)), "--method", "rtn",
+                 *SMALL_EVAL)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["recipe"]["scheme"] == "w8a16"
+    assert (tmp_path / "qwen3-w8a16-a10g" / "config.json").exists() and not any(earlier.iterdir())

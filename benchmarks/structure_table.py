@@ -8,7 +8,7 @@ measured in the same interleaved run.
     .venv/bin/python benchmarks/structure_table.py [--only NAME,...] [--heal-minutes 5]
 
 Runs serve with vLLM: run this under `flock /tmp/vllm.lock`. Rows accumulate in
-benchmarks/results/structure_table.json (one per run name, replaced when rerun); the Markdown table is
+benchmarks/results/structure_table.json (one per run name and healing budget, replaced when rerun); the Markdown table is
 benchmarks/results/structure_table.md.
 """
 
@@ -159,8 +159,10 @@ def main() -> None:
             print(f"» {name}", flush=True)
             row = run_one(name, Path(tmp), args.heal_minutes, args.eval_windows)
             row["heal_minutes"] = args.heal_minutes
-            data["rows"] = [r for r in data["rows"] if r["name"] != name] + [row]
-            data["rows"].sort(key=lambda r: list(RUNS).index(r["name"]))
+            # One row per run name and healing budget: a longer budget is a row of its own.
+            data["rows"] = [r for r in data["rows"]
+                            if (r["name"], r.get("heal_minutes")) != (name, args.heal_minutes)] + [row]
+            data["rows"].sort(key=lambda r: (list(RUNS).index(r["name"]), r.get("heal_minutes") or 0))
             path.write_text(json.dumps(data, indent=2) + "\n")
             (RESULTS / "structure_table.md").write_text(render(data["rows"], data))
             print(json.dumps({k: row.get(k) for k in ("linear_removed", "speedup", "failed")}), flush=True)

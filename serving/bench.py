@@ -131,8 +131,11 @@ class BenchConfig:
             if self.server.max_model_len < needed:
                 return dataclasses.replace(self.server, max_model_len=needed)
             return self.server
+        from advisor.targets import forced_serve_env
+
         return ServerConfig(
-            dtype=self.dtype, max_model_len=needed, extra_args=("--no-enable-prefix-caching",)
+            dtype=self.dtype, max_model_len=needed, extra_args=("--no-enable-prefix-caching",),
+            env=forced_serve_env(),
         )
 
 

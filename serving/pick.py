@@ -182,7 +182,7 @@ def pick(
     if len({e.fingerprint for e in entries}) != len(entries):
         raise PickError("a checkpoint was given twice", hint="pass each checkpoint once")
     server = config.server_config()
-    hw, version = hardware(), installed_vllm_version() or ""
+    hw, version = hardware(env=server.env), installed_vllm_version() or ""
     latency: dict[str, MeasurementRecord | None] = {}
     quality: dict[str, MeasurementRecord | None] = {}
     q = config.quality

@@ -132,8 +132,10 @@ def test_quality_gate_flags_the_variant_and_push_refuses_it(fake_hub, trained_ti
     nothing, `hubc push` refuses it too, and both accept it with --accept-quality-loss."""
     monkeypatch.setenv("HF_TOKEN", fake_hub.token)
     out = tmp_path / "o"
-    lossy = ["--target", "a10g", "--scheme", "w4a16", "--method", "rtn", "--dense-budget", "0",
-             "--max-ppl-increase", "0.001", "--out", str(out), *SMALL_EVAL]
+    # 4-bit rounding alone moves a memorised tiny model's perplexity by chance (down, too, with other kernels):
+    # without its last decoder layer it surely rises.
+    lossy = ["--target", "a10g", "--scheme", "w4a16", "--method", "rtn", "--dense-budget", "0", "--remove-layer", "1",
+             "--heal-minutes", "0", "--max-ppl-increase", "0.001", "--out", str(out), *SMALL_EVAL]
     result = run("optimize", str(trained_tiny_llama_dir), *lossy, "--push", "org/tiny-w4")
     assert_one_line_error(result, "not pushed to org/tiny-w4", "quality gate", "--accept-quality-loss")
     assert "quality gate failed" in result.stdout and "--method gptq" in result.stdout

@@ -82,7 +82,10 @@ def test_served_quality_matches_transformers(server: VllmServer, tiny_dir: Path)
     assert (quality.engine, quality.dtype, quality.vllm_version) == ("vllm", "float32", server.vllm_version)
 
     batched = served_token_logprobs(server, windows, top_k=3, concurrency=2)  # vLLM batches the windows
-    assert [w.top1 for w in batched] == [w.top1 for w in served]
+    # A random model's next-token distribution is nearly flat: another GEMM blocking (a batch of two, oneDNN capped
+    # to AVX2) may flip a near-tie, never more than a few of the 380 positions.
+    pairs = [(b, s) for wb, ws in zip(batched, served, strict=True) for b, s in zip(wb.top1, ws.top1, strict=True)]
+    assert sum(b == s for b, s in pairs) >= 0.99 * len(pairs)
     for b, s in zip(batched, served, strict=True):
         assert b.token_logprobs == pytest.approx(s.token_logprobs, abs=1e-3)
 

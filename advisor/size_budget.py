@@ -23,14 +23,12 @@ import math
 import re
 from dataclasses import dataclass
 
+from advisor.checkpoint_features import DTYPE_BYTES
 from advisor.errors import ShapeError
 
 MAX_PRUNE = 0.5
 """The largest share of decoder-linear weights a size budget prunes: at 40% the demo model is +1903% / +1558%
 before healing and still +97% / +432% after it (benchmarks/results/structure_table.md)."""
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
 
 def parse_size(text: str) -> int:
     """`120MB`, `1.5GB`, `800MiB`, `500000000` → bytes. ValueError with what to write otherwise."""
@@ -127,7 +125,18 @@ def fit(structure, target, max_bytes: int, scheme: str | None = None, dense_budg
         s = get_scheme(name)
         return s.with_group_size(group) if s.grouped else s
 
-    options = []  # (share pruned, -bits, -dense budget, scheme, dense budget, estimate)
+    @dataclass(frozen=True)
+    class Option:
+        need: float
+        """Share of the decoder-linear weights to prune to fit."""
+        rank: tuple
+        name: str
+        budget: float
+        raised: str
+        default_share: float
+        est: SizeEstimate
+
+    options = []
     for name in [scheme] if scheme else [s for s in target.schemes if s != "dense"]:
         s = resolved(name)
         share, raised = (dense_budget, budget_scheme) if dense_budget is not None else default_dense_budget(s, target)
@@ -140,41 +149,41 @@ def fit(structure, target, max_bytes: int, scheme: str | None = None, dense_budg
                 budgets |= {0.1, 0.2, LOW_BIT_BUDGET}
                 raised = raised if share else ("w8a16" if target.supports("w8a16") else "dense")
         raised = raised or "dense"
-        for b in sorted(budgets, reverse=True):
+        bits = s.weights.num_bits if s else 16
+        for b in budgets:
             est = estimate(structure, s, dtype, b, resolved(raised) if b else None)
             need = max(0.0, (est.total - max_bytes) / (est.per_weight * est.decoder_params))
-            bits = s.weights.num_bits if s else 16
-            options.append((need, (-bits, s is not None and s.input_activations is not None), -b, name, b, est))
-    # Least pruning first (the costliest lever per byte), then the most bits (weight-only before quantized
-    # activations), then the largest dense budget; the target's default scheme first among equals.
-    options.sort(key=lambda o: (round(o[0], 6), o[1], o[2], o[3] != target.default_scheme))
-    need, _, _, name, b, est = options[0]
-    if need > MAX_PRUNE:
+            # Least pruning first (the costliest lever per byte), then the most bits (weight-only before quantized
+            # activations), then the largest dense budget; the target's default scheme first among equals.
+            rank = (round(need, 6), -bits, s is not None and s.input_activations is not None, -b,
+                    name != target.default_scheme)
+            options.append(Option(need, rank, name, b, raised, share, est))
+    options.sort(key=lambda o: o.rank)
+    best = options[0]
+    if best.need > MAX_PRUNE:
         reach = {}
-        for _, _, _, n, _, e in options:
-            reach[n] = min(reach.get(n, e.total), int(e.total - MAX_PRUNE * e.per_weight * e.decoder_params))
+        for o in options:
+            e = o.est
+            reach[o.name] = min(reach.get(o.name, e.total), int(e.total - MAX_PRUNE * e.per_weight * e.decoder_params))
         smallest = min(reach.values())
-        fixed = min(o[5].fixed for o in options)
+        fixed = min(o.est.fixed for o in options)
         hint = (f"the embeddings, norms and head alone take {human(fixed)} unquantized: " if max_bytes <= fixed
                 else "") + f"give at least {human(smallest)}"
         raise ShapeError(f"no recipe fits {human(max_bytes)}: with {MAX_PRUNE:.0%} of the decoder-linear weights "
                          "pruned, the smallest are " + ", ".join(f"{n} {human(v)}" for n, v in sorted(reach.items(),
                                                                                           key=lambda kv: kv[1])),
                          hint=hint + (f", or another --scheme than {scheme}" if scheme else ""))
-    default_share, default_raised = (dense_budget, budget_scheme) if dense_budget is not None \
-        else default_dense_budget(resolved(name), target)
+    need, name, b, est = best.need, best.name, best.budget, best.est
     if need > 0:
         need = math.ceil(need * 1000) / 1000  # the search removes at least this share
         why = (f"{name} with {need:.1%} of the decoder-linear weights pruned fits {human(max_bytes)} "
                f"({human(est.total)} unpruned)")
     else:
         why = f"{name} fits {human(max_bytes)} ({human(est.total)})"
-    raised = default_raised if b == 0 or default_share else ("w8a16" if target.supports("w8a16") else "dense")
-    if b != default_share:
-        why += f"; dense budget {b:.0%}" + (f" at {raised}" if b and raised != "dense" else "") + \
-            f" instead of {default_share:.0%}"
-    return BudgetChoice(name, b, raised or "dense", need,
-                        int(est.total - need * est.per_weight * est.decoder_params), why)
+    if b != best.default_share:
+        why += f"; dense budget {b:.0%}" + (f" at {best.raised}" if b and best.raised != "dense" else "") + \
+            f" instead of {best.default_share:.0%}"
+    return BudgetChoice(name, b, best.raised, need, int(est.total - need * est.per_weight * est.decoder_params), why)
 
 
 def fit_choices(structure, target, max_bytes: int, choices) -> tuple[object, dict]:

@@ -25,9 +25,9 @@ def weights_size(path: Path) -> int:
 def weights_size_in(path: Path, dtype: str) -> int:
     """Bytes of the safetensors weights in `path` with every floating-point tensor stored in `dtype` (read from the
     files' headers; integer tensors keep their size), plus the headers as they are."""
-    from advisor.checkpoint_features import stored_bytes
+    from advisor.checkpoint_features import DTYPE_BYTES, stored_bytes
 
-    return stored_bytes(path, {"float32": 4, "float16": 2, "bfloat16": 2}[dtype])
+    return stored_bytes(path, DTYPE_BYTES[dtype])
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -44,8 +44,9 @@ def summary(result) -> None:
             b, v = lat.base[key], lat.variant[key]
             table.add_row(label, engine, number(b, ".1f"), number(v, ".1f"), f"{v / b - 1:+.0%}" if b else "")
     console.print(table)
-    if budget_text(result):
-        console.print(budget_text(result), markup=False)
+    budget = budget_text(result)
+    if budget:
+        console.print(budget, markup=False)
     if getattr(result, "path_reason", ""):
         console.print(f"compressed and evaluated {result.path_reason}", markup=False)
     from hubplugin.card_structure import heal_rows, heal_text, structure_lines

@@ -122,7 +122,7 @@ def parse_prompt_logprobs(
 ) -> tuple[list[float], list[int]]:
     """Read vLLM's `prompt_logprobs` (one entry per prompt token; the first is null; each a dict keyed by the token
     id as a string, of {"logprob", "rank", "decoded_token"}, holding the actual token and the top-k) into the
-    actual token's logprob and the rank-1 token id at positions 1..n-1."""
+    actual token's logprob and the top-1 token id at positions 1..n-1."""
     if len(prompt_logprobs) != len(window):
         raise ServingError(
             f"vLLM returned {len(prompt_logprobs)} prompt logprobs for a {len(window)}-token window"
@@ -135,10 +135,11 @@ def parse_prompt_logprobs(
         if actual is None:
             raise ServingError(f"vLLM returned no logprob for the prompt token at position {pos}")
         logprobs.append(float(actual["logprob"]))
-        best = [int(tok) for tok, entry in entries.items() if entry.get("rank") == 1]
-        if not best:  # ranks are always filled for prompt logprobs; fall back to the highest logprob
-            best = [int(max(entries.items(), key=lambda item: item[1]["logprob"])[0])]
-        top1.append(best[0])
+        # The entries hold the top-k and the actual token, so the highest logprob is the argmax. Not the `rank`
+        # field: with torch capped to AVX2 on an AVX-512 CPU, vLLM 0.32 has ranked the actual token 1 below the
+        # true top-1 (measured: two rank-1 entries at one position of 511); the rank only breaks exact ties.
+        best = max(entries.items(), key=lambda item: (item[1]["logprob"], -(item[1].get("rank") or 1 << 30)))
+        top1.append(int(best[0]))
     return logprobs, top1
 
 

@@ -278,3 +278,19 @@ def test_server_keeps_vllms_thread_wait_policy_unless_the_user_chose_one(monkeyp
     monkeypatch.delenv("HUBC_SET_OMP_WAIT_POLICY")
     _, env = VllmServer(tmp_path)._command()
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_served_top1_is_the_highest_logprob_whatever_rank_vllm_gives() -> None:
+    """vLLM 0.32 under a capped torch has returned the actual token with rank 1 below the true top-1 (captured from
+    a served window): the top-1 is read from the logprobs, so it is the argmax; the rank breaks exact ties only."""
+    from serving.quality import parse_prompt_logprobs
+
+    window = [1, 378, 9, 9]
+    entries = [None,
+               {"378": {"logprob": -3.05, "rank": 1}, "476": {"logprob": -1.40, "rank": 1},
+                "216": {"logprob": -2.63, "rank": 2}},
+               {"9": {"logprob": -0.5, "rank": 2}, "7": {"logprob": -0.5, "rank": 1}},
+               {"9": {"logprob": -0.1, "rank": 1}}]
+    logprobs, top1 = parse_prompt_logprobs(entries, window)
+    assert logprobs == [-3.05, -0.5, -0.1]
+    assert top1 == [476, 7, 9]

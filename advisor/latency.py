@@ -21,8 +21,13 @@ bandwidth, FLOPs / peak) for a decode step and for the wave's prefill. `cpu` has
 The fit (`LatencyModel.fit`): a non-negative linear model (scikit-learn `LinearRegression(positive=True)`,
 weighted by 1/measured so that it minimises relative error and a slow emulated format does not dominate the shared
 terms) on the same features, over every stored `hubc bench` record of the same hardware and served dtype:
-    TPOT = sum over formats b_f * weight bytes_f  +  k * KV bytes  +  c * decode FLOPs  +  o
+    TPOT = sum over formats b_f * weight bytes_f  +  k * KV bytes  +  c * decode FLOPs  +  o  +  l * layers
     TTFT = sum over formats p_f * prefill FLOPs_f  +  o'  +  w * weight bytes
+`l` is a cost per decoder layer and step that bytes and FLOPs do not carry (norms, rotary, attention bookkeeping,
+one kernel launch after another): at small batches on CPUs it dominates, which is why removing whole layers speeds
+decoding up where removing the same bytes across the width does not (benchmarks/results/structure_table.md, the
+demo on `cpu`: 20% of the linear weights as 6 whole layers 1.36x, as MLP channels and heads 1.00x). It is kept
+last, so only where the stored checkpoints differ in depth other than in proportion to their bytes.
 Per-format terms are required: a format's kernels have their own cost per byte and per FLOP (measured on the AVX2
 and AVX-512 dev boxes: W8A8-int8 is 2x slower than bf16 to no faster at batch 1, emulated FP8 13-27x slower,
 so bytes alone predict nothing there). The shared terms are kept only where the data can tell them apart: each is added in
@@ -68,7 +73,7 @@ __all__ = [
     "roofline",
 ]
 
-DECODE_SHARED = ("kv", "compute", "overhead")
+DECODE_SHARED = ("kv", "compute", "overhead", "layers")
 PREFILL_SHARED = ("overhead", "weights")
 
 
@@ -125,6 +130,7 @@ def _decode_columns(f: CheckpointFeatures, load: Traffic) -> dict[str, float]:
         "kv": f.decode_kv_bytes(load),
         "compute": sum(f.decode_flops(load).values()),
         "overhead": 1.0,
+        "layers": float(f.layers),
     }
 
 

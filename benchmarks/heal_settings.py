@@ -37,9 +37,10 @@ SETTINGS: dict[str, tuple[tuple[int, int], dict]] = {
     "lr 1e-4": ((512, 32), {"lr": 1e-4}),
     "lr 3e-4": ((512, 32), {"lr": 3e-4}),
     "lr 1e-3": ((512, 32), {"lr": 1e-3}),
-    "lr 1e-4, half self-generated": ((32, 32), {"lr": 1e-4}),
-    "lr 1e-4, self-generated only": ((0, 64), {"lr": 1e-4}),
+    "lr 3e-4, half self-generated": ((64, 64), {"lr": 3e-4}),
+    "lr 3e-4, self-generated only": ((0, 64), {"lr": 3e-4}),
     "lr 3e-4, KL only": ((512, 32), {"lr": 3e-4, "kl_weight": 1.0}),
+    "lr 3e-4, temperature 2": ((512, 32), {"lr": 3e-4, "temperature": 2.0}),
 }
 
 

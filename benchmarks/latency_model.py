@@ -30,6 +30,8 @@ def _term(name: str, coef: float) -> str:
     """A fitted coefficient (ms per byte / FLOP / step) as the rate it stands for."""
     if name == "overhead":
         return f"{name} {coef:.2f} ms"
+    if name == "layers":
+        return f"{coef:.3f} ms per decoder layer"
     if coef == 0:
         return f"{name} 0"
     if name.startswith(("weights", "kv")):

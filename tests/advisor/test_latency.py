@@ -25,7 +25,8 @@ from serving.store import LATENCY, Measurement, ResultsStore, describe
 GPU = "NVIDIA H100 80GB HBM3"
 TRAFFICS = [Traffic(64, 16, 1), Traffic(256, 32, 4), Traffic(512, 64, 8), Traffic(128, 128, 2)]
 # The model the synthetic measurements follow: ms per byte, per FLOP, per step.
-TPOT_TRUTH = {"weights dense": 1e-4, "weights w4a16": 3e-4, "kv": 1e-5, "compute": 5e-6, "overhead": 3.0}
+TPOT_TRUTH = {"weights dense": 1e-4, "weights w4a16": 3e-4, "kv": 1e-5, "compute": 5e-6, "overhead": 3.0,
+              "layers": 0.7}
 TTFT_TRUTH = {"prefill dense": 2e-8, "prefill w4a16": 4e-8, "overhead": 20.0, "weights": 5e-5}
 
 
@@ -84,6 +85,7 @@ def truth(features, load: Traffic) -> tuple[float, float]:
             + sum(TTFT_TRUTH[f"prefill {f}"] * flops for f, flops in prefill.items()))  # fmt: skip
     tpot = (TPOT_TRUTH["overhead"] + TPOT_TRUTH["kv"] * features.decode_kv_bytes(load)
             + TPOT_TRUTH["compute"] * sum(features.decode_flops(load).values())
+            + TPOT_TRUTH["layers"] * features.layers
             + sum(TPOT_TRUTH[f"weights {f}"] * b for f, b in features.weight_bytes.items()))  # fmt: skip
     return ttft, tpot
 
@@ -186,7 +188,7 @@ def test_terms_the_data_cannot_separate_are_left_out(store: ResultsStore, family
     model = LatencyModel.fit(store.records(kind=LATENCY), "h100", "bfloat16")
     coefficients = model.coefficients()
     assert set(coefficients["tpot"]) == {"weights dense", "weights w4a16", "kv"}
-    assert set(coefficients["tpot_not_identifiable"]) == {"compute", "overhead"}
+    assert set(coefficients["tpot_not_identifiable"]) == {"compute", "overhead", "layers"}
     for name in ("small", "small-w4"):  # the kept terms still reproduce what was measured
         features = checkpoint_features(family[name])
         for load in TRAFFICS[:2]:
@@ -296,3 +298,25 @@ def test_gpu_records_are_matched_by_the_target_name() -> None:
     assert measured_on(get_target("h100"), GPU) and not measured_on(get_target("h200"), GPU)
     assert measured_on(get_target("l4"), "NVIDIA L4") and not measured_on(get_target("l4"), "NVIDIA L40S")
     assert not measured_on(get_target("cpu"), "AMD EPYC, 2 threads, AVX2")
+
+
+def test_a_cost_per_layer_tells_depth_pruning_from_width_pruning(store: ResultsStore, tmp_path: Path) -> None:
+    """On CPUs a decode step pays per decoder layer more than per byte: once the store holds checkpoints of other
+    depths, removing layers is predicted faster than removing as many bytes across the width."""
+    base = write_checkpoint(tmp_path / "base", layers=6, mlp=256)
+    width = write_checkpoint(tmp_path / "width", layers=6, mlp=128)
+    depth = write_checkpoint(tmp_path / "depth", layers=4, mlp=256)
+    for folder in (base, width, depth):
+        store_runs(store, folder, TRAFFICS, hardware="cpu-box", dtype="float32",
+                   timing=lambda f, load: (10.0 + 1e-6 * sum(f.prefill_flops(load).values()),
+                                           2.0 + 1e-5 * f.weight_bytes["dense"] + 4.0 * f.layers))
+    model = LatencyModel.fit(store.records(kind=LATENCY, hardware="cpu-box"), "cpu", "float32")
+    assert model.coefficients()["tpot"]["layers"] == pytest.approx(4.0, rel=1e-4)
+    narrower = checkpoint_features(write_checkpoint(tmp_path / "narrower", layers=6, mlp=64), "float32")
+    shallower = checkpoint_features(write_checkpoint(tmp_path / "shallower", layers=3, mlp=256), "float32")
+    load = Traffic(64, 16, 1)
+    for features in (narrower, shallower):
+        assert model.predict(features, load).tpot_ms_p50 == pytest.approx(
+            2.0 + 1e-5 * features.weight_bytes["dense"] + 4.0 * features.layers, rel=1e-4)
+    assert model.predict(shallower, load).tpot_ms_p50 < model.predict(narrower, load).tpot_ms_p50
+    assert shallower.weight_bytes["dense"] > narrower.weight_bytes["dense"]

@@ -18,8 +18,8 @@ numbers then come from exact int8 arithmetic, which is what the pair limit makes
 (tests/advisor/test_targets.py::test_int8_pair_sum_matches_onednn), but served latency is not an AVX2 CPU's. Rows
 measured before this change also had oneDNN capped in hubc's own process.
 
-Results accumulate in benchmarks/results/default_method_<target>.json (a row per kind × setting, replaced when rerun)
-and the Markdown table benchmarks/results/default_method_<target>.md.
+Results accumulate in benchmarks/results/default_method_<target>.json (a row per CPU × kind × setting, replaced when
+rerun on the same CPU) and the Markdown table benchmarks/results/default_method_<target>.md.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def write_markdown(rows: list[dict], target: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(settings(target))
-    for r in sorted(rows, key=lambda r: (r["kind"], order.index(r["setting"]) if r["setting"] in order else 99)):
+    for r in sorted(rows, key=lambda r: (r["kind"], order.index(r["setting"]) if r["setting"] in order else 99,
+                                         r["cpu"])):
         t = r["timings"]
         q = r["quality"]
 
@@ -187,7 +188,7 @@ def main() -> None:
                     continue
                 row = run_one(args.target, kind, name, args.windows, args.serve, Path(tmp))
                 rows = [r for r in rows if not (r["kind"] == kind and r["setting"] == name
-                                                and r["served"] == row["served"])] + [row]
+                                                and r["served"] == row["served"] and r["cpu"] == row["cpu"])] + [row]
                 path.write_text(json.dumps(rows, indent=2))
                 write_markdown(rows, args.target)
                 print(f"{kind}/{name}: {row['wall_s']:.0f} s, {json.dumps(row['quality'])}", file=sys.stderr,

@@ -53,7 +53,7 @@ def main() -> None:
     torch.manual_seed(0)
     from transformers import AutoTokenizer
 
-    from advisor.calibrate import generate_windows, heal_pieces
+    from advisor.calibrate import SAMPLE_START, SAMPLE_TOP_P, generate_windows, heal_pieces
     from advisor.compress import CompressReport, apply_structure
     from advisor.evaluate import make_windows, read_text
     from advisor.heal import HealConfig, heal
@@ -97,7 +97,8 @@ def main() -> None:
         report = heal(student, base, wiki[:n_wiki] + pieces[:n_self], config, held)
         row = {"setting": name, "wiki_windows": n_wiki, "self_generated_windows": n_self, **fields,
                "steps": report.steps, "heal_seconds": report.seconds, "kl_start": report.kl_start,
-               "kl_end": report.kl_end, "held_out": report.held_out, "seconds": time.time() - t0}
+               "kl_end": report.kl_end, "held_out": report.held_out, "seconds": time.time() - t0,
+               "sampler": f"{SAMPLE_START} start, top-p {SAMPLE_TOP_P}"}
         rows.append(row)
         print(f"{name:32s}" + "  ".join(f"{n} {v['before'] / v['base'] - 1:+.1%} → {v['after'] / v['base'] - 1:+.1%}"
                                           for n, v in report.held_out.items()), flush=True)
@@ -121,12 +122,13 @@ def markdown(record: dict) -> str:
               "base on held-out windows (8 × 512 tokens per text, never trained on), before → after healing."),
              ("Written by `.venv/bin/python benchmarks/heal_settings.py [--only REGEX]` (rows accumulate; the last "
               f"run: `{record['arguments'] or 'all settings'}`)."), "",
-             ("| setting | training windows (wikitext-2 valid + self-generated) | Δppl wikitext-2 test | "
-              "Δppl licenses | final KL |"), "|---|---:|---:|---:|---:|"]
+             ("| setting | training windows (wikitext-2 valid + self-generated) | sampler | Δppl wikitext-2 test | "
+              "Δppl licenses | final KL |"), "|---|---:|---|---:|---:|---:|"]
     for r in record["rows"]:
         cells = [f"{v['before'] / v['base'] - 1:+.1%} → {v['after'] / v['base'] - 1:+.1%}"
                  for v in (r["held_out"]["wikitext2-test"], r["held_out"]["licenses"])]
-        lines.append(f"| {r['setting']} | {r['wiki_windows']} + {r['self_generated_windows']} | {cells[0]} | "
+        lines.append(f"| {r['setting']} | {r['wiki_windows']} + {r['self_generated_windows']} | "
+                     f"{r.get('sampler', 'bos start, whole vocabulary')} | {cells[0]} | "
                      f"{cells[1]} | {r['kl_end']:.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from advisor.calibrate import Calibration
+from advisor.calibrate import CalibConfig, Calibration
 from advisor.errors import AdvisorError
 from advisor.plan import DENSE, Plan, assign_linears
 from advisor.quantize.rtn import QuantizedWeight, pair_sums
@@ -244,7 +244,7 @@ class LayerSmoothing:
         self.plan = plan
         self.prefix, layers = decoder_layers(model)
         self.names = list(plan.linears)  # dense linears too: those reading a scaled activation must absorb the factors
-        self.sample_rows = (plan.recipe.calibration or {}).get("sample_rows", 512)
+        self.sample_rows = (plan.recipe.calibration or {}).get("sample_rows", CalibConfig.sample_rows)
         self.hidden, self.arguments = layer_arguments(model, layers, windows)
         self.layers = len(layers)
         self.choices: dict[int, list] = {}

@@ -57,6 +57,9 @@ class Choices:
 # (wikitext-2 / licenses) with none, +8.97% / +19.00% at 10%, +4.26% / +12.17% at 20%, +2.76% / +8.14% at 30%.
 LOW_BIT_BUDGET = 0.3
 
+# Share of the linear weights an int8 GEMM under a pair limit keeps dense by default (see default_dense_budget).
+PAIRED_INT8_BUDGET = 0.03
+
 
 def default_method(scheme: Scheme, target) -> str:
     """GPTQ where round-to-nearest loses too much and GPTQ is fast everywhere; round to nearest elsewhere.
@@ -81,10 +84,14 @@ def default_dense_budget(scheme: Scheme, target=None) -> tuple[float, str]:
     release notes, Vim manual): KL to the base 0.0089-0.0169 with no layer dense, 0.0081-0.0134 at 1% (layer 0's
     down_proj), 0.0074-0.0133 at 2% (+6.3 MB, three layers), 0.0068-0.0119 at 4% (+12 MB); Δppl at 2% at most
     +0.72% on every text, against +1.23% at 1%.
+    Under an int8 pair limit (CPUs without VNNI) the codes are coarser and 3%: the demo's W8A8 GPTQ default, AVX2
+    emulated, KL 0.0073 / 0.0150 (wikitext-2 / licenses; Δppl +0.70% / +0.99%) at 2%, 0.0067 / 0.0138 (+0.74% /
+    +0.79%) at 3% for 1 MB more (benchmarks/results/default_method_cpu.md, gptq-rows2048 against gptq-dense3).
 
     Returns (share, what the share gets: `dense` or a scheme id)."""
     if scheme.input_activations is not None:
-        return 0.02, "dense"
+        paired = scheme.weights.num_bits == 8 and target is not None and target.int8_pair_sum is not None
+        return (PAIRED_INT8_BUDGET if paired else 0.02), "dense"
     if scheme.weights.num_bits <= 4 and target is not None and target.supports("w8a16"):
         return LOW_BIT_BUDGET, "w8a16"
     return 0.0, "dense"

@@ -50,6 +50,12 @@ KINDS: dict[str, dict[str, str]] = {
 CPU_SETTINGS: dict[str, dict] = {
     "rtn": {"method": "rtn"},
     "gptq": {"method": "gptq", "calibration": {"windows": 16}},
+    "gptq-rows512": {"method": "gptq", "calibration": {"windows": 16, "sample_rows": 512}},
+    "gptq-rows2048": {"method": "gptq", "calibration": {"windows": 16, "sample_rows": 2048}},
+    "gptq-rows8192": {"method": "gptq", "calibration": {"windows": 16, "sample_rows": 8192}},
+    "gptq-w32": {"method": "gptq", "calibration": {"windows": 32}},
+    "gptq-dense3": {"method": "gptq", "dense_budget": 0.03, "calibration": {"windows": 16}},
+    "gptq-selfgen8": {"method": "gptq", "calibration": {"windows": 16, "self_generated": 8}},
     "autoround-50-w32": {"method": "autoround", "iterations": 50, "calibration": {"windows": 32}},
     "autoround-20-w16": {"method": "autoround", "iterations": 20, "calibration": {"windows": 16}},
     "autoround-10-w16": {"method": "autoround", "iterations": 10, "calibration": {"windows": 16}},

@@ -6,8 +6,8 @@ wall time, sizes, the layers the dense budget kept, quality evaluated and served
 
 `cpu-as-avx2` is `make demo CPU_ISA=avx2`: this CPU taken for an AVX2-only one (HUBC_CPU_ISA=avx2, torch and MKL
 capped to AVX2; see the Makefile). Runs that serve start vLLM: run this under `flock /tmp/vllm.lock`.
-Rows accumulate in benchmarks/results/demo.json (a row per run name, replaced when rerun) and the Markdown table
-benchmarks/results/demo.md.
+Rows accumulate in benchmarks/results/demo.json (a row per run name and CPU, replaced when rerun on that CPU) and the
+Markdown table benchmarks/results/demo.md.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def write_markdown(rows: list[dict]) -> None:
     lines = [
         "# The demo's main job, as `make demo` runs it",
         "",
-        "`.venv/bin/python benchmarks/demo.py` (one row per run; `cpu-as-avx2` is `make demo CPU_ISA=avx2`). Every",
+        "`.venv/bin/python benchmarks/demo.py` (one row per run and CPU; `cpu-as-avx2` is `make demo CPU_ISA=avx2`). Every",
         "option at its default; 16×512 tokens of each text; evaluated: hubc in transformers (fp32) on the exported",
         "checkpoint; served: vLLM prompt logprobs, base and variant on the same server settings.",
         "",
@@ -206,8 +206,8 @@ def main() -> None:
             if name not in RUNS:
                 sys.exit(f"unknown run {name!r}: one of {', '.join(RUNS)}")
             row = run_one(name, Path(tmp))
-            rows = [r for r in rows if r["name"] != name] + [row]
-            rows.sort(key=lambda r: list(RUNS).index(r["name"]))
+            rows = [r for r in rows if (r["name"], r["cpu"]) != (name, row["cpu"])] + [row]
+            rows.sort(key=lambda r: (list(RUNS).index(r["name"]), r["cpu"]))
             path.write_text(json.dumps(rows, indent=2) + "\n")
             write_markdown(rows)
             print(f"{name}: {row['wall_s']:.0f} s", file=sys.stderr, flush=True)

@@ -75,7 +75,8 @@ def targets(fmt: str) -> None:
                    "activation-aware (AWQ-style) for weight-only schemes")
 @click.option("--dense-budget", type=click.FloatRange(min=0, max=1, max_open=True),
               help="share of the linear weights left unquantized, the layers whose quantization costs the most loss "
-                   "(measured on calibration text) first. Default: 0.02 for w8a8-int8/fp8; 0.3, at w8a16, for w4a16 "
+                   "(measured on calibration text) first. Default: 0.02 for w8a8-int8/fp8 (0.03 for w8a8-int8 on CPUs "
+                   "without VNNI); 0.3, at w8a16, for w4a16 "
                    "where the target serves w8a16; else 0")
 @click.option("--budget-scheme", help="what the --dense-budget layers get: dense, or a scheme with more bits "
                                       "(e.g. w8a16 under w4a16). Default: dense; w8a16 for w4a16 on GPUs")

@@ -141,7 +141,12 @@ def test_dense_budget_defaults_to_two_percent_where_activations_are_quantized(ti
     from advisor.targets import get_target
 
     structure = inspect_structure(tiny_llama_dir)
-    assert recommend(structure, get_target("cpu"), Choices(scheme="w8a8-int8")).recipe.dense_budget == 0.02
+    vnni = get_target("cpu", flags={"avx2", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512_vnni"})
+    avx2 = get_target("cpu", flags={"avx2"})
+    assert vnni.int8_pair_sum is None and avx2.int8_pair_sum is not None
+    assert recommend(structure, vnni, Choices(scheme="w8a8-int8")).recipe.dense_budget == 0.02
+    # Under the int8 pair limit (no VNNI) the codes are coarser: 3%.
+    assert recommend(structure, avx2, Choices(scheme="w8a8-int8")).recipe.dense_budget == 0.03
     gpu = recommend(structure, get_target("a10g"), Choices(scheme="w4a16")).recipe
     assert (gpu.dense_budget, gpu.budget_scheme) == (0.3, "w8a16")  # 4 bits: the costliest weights at 8 bits
     assert recommend(structure, get_target("a10g"), Choices(scheme="w8a16")).recipe.dense_budget == 0.0

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from helpers import build_tiny_llama, perturbed_copy  # tests/ is on sys.path (conftest.py)
 from safetensors.numpy import save_file
 
+from advisor.targets import forced_serve_env
 from hubplugin.cli import main
 from serving.bench import BenchConfig, Traffic
 from serving.pick import SLO, Candidate, PickConfig, PickError, QualityConfig, base_ref, pick, rank
@@ -29,6 +30,12 @@ CHECKPOINTS = {
     "good-but-larger": (14.2, 0.01, 10.2, 3000),  # +2%, as fast as `good` within its 3% spread: size decides
     "slow": (30.0, 0.01, 10.1, 1500),  # misses the TPOT SLO
 }
+
+
+def served_hardware() -> str:
+    """This machine as hubc's vLLM servers run on it (oneDNN capped where $HUBC_CPU_ISA takes it for a narrower
+    CPU): what `pick` looks stored records up under."""
+    return hardware(env=forced_serve_env())
 
 
 def fake_checkpoint(folder: Path, size: int, base: Path | None = None) -> Path:
@@ -66,11 +73,11 @@ def stored(tmp_path: Path) -> tuple[ResultsStore, dict[str, Path]]:
             metrics |= {"output_throughput_tok_s_p50": tok_s, "output_throughput_tok_s_p95": 0.9 * tok_s,
                         "request_throughput_rps_p50": tok_s / 8, "request_throughput_rps_p95": 0.9 * tok_s / 8}
         store.add(Measurement(
-            kind=LATENCY, checkpoint=info, traffic=TRAFFIC, hardware=hardware(), engine_version=version,
+            kind=LATENCY, checkpoint=info, traffic=TRAFFIC, hardware=served_hardware(), engine_version=version,
             metrics=metrics, settings={"server": {"dtype": "bfloat16"}},
         ))  # fmt: skip
         store.add(Measurement(
-            kind=QUALITY, checkpoint=info, hardware=hardware(), engine_version=version,
+            kind=QUALITY, checkpoint=info, hardware=served_hardware(), engine_version=version,
             metrics={"perplexity": ppl, "tokens": 1022},
             settings={"text": "wikitext2-test", "seq_len": 512, "windows": 2, "windows_sha": WINDOWS_SHA,
                       "dtype": "bfloat16"},
@@ -253,7 +260,7 @@ def test_pick_measures_what_the_store_lacks(tmp_path: Path) -> None:
     assert all(c.tpot_ms_p50 >= 0 and c.ttft_ms_p50 > 0 and c.throughput_tok_s > 0 for c in result.candidates)
     assert result.choice is not None
     for record in store.records():
-        assert record.hardware == hardware() and record.engine_version
+        assert record.hardware == served_hardware() and record.engine_version
     latency = store.records(kind=LATENCY)[0]
     assert latency.traffic == "in=32,out=8,concurrency=1"
     assert latency.settings["benchmark"]["tool"] == "vllm bench serve"

@@ -24,7 +24,7 @@ class CalibConfig:
     """Input rows kept per linear layer for scoring transforms (smoothing's choice of strength, scored on these rows). On
     the demo's AVX2 W8A8 default, 2048 rows against 512: Δppl +0.70% / +0.99% against +1.12% / +1.58% (wikitext-2 /
     licenses.txt) at the same quantization time; 8192 gained nothing more (benchmarks/results/default_method_cpu.md,
-    rows gptq, gptq-rows2048, gptq-rows8192 on AMD EPYC)."""
+    rows gptq-rows512, gptq-rows2048, gptq-rows8192 on AMD EPYC)."""
     self_generated: int = 0
     """Windows of text the base model samples itself, added to `text`'s. Structure chosen on one domain overfits it
     (benchmarks/results/structure_calibration.md): the model's own text covers what it knows, with no dataset."""

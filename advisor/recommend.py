@@ -12,7 +12,7 @@ from advisor.model import ModelStructure
 from advisor.plan import Plan, resolve
 from advisor.quantize import METHODS
 from advisor.recipe import Recipe
-from advisor.schemes import Scheme, get_scheme
+from advisor.schemes import Scheme, get_scheme, pair_limit
 
 
 @dataclass
@@ -73,8 +73,7 @@ def default_method(scheme: Scheme, target) -> str:
         return "rtn"
     if scheme.weights.num_bits <= 4:
         return "gptq"
-    int8_gemm = scheme.input_activations is not None
-    return "gptq" if int8_gemm and target.int8_pair_sum is not None else "rtn"
+    return "gptq" if pair_limit(scheme, target.int8_pair_sum) is not None else "rtn"
 
 
 def default_dense_budget(scheme: Scheme, target=None) -> tuple[float, str]:
@@ -90,7 +89,7 @@ def default_dense_budget(scheme: Scheme, target=None) -> tuple[float, str]:
 
     Returns (share, what the share gets: `dense` or a scheme id)."""
     if scheme.input_activations is not None:
-        paired = scheme.weights.num_bits == 8 and target is not None and target.int8_pair_sum is not None
+        paired = target is not None and pair_limit(scheme, target.int8_pair_sum) is not None
         return (PAIRED_INT8_BUDGET if paired else 0.02), "dense"
     if scheme.weights.num_bits <= 4 and target is not None and target.supports("w8a16"):
         return LOW_BIT_BUDGET, "w8a16"

@@ -147,6 +147,10 @@ def test_dense_budget_defaults_to_two_percent_where_activations_are_quantized(ti
     assert recommend(structure, vnni, Choices(scheme="w8a8-int8")).recipe.dense_budget == 0.02
     # Under the int8 pair limit (no VNNI) the codes are coarser: 3%.
     assert recommend(structure, avx2, Choices(scheme="w8a8-int8")).recipe.dense_budget == 0.03
+    from advisor.recommend import default_dense_budget
+    from advisor.schemes import get_scheme
+
+    assert default_dense_budget(get_scheme("fp8"), avx2) == (0.02, "dense")  # the pair limit is int8's only
     gpu = recommend(structure, get_target("a10g"), Choices(scheme="w4a16")).recipe
     assert (gpu.dense_budget, gpu.budget_scheme) == (0.3, "w8a16")  # 4 bits: the costliest weights at 8 bits
     assert recommend(structure, get_target("a10g"), Choices(scheme="w8a16")).recipe.dense_budget == 0.0

@@ -89,6 +89,10 @@ def compress(model, plan: Plan, calibration: Calibration | None,
         from advisor.structure_search import choose
 
         request = dict(recipe.structure)
+        if request.get("speedup") and not request.get("latency"):
+            raise AdvisorError("a structure `speedup` needs the latency model's terms (`latency`), which hubc "
+                               "optimize adds from this hardware's measurements",
+                               hint="run it through `hubc optimize --speedup X`")
         step("structure search", "measuring what each layer, head and channel contributes, and choosing what to "
                                  "remove (" + ", ".join(f"{k} {v}" for k, v in request.items()) + ")")
         # Widths and ranks become multiples of the quantization group where the scheme quantizes in groups.

@@ -49,6 +49,7 @@ not import the serving code.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.checkpoint_features import (
+    DTYPE_BYTES,
     PEAK_KEY,
     CheckpointFeatures,
     LatencyModelError,
@@ -69,8 +71,10 @@ __all__ = [
     "LatencyModel",
     "NoMeasurementsError",
     "Prediction",
+    "SpeedupPlan",
     "measured_on",
     "roofline",
+    "speedup_plan",
 ]
 
 DECODE_SHARED = ("kv", "compute", "overhead", "layers")
@@ -372,3 +376,98 @@ def _apply(fit: _Fit | None, cols: dict[str, float], shared: Sequence[str]) -> f
 def _label(row: _Row) -> str:
     info = row.record.checkpoint
     return getattr(info, "name", None) or Path(info.path).name
+
+
+# ------------------------------------------------------------------------------------------ latency budget
+
+MAX_REMOVED = 0.5
+"""The largest share of the decoder a latency request may remove (half its linear weights, half its layers): the
+structure search's estimates stop holding beyond it, as for a size budget (advisor.size_budget.MAX_PRUNE)."""
+
+
+@dataclass
+class SpeedupPlan:
+    """A decode-step (TPOT) goal turned into what structure must save, from the fitted model's own terms: the
+    milliseconds one removed decoder-linear weight saves (in the variant's format: its bytes read and its FLOPs)
+    and one removed decoder layer (its cost per layer and its KV cache), at one traffic. A prediction: it says what
+    it rests on."""
+
+    speedup: float
+    traffic: str
+    base_ms: float
+    """Predicted TPOT of the base."""
+    start_ms: float
+    """Predicted TPOT of the variant before structure: the base with its decoder linears in the variant's format."""
+    goal_ms: float
+    ms_per_param: float
+    ms_per_layer: float
+    """Beyond the layer's weights (0 where the measurements cannot tell a cost per layer apart)."""
+    basis: str
+    """`measurements` or `roofline` (advisor.latency.Prediction.basis)."""
+    measurements: int
+    loo_tpot_error: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def save_ms(self) -> float:
+        return max(0.0, self.start_ms - self.goal_ms)
+
+    def spec(self) -> dict[str, float]:
+        """The structure request's `latency` block (advisor.structure_search.choose)."""
+        return {"save_ms": self.save_ms, "ms_per_param": self.ms_per_param, "ms_per_layer": self.ms_per_layer}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"save_ms": self.save_ms}
+
+
+def speedup_plan(model: LatencyModel, base: CheckpointFeatures, load: Traffic, speedup: float, linear_params: int,
+                 fmt: str, bytes_per_param: float) -> SpeedupPlan:
+    """What structure must save for the variant to decode `speedup` times faster than the base (predicted TPOT
+    ratio at `load`). `linear_params`: the base's decoder-linear weights; `fmt`: the variant's linear format
+    (`dense` or a scheme id) and `bytes_per_param` what one of its weights takes with scales. Raises
+    NoMeasurementsError where nothing predicts the format on this target, LatencyModelError where the goal needs
+    more than MAX_REMOVED of the decoder."""
+    if not speedup > 1:
+        raise LatencyModelError(f"a speed-up must be above 1, not {speedup!r}", hint="e.g. --speedup 1.3")
+    prediction = model.predict(base, load)
+    served = DTYPE_BYTES[base.dtype]
+    per_step = load.concurrency
+    notes = []
+    if prediction.basis == "measurements":
+        coef = model.tpot_fit.coef  # type: ignore[union-attr]
+        if f"weights {fmt}" not in coef:
+            raise NoMeasurementsError(
+                f"the results store has no {fmt} checkpoint measured on this hardware, so what its weights cost "
+                "per decode step is unknown",
+                hint=f"measure one first (`hubc bench` on a {fmt} checkpoint hubc wrote), or give --scheme dense")
+        per_byte = {"dense": coef["weights dense"], fmt: coef[f"weights {fmt}"]}
+        per_flop = coef.get("compute", 0.0)
+        per_layer = coef.get("layers", 0.0) + coef.get("kv", 0.0) * base.decode_kv_bytes(load) / base.layers
+        if "layers" not in coef:
+            notes.append("the stored measurements cannot tell a cost per decoder layer from the cost per byte (no "
+                         "two measured checkpoints differ in depth other than in proportion to their bytes): the "
+                         "plan counts bytes only; on CPUs, where a decode step pays per layer, a depth-pruned "
+                         "checkpoint measured once (e.g. `hubc optimize --prune layers=N`) makes it count layers")
+    else:
+        bandwidth = model.target.memory_bandwidth_gbs * 1e9  # a roofline exists only with a bandwidth
+        per_byte = {"dense": 1e3 / bandwidth, fmt: 1e3 / bandwidth}
+        per_flop = 0.0
+        per_layer = 1e3 / bandwidth * base.decode_kv_bytes(load) / base.layers
+        notes.append("no measurements of this target: the plan is the catalog's roofline (bytes read per decode "
+                     "step), a lower bound")
+    ms_per_param = bytes_per_param * per_byte[fmt] + 2.0 * per_step * per_flop
+    start = prediction.tpot_ms_p50 + linear_params * (bytes_per_param * per_byte[fmt] - served * per_byte["dense"])
+    goal = prediction.tpot_ms_p50 / speedup
+    plan = SpeedupPlan(speedup=speedup, traffic=str(load), base_ms=prediction.tpot_ms_p50, start_ms=start,
+                       goal_ms=goal, ms_per_param=ms_per_param, ms_per_layer=per_layer, basis=prediction.basis,
+                       measurements=prediction.measurements, loo_tpot_error=prediction.loo_tpot_error, notes=notes)
+    reachable = MAX_REMOVED * (linear_params * ms_per_param + base.layers * per_layer)
+    if plan.save_ms > reachable:
+        best = prediction.tpot_ms_p50 / max(start - reachable, 1e-9)
+        raise LatencyModelError(
+            f"a {speedup:g}x faster decode step ({goal:.2f} ms from the base's predicted {prediction.tpot_ms_p50:.2f}"
+            f" ms) needs more than half the decoder removed ({fmt} weights start at {start:.2f} ms; half the decoder "
+            f"saves at most {reachable:.2f} ms)",
+            hint=f"ask for at most --speedup {math.floor(best * 100) / 100:g}" if best > 1 else
+                 "choose a faster --scheme for this target (hubc bench compares them)")
+    return plan

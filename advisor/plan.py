@@ -129,9 +129,10 @@ def check_structure_request(spec: dict, structure: ModelStructure) -> None:
     needs an architecture hubc can rebuild with narrower layers (per layer, unless `allocation: uniform`), and
     factorized linears need hubc's own architecture for the base. Removing layers works everywhere."""
     from advisor.architecture import check_reshape
-    from advisor.structure_search import DEFAULT_MIX
+    from advisor.structure_search import DEFAULT_MIX, LATENCY_MIX
 
-    mix = spec.get("mix", DEFAULT_MIX) if spec.get("params") else ()
+    latency = spec.get("speedup") or spec.get("latency")
+    mix = spec.get("mix", LATENCY_MIX if latency else DEFAULT_MIX) if spec.get("params") or latency else ()
     narrows = bool(spec.get("mlp") or spec.get("heads") or any(k != "layers" for k in mix))
     if narrows:
         check_reshape(structure.model_type, uniform=spec.get("allocation") == "uniform")

@@ -67,7 +67,9 @@ class Recipe:
     (advisor.structure_search): `params` (share of decoder-linear parameters to remove, hubc choosing where and
     what), `mlp`, `heads` (ratios), `layers` (how many to remove), `factorize` (share removed by low-rank
     factorization), `allocation` (global or uniform), `importance` (activation or magnitude). The recipe written with
-    a checkpoint holds the resolved actions instead."""
+    a checkpoint holds the resolved actions instead. `speedup` (a decode step this many times faster than the base's,
+    as the latency model predicts it; `hubc optimize` adds the model's terms as `latency`) asks for time instead of
+    weights."""
     heal: dict | None = None
     """Distillation healing after structural actions (advisor.heal.HealConfig): {minutes, steps, temperature,
     kl_weight, lr, batch, seq_len, windows, self_generated, seed}."""
@@ -160,7 +162,9 @@ class Recipe:
 
 
 STRUCTURE_KEYS = {"params": "share", "mlp": "share", "heads": "share", "layers": "count", "factorize": "share",
-                  "allocation": ("global", "uniform"), "importance": ("activation", "magnitude")}
+                  "allocation": ("global", "uniform"), "importance": ("activation", "magnitude"),
+                  "speedup": "speedup", "latency": "latency"}
+LATENCY_KEYS = ("save_ms", "ms_per_param", "ms_per_layer")
 
 
 def check_structure(spec) -> None:
@@ -177,6 +181,15 @@ def check_structure(spec) -> None:
             raise AdvisorError(f"structure `{key}` must be a whole number of layers, not {value!r}")
         if isinstance(kind, tuple) and value not in kind:
             raise AdvisorError(f"structure `{key}` must be one of {', '.join(kind)}, not {value!r}")
+        if kind == "speedup" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1):
+            raise AdvisorError(f"structure `speedup` must be a number above 1 (e.g. 1.3), not {value!r}")
+        if kind == "latency" and (not isinstance(value, dict) or set(value) != set(LATENCY_KEYS) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in value.values())):
+            raise AdvisorError(f"structure `latency` must map {', '.join(LATENCY_KEYS)} to numbers ≥ 0, not "
+                               f"{value!r}", hint="leave it out: hubc optimize fills it in from `speedup`")
     if "params" in spec and any(k in spec for k in ("mlp", "heads", "layers")):
         raise AdvisorError("structure `params` lets hubc choose where to prune; it does not combine with mlp, heads "
                            "or layers", hint="give either params, or mlp/heads/layers")
+    if "speedup" in spec and any(k in spec for k in ("params", "mlp", "heads", "layers")):
+        raise AdvisorError("structure `speedup` lets hubc choose what to remove for a decode-time goal; it does not "
+                           "combine with params, mlp, heads or layers", hint="give either a speed-up or a share")

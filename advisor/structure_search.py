@@ -33,6 +33,11 @@ from advisor.errors import ShapeError
 
 DEFAULT_MIX = ("mlp", "heads")
 """What `params` removes by default, ranked together (chosen by benchmarks/structure_importance.py)."""
+LATENCY_MIX = ("mlp", "heads", "layers")
+"""What a latency request removes by default: whole layers too, since a decode step pays per layer as well as per
+byte (advisor.latency; on CPUs at batch 1 the per-layer term dominates)."""
+SAVED_MS = "latency saved ms"
+"""Cache key: the decode-step milliseconds the chosen removals are predicted to save."""
 MAX_LAYER_SHARE = 0.5
 """Global allocation takes at most this share of one layer's MLP channels or heads: the cost estimates are local and
 stop holding when most of a layer is gone."""
@@ -54,13 +59,19 @@ class Step:
     """After this step: share removed (mlp, heads), or rank (factorize)."""
     units: int = 0
     """Channels or query heads this step removes."""
+    saving: float = 0.0
+    """With a latency request: the predicted milliseconds per decode step this removal saves (`rate` is then cost
+    per millisecond); else equal to `params`."""
 
 
 def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, object]:
     """Per-unit recipe actions realizing `spec` on `model` (unchanged): keys `params`, `mlp`, `heads` (shares),
     `layers` (count), `factorize` (share), `allocation` (`global` | `uniform`), `importance` (activation | taylor |
     wanda | magnitude), `group_size` (factor ranks become multiples of it), `mix` (what `params` may remove:
-    mlp, heads, layers). Statistics measured go to `cache`, shared with the actions that apply the choice."""
+    mlp, heads, layers), `latency` (a decode-step time to save instead of a share of weights: {save_ms,
+    ms_per_param, ms_per_layer}, from advisor.latency.speedup_plan; removals are then ranked by estimated loss per
+    millisecond saved, whole layers included). Statistics measured go to `cache`, shared with the actions that apply
+    the choice."""
     importance = spec.get("importance", "activation")
     allocation = spec.get("allocation", "global")
     if allocation not in ("global", "uniform"):
@@ -68,7 +79,10 @@ def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, obje
     layers = {li.name: li for li in structure.layers}
     sizes = {li.name: li.in_features * li.out_features for li in structure.linears}
     total = sum(layer_params(layers[n], sizes) for n in layers)
+    latency = spec.get("latency")
     mix = tuple(spec.get("mix", DEFAULT_MIX)) if spec.get("params") else ()
+    if latency:
+        mix = tuple(spec.get("mix", LATENCY_MIX))
     measure_all(model, structure, spec, importance, windows, cache, mix)
     sensitivity = layer_sensitivity(cache) if windows else {}
     actions: dict[str, object] = {}
@@ -84,6 +98,14 @@ def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, obje
         if "layers" in mix:
             steps += layer_steps(cache, layers, sizes)
         ratios, dropped = take_cheapest(steps, spec["params"] * total)
+    elif latency:
+        steps = [s for kind in mix if kind != "layers"
+                 for s in prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes, multiple)]
+        if "layers" in mix:
+            steps += layer_steps(cache, layers, sizes)
+        steps = priced(steps, latency["ms_per_param"], latency.get("ms_per_layer", 0.0))
+        ratios, dropped = take_cheapest(steps, latency["save_ms"], by="saving")
+        cache[SAVED_MS] = saved_ms(steps, ratios, dropped)
     for kind in ("mlp", "heads"):
         share = spec.get(kind)
         if not share:
@@ -101,7 +123,7 @@ def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, obje
             continue
         steps = prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes, multiple)
         count = sum(unit_count(layers[n], kind) for n in live)
-        chosen, _ = take_cheapest(steps, share * count, by_units=True)
+        chosen, _ = take_cheapest(steps, share * count, by="units")
         for n, r in chosen.items():
             ratios.setdefault(n, {}).update(r)
     for name in dropped:
@@ -263,10 +285,10 @@ def _step(cost: float, params: int, chain: tuple, index: int, layer: str, kind: 
     return Step(max(cost, 0.0) / max(params, 1), cost, params, chain, index, layer, kind, amount, units)
 
 
-def take_cheapest(steps: list[Step], target: float, by_units: bool = False) -> tuple[dict[str, dict], list[str]]:
-    """Take steps by cost per parameter, each chain in order, until `target` parameters are removed (with
-    `by_units`, until `target` channels or heads). Returns layer → {kind: share or rank} and the layers removed
-    whole."""
+def take_cheapest(steps: list[Step], target: float, by: str = "params") -> tuple[dict[str, dict], list[str]]:
+    """Take steps by rate (cost per parameter, or per millisecond where `priced`), each chain in order, until
+    `target` is reached: parameters removed (`by="params"`), channels or heads (`"units"`) or milliseconds saved
+    (`"saving"`). Returns layer → {kind: share or rank} and the layers removed whole."""
     chains: dict[tuple, list[Step]] = {}
     for s in steps:
         chains.setdefault(s.chain, []).append(s)
@@ -275,23 +297,44 @@ def take_cheapest(steps: list[Step], target: float, by_units: bool = False) -> t
     heap = [chain[0] for chain in chains.values()]
     heapq.heapify(heap)
     done, shares, dropped, taken = 0.0, {}, [], {}
+    measure = {"params": lambda s: s.params, "units": lambda s: s.units, "saving": lambda s: s.saving}[by]
     while heap and done < target:
         step = heapq.heappop(heap)
         if step.layer in dropped:
             continue
         if step.kind == "layer":
             # What the layer's partial pruning already removed counts once.
-            done += step.params - taken.get(step.layer, 0)
+            done += (step.saving if by == "saving" else step.params) - taken.get(step.layer, 0)
             dropped.append(step.layer)
             shares.pop(step.layer, None)
             continue
         shares.setdefault(step.layer, {})[step.kind] = step.amount
-        taken[step.layer] = taken.get(step.layer, 0) + step.params
-        done += step.units if by_units else step.params
+        taken[step.layer] = taken.get(step.layer, 0) + (step.saving if by == "saving" else step.params)
+        done += measure(step)
         chain = chains[step.chain]
         if step.index + 1 < len(chain):
             heapq.heappush(heap, chain[step.index + 1])
     return shares, sorted(dropped, key=lambda n: int(n.rsplit(".", 1)[1]))
+
+
+def priced(steps: list[Step], ms_per_param: float, ms_per_layer: float) -> list[Step]:
+    """The steps re-rated by estimated loss per decode-step millisecond saved: a removal saves its weights' share of
+    the step, a whole layer also the step's cost per layer."""
+    out = []
+    for s in steps:
+        saving = s.params * ms_per_param + (ms_per_layer if s.kind == "layer" else 0.0)
+        out.append(Step(max(s.cost, 0.0) / max(saving, 1e-12), s.cost, s.params, s.chain, s.index, s.layer, s.kind,
+                        s.amount, s.units, saving))
+    return out
+
+
+def saved_ms(steps: list[Step], ratios: dict[str, dict], dropped: list[str]) -> float:
+    """The milliseconds the chosen removals save, by the same terms the steps were priced with."""
+    total = sum(s.saving for s in steps if s.kind == "layer" and s.layer in dropped)
+    for s in steps:
+        if s.kind != "layer" and s.layer not in dropped and s.amount <= ratios.get(s.layer, {}).get(s.kind, 0) + 1e-9:
+            total += s.saving
+    return total
 
 
 def convex(chain: list[Step]) -> list[Step]:
@@ -303,8 +346,10 @@ def convex(chain: list[Step]) -> list[Step]:
         while out and step.rate <= out[-1].rate:
             prev = out.pop()
             cost, params = prev.cost + step.cost, prev.params + step.params
-            step = Step(max(cost, 0.0) / max(params, 1), cost, params, step.chain, 0, step.layer, step.kind,
-                        step.amount, prev.units + step.units)
+            saving = prev.saving + step.saving
+            rate = max(cost, 0.0) / (max(saving, 1e-12) if saving else max(params, 1))
+            step = Step(rate, cost, params, step.chain, 0, step.layer, step.kind, step.amount,
+                        prev.units + step.units, saving)
         out.append(step)
     for i, step in enumerate(out):
         step.index = i

@@ -23,10 +23,28 @@ def structure_lines(result) -> list[str]:
     if params and params.get("base") and params.get("variant") != params.get("base"):
         base, variant = params["base"], params["variant"]
         lines.append(f"Decoder linear weights: {_m(base)} → {_m(variant)} ({variant / base - 1:+.1%}).")
-    request = t.get("structure_request")
+    request = dict(t.get("structure_request") or {})
+    latency = request.pop("latency", None)
     if request:
         lines.append("Requested: " + ", ".join(f"{k} {v}" for k, v in request.items())
                      + " — hubc chose where on calibration text (the choices are the recipe's actions).")
+    speed = getattr(result, "speedup", None)
+    if speed:
+        line = (f"Speed-up asked: {speed['speedup']:g}x faster decoding ({speed['traffic']}). Latency model "
+                f"({speed['basis']}, {speed['measurements']} measurement(s)): base {speed['base_ms']:.2f} ms per "
+                f"token, {speed['start_ms']:.2f} ms in the variant's format before structure, goal "
+                f"{speed['goal_ms']:.2f} ms; removals ranked by estimated loss per millisecond saved "
+                f"({speed['ms_per_layer']:.3f} ms per decoder layer, {speed['ms_per_param'] * 1e6:.3f} ms per "
+                "million weights)")
+        if speed.get("predicted_variant_ms"):
+            line += (f"; the written variant is predicted at {speed['predicted_variant_ms']:.2f} ms "
+                     f"({speed['predicted_speedup']:.2f}x)")
+        if speed.get("measured_speedup"):
+            line += f"; measured {speed['measured_speedup']:.2f}x"
+        lines.append(line + ".")
+        lines += [f"Note: {n}." for n in speed.get("notes") or []]
+    elif latency:
+        lines.append(f"Latency request: save {latency['save_ms']:.2f} ms per decode step.")
     prune = notes.get("prune") or {}
     if prune:
         widths = Counter(n["mlp_width"] for n in prune.values() if "mlp_width" in n)

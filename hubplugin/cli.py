@@ -101,6 +101,12 @@ def targets(fmt: str) -> None:
               help="largest weights on disk, e.g. 120MB or 1.5GB: hubc takes the scheme with the most bits that "
                    "fits, then a smaller dense budget, then prunes what is still over (chosen on calibration text, "
                    "healed by distillation); keeps whichever of --scheme/--dense-budget you give")
+@click.option("--speedup", type=click.FloatRange(min=1, min_open=True),
+              help="a decode step (time per output token, one request) this many times faster than the base's, as "
+                   "the latency model predicts it from this hardware's stored measurements (`hubc bench`; on GPU "
+                   "targets without any, the catalog's roofline): hubc removes MLP channels, heads and whole layers "
+                   "by estimated loss per millisecond saved, heals, then serves both and reports the measured "
+                   "speed-up")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False),
               help="recipe YAML to apply (e.g. per-module mixed precision) instead of --scheme/--method/...")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
@@ -127,7 +133,7 @@ def targets(fmt: str) -> None:
                    "available memory")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
 def optimize(model, target, scheme, group_size, method, iterations, smoothing, dense_budget, budget_scheme, activations,
-             remove_layers, prune_spec, factorize_share, heal_minutes, max_size, recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
+             remove_layers, prune_spec, factorize_share, heal_minutes, max_size, speedup, recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
              eval_texts, eval_windows, seq_len, stream, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
@@ -149,6 +155,9 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
             if recipe_file is not None:
                 raise click.BadParameter("a recipe file fixes the scheme and structure; --max-size chooses them",
                                          param_hint="--max-size")
+        if speedup is not None and (recipe_file is not None or prune_spec):
+            raise click.BadParameter("--speedup chooses what to remove; a recipe file or --prune fixes it",
+                                     param_hint="--speedup")
         if recipe_file is not None:
             recipe = _read_recipe(recipe_file, scheme=scheme, group_size=group_size, method=method,
                                   iterations=iterations, smoothing=smoothing, dense_budget=dense_budget,
@@ -166,7 +175,7 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
             out=out, overwrite=overwrite, push=push_repo, private=private, serve=not no_serve, revision=revision,
             max_ppl_increase=max_ppl_increase, accept_quality_loss=accept_quality_loss,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
-            stream=stream, max_size=max_bytes,
+            stream=stream, max_size=max_bytes, speedup=speedup,
         )
         result = run(model, target, config, progress=lambda s: click.echo(f"» {s}", err=True))
         if fmt == "json":

@@ -7,6 +7,7 @@ is moved into place only when complete, so a failed run writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -55,6 +56,9 @@ class OptimizeConfig:
     max_size: int | None = None
     """Largest checkpoint weights in bytes (--max-size): hubc chooses the scheme, dense budget and pruning that fit
     (advisor.size_budget) for what the user left open."""
+    speedup: float | None = None
+    """A decode step (TPOT) this many times faster than the base's (--speedup): hubc chooses what structure removes
+    by estimated loss per millisecond the latency model predicts it saves (advisor.latency.speedup_plan)."""
     latency_prompt_tokens: int = 128
     latency_output_tokens: int = 32
     latency_requests: int = 5
@@ -123,6 +127,10 @@ class OptimizeResult:
     """Streamed runs: seconds each decoder layer took, {quantization: [...], evaluation: [...]}."""
     size_budget: dict | None = None
     """--max-size: {max_bytes, estimate, choice: what hubc chose and why}; the written size is `size_after`."""
+    speedup: dict | None = None
+    """--speedup: the plan (advisor.latency.SpeedupPlan: predicted base TPOT, goal, what structure had to save and
+    what the model rests on), the variant's predicted TPOT from its own files, and, when served, the measured
+    speed-up."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -172,6 +180,14 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
                            hint=f"use --seq-len {min(512, structure.context_length)} or any value up to "
                                 f"{structure.context_length}")
     choices, budget = config.choices, None
+    speedup, latency_model = _plan_speedup(source, target, scheme, structure, config, progress)
+    if speedup is not None:
+        request = {**((config.recipe.structure if config.recipe else choices.structure) or {}),
+                   "speedup": speedup.speedup, "latency": speedup.spec()}
+        if config.recipe:
+            config.recipe = dataclasses.replace(config.recipe, structure=request)
+        else:
+            choices = dataclasses.replace(choices, structure=request)
     if config.max_size is not None and config.recipe is None:
         from advisor.size_budget import fit_choices
 
@@ -187,6 +203,10 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     staging = staging_folder(out)
     try:
         result = _build(source, target, plan, staging, out, config, progress, path)
+        if speedup is not None:
+            result.speedup = speedup_outcome(speedup, latency_model, staging, result)
+            if result.speedup.get("flag"):
+                result.flags.append(result.speedup["flag"])
         if budget is not None:
             result.size_budget = budget
             if result.size_after > budget["max_bytes"]:
@@ -229,6 +249,69 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     result.seconds = time.monotonic() - started
     return result
+
+
+def _plan_speedup(source, target, scheme, structure, config, progress):
+    """--speedup (or a recipe's `structure: {speedup: X}`): what structure has to save, from the latency model of
+    this target (its stored measurements, or its roofline), before any model is loaded: (SpeedupPlan, the
+    LatencyModel it came from), or (None, None) without a speed-up."""
+    request = (config.recipe.structure if config.recipe else config.choices.structure) or {}
+    speed = config.speedup or request.get("speedup")
+    if not speed:
+        return None, None
+    if config.max_size is not None:
+        raise AdvisorError("--speedup and --max-size each choose what to remove; give one of them")
+    if any(k in request for k in ("params", "mlp", "heads", "layers")):
+        raise AdvisorError("--speedup chooses what to remove for a decode-time goal; it does not combine with "
+                           "--prune", hint="give either --speedup or --prune")
+    from advisor.checkpoint_features import DTYPE_BYTES, checkpoint_features
+    from advisor.latency import LatencyModel, speedup_plan
+    from advisor.measurement import Traffic
+    from advisor.schemes import is_dense
+    from advisor.size_budget import linear_bytes
+    from serving.store import ResultsStore, target_latency_records
+
+    served = target.schemes[scheme.name].serve_dtype or target.serve_dtype
+    load = Traffic(config.latency_prompt_tokens, config.latency_output_tokens, concurrency=1)
+    records, _ = target_latency_records(ResultsStore(), target)
+    model = LatencyModel.fit(records, target, served)
+    features = checkpoint_features(source.path, served)
+    params = sum(li.in_features * li.out_features for li in structure.linears)
+    dense = is_dense(scheme.name)
+    stored = sum(linear_bytes(li.in_features, li.out_features, None if dense else scheme, DTYPE_BYTES[served])
+                 for li in structure.linears)
+    plan = speedup_plan(model, features, load, float(speed), params, "dense" if dense else scheme.name,
+                        stored / max(params, 1))
+    progress(f"speed-up {plan.speedup:g}x: the base's decode step is predicted at {plan.base_ms:.2f} ms ({plan.basis}"
+             f", {plan.measurements} measurement(s)); structure has to save {plan.save_ms:.2f} ms")
+    return plan, model
+
+
+def speedup_outcome(plan, model, folder: Path, result) -> dict:
+    """The speed-up plan, the variant's TPOT predicted from its written files by the same model, and the measured
+    speed-up where it was served; a flag where the measurement falls short of the request by more than 5%."""
+    from advisor.checkpoint_features import checkpoint_features
+    from advisor.errors import AdvisorError as _Error
+    from advisor.measurement import Traffic
+
+    out = plan.to_dict()
+    try:
+        load = Traffic.parse(plan.traffic)
+        predicted = model.predict(checkpoint_features(folder, model.dtype), load).tpot_ms_p50
+        out["predicted_variant_ms"] = predicted
+        out["predicted_speedup"] = plan.base_ms / predicted
+    except _Error as exc:
+        out["prediction_error"] = exc.message
+    pair = result.latency
+    if pair is not None and pair.base.get("tpot_ms_p50") and pair.variant.get("tpot_ms_p50"):
+        measured = pair.base["tpot_ms_p50"] / pair.variant["tpot_ms_p50"]
+        out["measured_speedup"] = measured
+        if measured < plan.speedup * 0.95:
+            out["flag"] = (f"asked for a {plan.speedup:g}x faster decode step, measured {measured:.2f}x (predicted "
+                           f"{out.get('predicted_speedup', float('nan')):.2f}x from {plan.measurements} stored "
+                           "measurement(s)): this run's measurements are stored now, so running the same command "
+                           "again plans with them")
+    return out
 
 
 class _Clock:

@@ -26,6 +26,7 @@ from advisor.actions.prune import (
     choose_heads,
     head_choices,
     head_scorer,
+    kept_width,
     mlp_scores,
     statistics_needed,
 )
@@ -115,9 +116,7 @@ def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, obje
                 width = layers[n].mlp_width if kind == "mlp" else None
                 if width and width % multiple == 0:
                     # The share rounded to whole groups of channels (kept_width then keeps exactly that).
-                    # Nearest whole group; a tie removes the group (a request for 25% of two groups removes one).
-                    kept = max(multiple, math.floor(width * (1 - share) / multiple + 0.5 - 1e-9) * multiple)
-                    ratios.setdefault(n, {})[kind] = 1 - kept / width
+                    ratios.setdefault(n, {})[kind] = 1 - kept_width(width, share, multiple) / width
                 else:
                     ratios.setdefault(n, {})[kind] = share
             continue

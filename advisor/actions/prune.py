@@ -10,6 +10,7 @@ multiples of 32, so a pruned layer stays quantizable there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -147,11 +148,12 @@ class Prune(Action):
         return {}
 
 
-def kept_width(width: int, ratio: float) -> int:
-    """MLP channels kept when `ratio` of `width` are removed: the nearest multiple of 32 (at least 32), all at 0."""
-    if ratio <= 0 or width <= WIDTH_MULTIPLE:
+def kept_width(width: int, ratio: float, multiple: int = WIDTH_MULTIPLE) -> int:
+    """MLP channels kept when `ratio` of `width` are removed: the nearest multiple of `multiple` (at least one),
+    all at 0. A tie removes the group (a request for 25% of two groups removes one)."""
+    if ratio <= 0 or width <= multiple:
         return width
-    return max(WIDTH_MULTIPLE, min(width, round(width * (1 - ratio) / WIDTH_MULTIPLE) * WIDTH_MULTIPLE))
+    return max(multiple, min(width, math.floor(width * (1 - ratio) / multiple + 0.5 - 1e-9) * multiple))
 
 
 def statistics_needed(layer: str, importance: str, mlp: bool, heads: bool, refit: bool = True) -> dict[str, list[str]]:

@@ -162,3 +162,12 @@ def leftovers(
         except (psutil.Error, ProcessLookupError):
             pass
     return [f"{pid} {name}" for pid, name in sorted(found.items())]
+
+
+def cpu_served_hardware() -> str:
+    """This machine as the `cpu` target's vLLM servers run on it (oneDNN capped where the target or $HUBC_CPU_ISA
+    needs it): the hardware `hubc optimize` and `hubc predict` store and look up latency records under."""
+    from advisor.targets import get_target
+    from serving.store import hardware
+
+    return hardware(env=get_target("cpu").serve_env)

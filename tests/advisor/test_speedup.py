@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import build_tiny_llama
+from helpers import build_tiny_llama, cpu_served_hardware
 from test_latency import store_runs, write_checkpoint
 
 from advisor.checkpoint_features import LatencyModelError, checkpoint_features
 from advisor.latency import LatencyModel, NoMeasurementsError, speedup_plan
-from advisor.measurement import Traffic, hardware
+from advisor.measurement import Traffic
 from advisor.model import load_model, structure_of
 from advisor.structure_search import SAVED_MS, choose
 from advisor.targets import get_target
@@ -94,7 +94,7 @@ def _store_for(folder: Path, target) -> None:
     store = ResultsStore()
     for f in (folder, write_checkpoint(folder.parent / "shallower", layers=layers - 1, mlp=mlp, **shape),
               write_checkpoint(folder.parent / "narrower", layers=layers, mlp=mlp // 2, **shape)):
-        store_runs(store, f, [LOAD, Traffic(512, 64, 4)], hardware=hardware(env=target.serve_env), dtype=serve,
+        store_runs(store, f, [LOAD, Traffic(512, 64, 4)], hardware=cpu_served_hardware(), dtype=serve,
                    timing=cpu_timing)
 
 

@@ -90,14 +90,9 @@ def test_predict_on_cpu_without_measurements_says_to_run_bench(tmp_path):
 
 
 def test_predict_shows_measured_next_to_predicted(tmp_path):
-    from advisor.targets import get_target
+    from helpers import cpu_served_hardware as hardware
+
     from serving.store import LATENCY, Measurement, ResultsStore, describe
-    from serving.store import hardware as plain_hardware
-
-    cpu_env = get_target("cpu").serve_env
-
-    def hardware():  # this machine as the cpu target serves on it (oneDNN capped where an ISA is forced)
-        return plain_hardware(env=cpu_env)
 
     # W8A8-int8: the quantized scheme every CPU variant serves (4-bit needs AVX-512).
     dense, w4 = _latency_checkpoint(tmp_path / "dense"), _latency_checkpoint(tmp_path / "w4", "w8a8-int8")

@@ -443,7 +443,7 @@ def speedup_plan(model: LatencyModel, base: CheckpointFeatures, load: Traffic, s
         per_byte = {"dense": coef["weights dense"], fmt: coef[f"weights {fmt}"]}
         per_flop = coef.get("compute", 0.0)
         per_layer = coef.get("layers", 0.0) + coef.get("kv", 0.0) * base.decode_kv_bytes(load) / base.layers
-        if "layers" not in coef:
+        if per_layer <= 0:
             notes.append("the stored measurements cannot tell a cost per decoder layer from the cost per byte (no "
                          "two measured checkpoints differ in depth other than in proportion to their bytes): the "
                          "plan counts bytes only; on CPUs, where a decode step pays per layer, a depth-pruned "

@@ -76,6 +76,13 @@ def test_the_plan_reads_the_fitted_terms_and_refuses_what_half_the_decoder_canno
     assert plan.ms_per_layer == pytest.approx(4.0, rel=1e-2)
     assert plan.ms_per_param == pytest.approx(4.0 * 1e-5, rel=1e-2)
     assert plan.save_ms == pytest.approx(plan.base_ms - plan.goal_ms)
+    assert not plan.notes
+    # One checkpoint at one traffic: nothing tells a layer from its bytes, and the plan says so.
+    alone = ResultsStore(tmp_path / "alone.sqlite")
+    store_runs(alone, base, [LOAD], hardware="cpu-box", dtype="float32", timing=cpu_timing)
+    bytes_only = speedup_plan(LatencyModel.fit(alone.records(kind=LATENCY, hardware="cpu-box"), "cpu", "float32"),
+                              features, LOAD, 1.1, linear, "dense", 4.0)
+    assert bytes_only.ms_per_layer == 0 and "cannot tell a cost per decoder layer" in bytes_only.notes[0]
     with pytest.raises(LatencyModelError, match="more than half the decoder") as refused:
         speedup_plan(model, features, LOAD, 4.0, linear, "dense", 4.0)
     assert "--speedup" in refused.value.hint

@@ -31,14 +31,16 @@ def structure_lines(result) -> list[str]:
     speed = getattr(result, "speedup", None)
     if speed:
         line = (f"Speed-up asked: {speed['speedup']:g}x faster decoding ({speed['traffic']}). Latency model "
-                f"({speed['basis']}, {speed['measurements']} measurement(s)): base {speed['base_ms']:.2f} ms per "
-                f"token, {speed['start_ms']:.2f} ms in the variant's format before structure, goal "
-                f"{speed['goal_ms']:.2f} ms; removals ranked by estimated loss per millisecond saved "
-                f"({speed['ms_per_layer']:.3f} ms per decoder layer, {speed['ms_per_param'] * 1e6:.3f} ms per "
+                f"({speed['basis']}, {speed['measurements']} measurement(s)): base {speed['base_ms']:.3g} ms per "
+                f"token, {speed['start_ms']:.3g} ms in the variant's format before structure, goal "
+                f"{speed['goal_ms']:.3g} ms; removals ranked by estimated loss per millisecond saved "
+                f"({speed['ms_per_layer']:.3g} ms per decoder layer, {speed['ms_per_param'] * 1e6:.3g} ms per "
                 "million weights)")
         if speed.get("predicted_variant_ms"):
-            line += (f"; the written variant is predicted at {speed['predicted_variant_ms']:.2f} ms "
+            line += (f"; the written variant is predicted at {speed['predicted_variant_ms']:.3g} ms "
                      f"({speed['predicted_speedup']:.2f}x)")
+        if not speed.get("save_ms"):
+            line += "; the scheme alone meets the goal, so structure removed nothing"
         if speed.get("measured_speedup"):
             line += f"; measured {speed['measured_speedup']:.2f}x"
         lines.append(line + ".")

@@ -282,8 +282,8 @@ def _plan_speedup(source, target, scheme, structure, config, progress):
                  for li in structure.linears)
     plan = speedup_plan(model, features, load, float(speed), params, "dense" if dense else scheme.name,
                         stored / max(params, 1))
-    progress(f"speed-up {plan.speedup:g}x: the base's decode step is predicted at {plan.base_ms:.2f} ms ({plan.basis}"
-             f", {plan.measurements} measurement(s)); structure has to save {plan.save_ms:.2f} ms")
+    progress(f"speed-up {plan.speedup:g}x: the base's decode step is predicted at {plan.base_ms:.3g} ms ({plan.basis}"
+             f", {plan.measurements} measurement(s)); structure has to save {plan.save_ms:.3g} ms")
     return plan, model
 
 

@@ -135,3 +135,18 @@ def test_speedup_on_a_cpu_with_nothing_measured_says_to_run_bench_and_writes_not
     refused = CliRunner().invoke(main, ["optimize", str(folder), "--target", "cpu", "--speedup", "1.3", "--prune",
                                         "0.2", "--no-serve"], catch_exceptions=False)
     assert refused.exit_code == 2 and "--speedup" in refused.stderr
+
+
+def test_on_a_gpu_target_without_measurements_the_roofline_plans_and_a_faster_scheme_may_be_enough(tmp_path: Path):
+    folder = build_tiny_llama(tmp_path / "tiny")
+    out = tmp_path / "w8"
+    result = CliRunner().invoke(main, ["optimize", str(folder), "--target", "a10g", "--scheme", "w8a16", "--speedup",
+                                       "1.2", "--heal-minutes", "0", "--out", str(out), "--no-serve", "--seq-len",
+                                       "64", "--eval-windows", "2", "--format", "json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    speed = json.loads(result.stdout)["speedup"]
+    assert speed["basis"] == "roofline" and speed["measurements"] == 0
+    # 8-bit weights read half the bytes of bf16 ones: the roofline meets 1.2x without removing anything.
+    assert speed["save_ms"] == 0 and speed["predicted_speedup"] >= 1.2
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert "structure removed nothing" in (out / "README.md").read_text()

@@ -150,3 +150,17 @@ def test_on_a_gpu_target_without_measurements_the_roofline_plans_and_a_faster_sc
     assert speed["save_ms"] == 0 and speed["predicted_speedup"] >= 1.2
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     assert "structure removed nothing" in (out / "README.md").read_text()
+
+
+def test_a_recipe_file_asking_for_a_speedup_is_planned_like_the_flag(tmp_path: Path) -> None:
+    folder = build_tiny_llama(tmp_path / "tiny")
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text("scheme: w8a16\ntarget: a10g\nstructure: {speedup: 1.2}\n"
+                      "calibration: {text: wikitext2-valid, windows: 2, seq_len: 64}\n")
+    out = tmp_path / "w8"
+    result = CliRunner().invoke(main, ["optimize", str(folder), "--target", "a10g", "--recipe", str(recipe), "--out",
+                                       str(out), "--no-serve", "--seq-len", "64", "--eval-windows", "2", "--format",
+                                       "json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    speed = json.loads(result.stdout)["speedup"]
+    assert speed["speedup"] == 1.2 and speed["basis"] == "roofline" and speed["predicted_speedup"] >= 1.2

@@ -72,6 +72,7 @@ __all__ = [
     "NoMeasurementsError",
     "Prediction",
     "SpeedupPlan",
+    "layer_ms",
     "measured_on",
     "roofline",
     "speedup_plan",
@@ -380,9 +381,6 @@ def _label(row: _Row) -> str:
 
 # ------------------------------------------------------------------------------------------ latency budget
 
-MAX_REMOVED = 0.5
-"""The largest share of the decoder a latency request may remove (half its linear weights, half its layers): the
-structure search's estimates stop holding beyond it, as for a size budget (advisor.size_budget.MAX_PRUNE)."""
 
 
 @dataclass
@@ -420,13 +418,22 @@ class SpeedupPlan:
         return asdict(self) | {"save_ms": self.save_ms}
 
 
+def layer_ms(model: LatencyModel, base: CheckpointFeatures, load: Traffic) -> float:
+    """What one more decoder layer of `base` costs a decode step at `load` by the fitted terms, beyond its weights:
+    the per-layer term and the layer's KV cache (at one traffic profile the KV term carries both, as both scale
+    with depth). 0 where the measurements separate neither."""
+    coef = model.tpot_fit.coef if model.tpot_fit else {}
+    return coef.get("layers", 0.0) + coef.get("kv", 0.0) * base.decode_kv_bytes(load) / base.layers
+
+
 def speedup_plan(model: LatencyModel, base: CheckpointFeatures, load: Traffic, speedup: float, linear_params: int,
                  fmt: str, bytes_per_param: float) -> SpeedupPlan:
     """What structure must save for the variant to decode `speedup` times faster than the base (predicted TPOT
     ratio at `load`). `linear_params`: the base's decoder-linear weights; `fmt`: the variant's linear format
     (`dense` or a scheme id) and `bytes_per_param` what one of its weights takes with scales. Raises
     NoMeasurementsError where nothing predicts the format on this target, LatencyModelError where the goal needs
-    more than MAX_REMOVED of the decoder."""
+    more than MAX_PRUNE of the decoder (advisor.size_budget's bound, half its linear weights; half its
+    layers here)."""
     if not speedup > 1:
         raise LatencyModelError(f"a speed-up must be above 1, not {speedup!r}", hint="e.g. --speedup 1.3")
     prediction = model.predict(base, load)
@@ -442,7 +449,7 @@ def speedup_plan(model: LatencyModel, base: CheckpointFeatures, load: Traffic, s
                 hint=f"measure one first (`hubc bench` on a {fmt} checkpoint hubc wrote), or give --scheme dense")
         per_byte = {"dense": coef["weights dense"], fmt: coef[f"weights {fmt}"]}
         per_flop = coef.get("compute", 0.0)
-        per_layer = coef.get("layers", 0.0) + coef.get("kv", 0.0) * base.decode_kv_bytes(load) / base.layers
+        per_layer = layer_ms(model, base, load)
         if per_layer <= 0:
             notes.append("the stored measurements cannot tell a cost per decoder layer from the cost per byte (no "
                          "two measured checkpoints differ in depth other than in proportion to their bytes): the "
@@ -461,7 +468,9 @@ def speedup_plan(model: LatencyModel, base: CheckpointFeatures, load: Traffic, s
     plan = SpeedupPlan(speedup=speedup, traffic=str(load), base_ms=prediction.tpot_ms_p50, start_ms=start,
                        goal_ms=goal, ms_per_param=ms_per_param, ms_per_layer=per_layer, basis=prediction.basis,
                        measurements=prediction.measurements, loo_tpot_error=prediction.loo_tpot_error, notes=notes)
-    reachable = MAX_REMOVED * (linear_params * ms_per_param + base.layers * per_layer)
+    from advisor.size_budget import MAX_PRUNE
+
+    reachable = MAX_PRUNE * (linear_params * ms_per_param + base.layers * per_layer)
     if plan.save_ms > reachable:
         best = prediction.tpot_ms_p50 / max(start - reachable, 1e-9)
         raise LatencyModelError(

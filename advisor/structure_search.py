@@ -94,17 +94,11 @@ def choose(model, structure, spec: dict, windows, cache: dict) -> dict[str, obje
     ratios: dict[str, dict] = {}
     multiple = math.lcm(WIDTH_MULTIPLE, spec.get("group_size") or 1)  # MLP channels go in whole groups of this
     if spec.get("params"):
-        steps = [s for kind in mix if kind != "layers"
-                 for s in prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes, multiple)]
-        if "layers" in mix:
-            steps += layer_steps(cache, layers, sizes)
+        steps = mix_steps(model, layers, live, mix, importance, cache, sensitivity, sizes, multiple)
         ratios, dropped = take_cheapest(steps, spec["params"] * total)
     elif latency:
-        steps = [s for kind in mix if kind != "layers"
-                 for s in prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes, multiple)]
-        if "layers" in mix:
-            steps += layer_steps(cache, layers, sizes)
-        steps = priced(steps, latency["ms_per_param"], latency.get("ms_per_layer", 0.0))
+        steps = priced(mix_steps(model, layers, live, mix, importance, cache, sensitivity, sizes, multiple),
+                       latency["ms_per_param"], latency.get("ms_per_layer", 0.0))
         ratios, dropped = take_cheapest(steps, latency["save_ms"], by="saving")
         cache[SAVED_MS] = saved_ms(steps, ratios, dropped)
     for kind in ("mlp", "heads"):
@@ -265,6 +259,15 @@ def prune_steps(model, layers: dict, live: list[str], kind: str, importance: str
     return steps
 
 
+def mix_steps(model, layers: dict, live: list[str], mix, importance: str, cache: dict, sensitivity: dict[str, float],
+              sizes: dict[str, int], multiple: int) -> list[Step]:
+    """The removal steps of every kind in `mix`, ranked together: channel blocks and head groups of the `live`
+    layers, and whole layers."""
+    steps = [s for kind in mix if kind != "layers"
+             for s in prune_steps(model, layers, live, kind, importance, cache, sensitivity, sizes, multiple)]
+    return steps + (layer_steps(cache, layers, sizes) if "layers" in mix else [])
+
+
 def per_token(stats: dict, linear: str, importance: str, sensitivity: float) -> float:
     """What turns a summed score into nats per token: energy scores are summed over the calibration rows."""
     if importance == "activation":
@@ -296,19 +299,20 @@ def take_cheapest(steps: list[Step], target: float, by: str = "params") -> tuple
     heap = [chain[0] for chain in chains.values()]
     heapq.heapify(heap)
     done, shares, dropped, taken = 0.0, {}, [], {}
-    measure = {"params": lambda s: s.params, "units": lambda s: s.units, "saving": lambda s: s.saving}[by]
+    removed = (lambda s: s.saving) if by == "saving" else (lambda s: s.params)  # what a layer counts once
+    measure = (lambda s: s.units) if by == "units" else removed
     while heap and done < target:
         step = heapq.heappop(heap)
         if step.layer in dropped:
             continue
         if step.kind == "layer":
             # What the layer's partial pruning already removed counts once.
-            done += (step.saving if by == "saving" else step.params) - taken.get(step.layer, 0)
+            done += removed(step) - taken.get(step.layer, 0)
             dropped.append(step.layer)
             shares.pop(step.layer, None)
             continue
         shares.setdefault(step.layer, {})[step.kind] = step.amount
-        taken[step.layer] = taken.get(step.layer, 0) + (step.saving if by == "saving" else step.params)
+        taken[step.layer] = taken.get(step.layer, 0) + removed(step)
         done += measure(step)
         chain = chains[step.chain]
         if step.index + 1 < len(chain):

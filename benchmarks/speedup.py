@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,9 +35,9 @@ PROBES = {
 
 
 def work_folder() -> Path:
-    root = os.environ.get("HUBC_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                                         "hubc")
-    return Path(root) / "benchmarks" / "speedup"
+    from hubplugin.source import cache_dir
+
+    return cache_dir() / "benchmarks" / "speedup"
 
 
 def optimize(args: list[str], out: Path) -> dict:
@@ -56,15 +55,20 @@ def optimize(args: list[str], out: Path) -> dict:
 
 
 def layer_term_known() -> bool:
-    """Whether this CPU's stored measurements already separate a cost per decoder layer."""
-    from advisor.latency import LatencyModel
+    """Whether this CPU's stored measurements already price a decoder layer apart from its bytes, as the plan
+    reads them (advisor.latency.layer_ms)."""
+    from advisor.checkpoint_features import checkpoint_features
+    from advisor.latency import LatencyModel, layer_ms
+    from advisor.measurement import Traffic
     from advisor.targets import get_target
+    from hubplugin.source import resolve
     from serving.store import ResultsStore, target_latency_records
 
     target = get_target("cpu")
+    dtype = target.schemes["dense"].serve_dtype or target.serve_dtype
     records, _ = target_latency_records(ResultsStore(), target)
-    model = LatencyModel.fit(records, target, target.schemes["dense"].serve_dtype or target.serve_dtype)
-    return "layers" in (model.coefficients().get("tpot") or {})
+    model = LatencyModel.fit(records, target, dtype)
+    return layer_ms(model, checkpoint_features(resolve("demo").path, dtype), Traffic(128, 32, 1)) > 0
 
 
 def main() -> None:

@@ -261,9 +261,9 @@ def _plan_speedup(source, target, scheme, structure, config, progress):
         return None, None
     if config.max_size is not None:
         raise AdvisorError("--speedup and --max-size each choose what to remove; give one of them")
-    if any(k in request for k in ("params", "mlp", "heads", "layers")):
-        raise AdvisorError("--speedup chooses what to remove for a decode-time goal; it does not combine with "
-                           "--prune", hint="give either --speedup or --prune")
+    from advisor.recipe import check_structure
+
+    check_structure({**request, "speedup": speed})  # a speed-up does not combine with params, mlp, heads or layers
     from advisor.checkpoint_features import DTYPE_BYTES, checkpoint_features
     from advisor.latency import LatencyModel, speedup_plan
     from advisor.measurement import Traffic

@@ -70,12 +70,12 @@ class Compressed:
 
 def compress(model, plan: Plan, calibration: Calibration | None,
              step: Callable[[str, str], None] = lambda name, message: None,
-             held_out: dict[str, list[list[int]]] | None = None) -> Compressed:
+             held_out: dict[str, list[list[int]]] | None = None, device: torch.device | None = None) -> Compressed:
     """Apply `plan` to `model` (in place; an action that changes shapes makes a new model: use the returned one).
     `calibration` holds the tokenised calibration windows (None when the recipe needs none: round-to-nearest with no
     smoothing, no dense budget, no structure). `step(name, message)` is called as each step starts (for progress and
     timing). `held_out`: text name → token windows that judge healing (perplexity before and after; never trained
-    on)."""
+    on). `device` (a GPU: advisor.device) computes the layer-by-layer quantization there."""
     recipe = plan.recipe
     needs = recipe.smoothing != "none" or recipe.method != "rtn" or recipe.dense_budget > 0 \
         or any(a.calibrates for a in plan.structural.values()) or bool(recipe.structure) or bool(recipe.heal)
@@ -132,7 +132,7 @@ def compress(model, plan: Plan, calibration: Calibration | None,
     from advisor.quantize import quantize_with
 
     quantized, info = quantize_with(recipe.method, model, targets, calibration.windows if calibration else None,
-                                    plan.recipe)
+                                    plan.recipe, device)
     report.block_error = info.get("block_error")
     report.iterations = info.get("iterations")
     check_codes(targets, quantized)

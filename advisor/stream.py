@@ -79,25 +79,33 @@ def bf16_bytes(structure) -> int:
     return 2 * structure.num_parameters
 
 
-def choose_path(requested: bool | None, plan, available: int | None = None) -> PathChoice:
+def choose_path(requested: bool | None, plan, available: int | None = None,
+                device: torch.device | None = None) -> PathChoice:
     """`requested`: True (--stream), False (--no-stream) or None (automatic: stream when the model's bf16 weights,
-    held IN_MEMORY_FACTOR times over by the in-memory path, would take more than RAM_SHARE of the available memory).
-    An explicit --stream the plan cannot take is an error; an automatic one falls back to memory, saying why."""
+    held IN_MEMORY_FACTOR times over by the in-memory path, would take more than RAM_SHARE of the available memory,
+    or whenever the plan can stream and `device` is a GPU, where layers compute one at a time and the in-memory
+    evaluation would run on the host). An explicit --stream the plan cannot take is an error; an automatic one falls
+    back to memory, saying why."""
     import psutil
+
+    from advisor.device import describe, on_gpu
 
     size = bf16_bytes(plan.structure)
     available = psutil.virtual_memory().available if available is None else available
     refusal = streaming_refusal(plan)
+    where = f" on {describe(device)}" if on_gpu(device) else ""
     if requested is False:
-        return PathChoice(False, "in memory (--no-stream)")
+        return PathChoice(False, "in memory (--no-stream)" + (f"; quantization{where}" if where else ""))
     if requested:
         if refusal:
             raise AdvisorError(f"--stream: {refusal}", hint="drop --stream, or drop structural actions")
-        return PathChoice(True, "layer by layer, weights streamed from the safetensors shards (--stream)")
+        return PathChoice(True, f"layer by layer{where}, weights streamed from the safetensors shards (--stream)")
     big = IN_MEMORY_FACTOR * size > RAM_SHARE * available
     what = f"bf16 weights {size / 2**30:.1f} GiB, {available / 2**30:.1f} GiB of memory available"
+    if where and not refusal:
+        return PathChoice(True, f"layer by layer{where}, weights streamed from the safetensors shards ({what})")
     if not big:
-        return PathChoice(False, f"in memory ({what})")
+        return PathChoice(False, f"in memory ({what})" + (f"; quantization{where}" if where else ""))
     if refusal:
         return PathChoice(False, f"in memory although the model is large for it ({what}): {refusal}")
     return PathChoice(True, f"layer by layer, weights streamed from the safetensors shards ({what})")
@@ -216,10 +224,11 @@ def _checkpoint_tensors(state: dict[str, torch.Tensor], quantized: dict, plan, d
 
 def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dtype | None = None,
                        step: Callable[[str, str], None] = lambda name, message: None,
-                       max_shard_bytes: int = STREAM_SHARD_BYTES):
+                       max_shard_bytes: int = STREAM_SHARD_BYTES, device: torch.device | None = None):
     """Compress the model in folder `path` under `plan` one decoder layer at a time and write the checkpoint into
     `out` (existing, empty) shard by shard; returns (advisor.export.ExportResult, advisor.compress.CompressReport,
-    the plan as applied: the dense budget's choices included).
+    the plan as applied: the dense budget's choices included). `device` (a GPU: advisor.device) computes GPTQ and
+    learned rounding there, one layer at a time; smoothing's search and the dense budget's costs run on the host.
     The plan must stream (streaming_refusal); the checkpoint holds what write_checkpoint writes for the same plan."""
     from advisor.compress import CompressReport, check_codes
     from advisor.export import ExportResult, write_config
@@ -296,14 +305,14 @@ def compress_streaming(path: Path, plan, calibration, out: Path, dtype: torch.dt
 
         for i, layer, quantized in quantize_layers(model, inside, calibration.windows, layer_quantizer(targets),
                                                    act_args={n: t.activations for n, t in targets.items()},
-                                                   load=load):
+                                                   load=load, device=device):
             write(i, layer, quantized)
     elif recipe.method == "autoround":
         from advisor.quantize.autoround import autoround_layers, report_info, round_config
 
         config, errors = round_config(recipe), []
         for i, layer, quantized, error in autoround_layers(model, {n: targets[n] for n in inside},
-                                                           calibration.windows, config, load=load):
+                                                           calibration.windows, config, load=load, device=device):
             errors.append(error)
             write(i, layer, quantized)
         info = report_info(errors, config)

@@ -1,7 +1,8 @@
 """Streamed evaluation (`score_streaming`): base and variant run layer by layer over every evaluation window, their
 weights read from the safetensors shards (advisor.shards), the hidden states of each window carried from layer to
 layer, and the head and the loss are computed in chunks of the vocabulary with running log-sum-exps, so KL over the
-full vocabulary is exact without two whole models, or one window's full distribution, in memory.
+full vocabulary is exact without two whole models, or one window's full distribution, in memory. On a GPU
+(advisor.device) each layer runs there on the carried states, which stay there, and so do the head's chunks.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from advisor.device import HOST, move, on_gpu
 from advisor.errors import DamagedWeightsError
 from advisor.shards import ShardReader, assign, load_layer, load_outer, meta_names, skeleton
 from advisor.stream import release
@@ -30,10 +33,12 @@ class _Streamed:
     """One model of a streamed evaluation: its skeleton, shards, and each window's carried hidden states and
     per-layer arguments."""
 
-    def __init__(self, path: Path, quantized: bool) -> None:
+    def __init__(self, path: Path, quantized: bool, device: torch.device | None = None) -> None:
         from advisor.model import decoder_layers
 
         self.path, self.quantized = path, quantized
+        self.device = device if on_gpu(device) else None  # None: the host, where the skeleton is
+        self._moved: dict = {}  # masks and rotary tables shared by the layers, moved once
         self.model, self.groups = skeleton(path)
         self.reader = ShardReader(path)
         self.prefix, self.layers = decoder_layers(self.model)
@@ -91,32 +96,36 @@ class _Streamed:
                                           hint="the checkpoint is incomplete: export it again")
         else:
             load_layer(layer, prefix, self.reader)
+        if self.device is not None:
+            layer.to(self.device)
         for j, h in enumerate(self.hidden):
-            args, kwargs = self.arguments[i][j]
-            self.hidden[j] = layer_output(layer(h, *args, **kwargs))
+            args, kwargs = move(self.arguments[i][j], self.device, self._moved)
+            self.hidden[j] = layer_output(layer(move(h, self.device), *args, **kwargs))
         release(layer)
 
     def head_inputs(self, j: int, ids: list[int]) -> torch.Tensor:
-        """Window j's input to the head (the final norm applied to its carried hidden states)."""
-        return self._through_stubs(ids, lambda i, args, kwargs: self.hidden[j])[0, :-1].float()
+        """Window j's input to the head (the final norm, on the host, applied to its carried hidden states), on the
+        device the head runs on."""
+        x = self._through_stubs(ids, lambda i, args, kwargs: self.hidden[j].to(HOST))[0, :-1].float()
+        return move(x, self.device)
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
         head = self.model.get_output_embeddings()
         text = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
             else self.model.config
-        return head.weight.float(), None if head.bias is None else head.bias.float(), \
-            getattr(text, "final_logit_softcapping", None)
+        weight, bias = head.weight.float(), None if head.bias is None else head.bias.float()
+        return move(weight, self.device), move(bias, self.device), getattr(text, "final_logit_softcapping", None)
 
 
 class _Running:
     """Running statistics of one model's next-token distributions over vocabulary chunks (per row): log-sum-exp,
     top-1 and the target's logit."""
 
-    def __init__(self, rows: int) -> None:
-        self.max = torch.full((rows,), -math.inf, dtype=torch.float64)
-        self.sum = torch.zeros(rows, dtype=torch.float64)
-        self.top1 = torch.zeros(rows, dtype=torch.long)
-        self.target = torch.zeros(rows, dtype=torch.float64)
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.max = torch.full((rows,), -math.inf, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(rows, dtype=torch.float64, device=device)
+        self.top1 = torch.zeros(rows, dtype=torch.long, device=device)
+        self.target = torch.zeros(rows, dtype=torch.float64, device=device)
 
     def add(self, logits: torch.Tensor, start: int, targets: torch.Tensor) -> torch.Tensor:
         """Fold a chunk in; returns the factor earlier sums were rescaled by (for sums kept alongside)."""
@@ -147,10 +156,11 @@ def _window_scores(xb, xv, base_head, var_head, window: list[int], chunk: int):
     """Both models' TokenScores on one window from their head inputs, the head applied chunk by chunk."""
     from advisor.evaluate import TokenScores
 
-    targets = torch.tensor(window[1:])
+    device = xb.device
+    targets = torch.tensor(window[1:], device=device)
     rows = len(targets)
-    base, var = _Running(rows), _Running(rows)
-    kl_sum = torch.zeros(rows, dtype=torch.float64)  # Σ exp(b - max_b) · (b - v)
+    base, var = _Running(rows, device), _Running(rows, device)
+    kl_sum = torch.zeros(rows, dtype=torch.float64, device=device)  # Σ exp(b - max_b) · (b - v)
     vocab = base_head[0].shape[0]
     for start in range(0, vocab, chunk):
         end = min(start + chunk, vocab)
@@ -164,20 +174,24 @@ def _window_scores(xb, xv, base_head, var_head, window: list[int], chunk: int):
     base_scores = TokenScores(targets, (base.target - b_lse).float(), base.top1, (base.max - b_lse).float())
     var_scores = TokenScores(targets, (var.target - v_lse).float(), var.top1, (var.max - v_lse).float(),
                              kl.float(), base.top1 == var.top1)
+    if device != HOST:
+        base_scores, var_scores = (TokenScores(*(move(getattr(s, f.name), HOST) for f in fields(s)))
+                                   for s in (base_scores, var_scores))
     return var_scores, base_scores
 
 
 @torch.inference_mode()
 def score_streaming(base_path: Path, variant_path: Path, texts: list, chunk: int = VOCAB_CHUNK,
-                    layer_seconds: list[float] | None = None) -> list:
+                    layer_seconds: list[float] | None = None, device: torch.device | None = None) -> list:
     """Score the variant checkpoint against its base on every text's windows (advisor.evaluate.EvalText), both
     streamed layer by layer; returns, per text, (variant's TokenScores with KL and top-1 agreement, base's), the
     numbers advisor.evaluate.score gives with both models in memory. `layer_seconds` receives the seconds each
-    decoder layer took (both models, every window)."""
+    decoder layer took (both models, every window). `device` (a GPU) runs the layers and the head there."""
     from advisor.evaluate import TokenScores
 
     windows = [w for t in texts for w in t.windows]
-    models = [_Streamed(base_path, quantized=False), _Streamed(variant_path, quantized=True)]
+    models = [_Streamed(base_path, quantized=False, device=device),
+              _Streamed(variant_path, quantized=True, device=device)]
     for m in models:
         m.enter(windows)
     for i in tqdm(range(len(models[0].layers)), desc="evaluating base and variant layer by layer", unit="layer",

@@ -9,6 +9,7 @@ issue 21: peak RSS at 22 layers ≤ 1.3 × that at 2 layers, time per layer with
 
     .venv/bin/python benchmarks/big_models.py                  # 1b:2 and 1b:22
     .venv/bin/python benchmarks/big_models.py --rows 7b:2      # added to the same results files
+    .venv/bin/python benchmarks/big_models.py --rows 7b:32 --device cuda   # on a GPU machine: the whole 7B shape
 
 Writes benchmarks/results/big_models.{json,md} (rows of earlier runs kept unless re-run).
 """
@@ -118,7 +119,7 @@ SCHEMES = {
 
 
 def run(folder: Path, out: Path, calib_windows: int, eval_windows: int, stream: bool, dense_budget: float = 0.0,
-        scheme: str = "w4a16") -> dict:
+        scheme: str = "w4a16", device: str = "cpu") -> dict:
     """`hubc optimize` on the folder, its process tree's peak RSS sampled; returns the measurements. A
     `dense_budget` keeps that share of the weights at W8A16 (the GPU targets' default is 0.3) or dense (W8A8)."""
     target, lines = SCHEMES[scheme]
@@ -129,7 +130,8 @@ def run(folder: Path, out: Path, calib_windows: int, eval_windows: int, stream: 
     shutil.rmtree(out, ignore_errors=True)
     command = [str(ROOT / ".venv" / "bin" / "hubc"), "optimize", str(folder), "--target", target, "--recipe",
                str(recipe), "--no-serve", "--eval-text", "wikitext2-test", "--eval-windows", str(eval_windows),
-               "--seq-len", "512", "--stream" if stream else "--no-stream", "--format", "json", "--out", str(out)]
+               "--seq-len", "512", "--stream" if stream else "--no-stream", "--device", device, "--format", "json",
+               "--out", str(out)]
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -156,6 +158,7 @@ def run(folder: Path, out: Path, calib_windows: int, eval_windows: int, stream: 
     return {
         "command": " ".join(command),
         "path": report.get("path"),
+        "device": report.get("device", "cpu"),
         "layers": layers,
         "peak_rss_bytes": peak[0],
         "wall_s": round(wall, 1),
@@ -274,6 +277,13 @@ def render(rows: dict, meta: dict) -> str:
                    f"({d22['peak_rss_bytes'] / d2['peak_rss_bytes']:.2f}×); cost pass {d2['dense_budget_s']} s → "
                    f"{d22['dense_budget_s']} s ({d2['dense_budget_s'] / 2:.1f} → {d22['dense_budget_s'] / 22:.1f} "
                    "s/layer).")]
+    for key, r in rows.items():
+        if key.startswith("7b:32 on cuda"):
+            minutes = (r["timings"].get("load", 0) + r["timings"].get("quantization", 0)) / 60
+            lines += [(f"- 7B shape, all 32 layers, on {r['device']}: load + GPTQ W4A16 {minutes:.1f} min (bar ≤ 15 "
+                       f"min on one H100): {'met' if minutes <= 15 else 'NOT met'}; evaluation "
+                       f"{r['timings'].get('evaluation', 0) / 60:.1f} min, whole run {r['wall_s'] / 60:.1f} min, "
+                       f"peak host RSS {r['peak_rss_bytes'] / gb:.2f} GB.")]
     big = rows.get("7b:2")
     if big:
         per = big["quantization_s_per_layer"] + big["evaluation_s_per_layer"]
@@ -335,6 +345,8 @@ def main() -> None:
                         help="w4a16 (GPTQ, a10g) or w8a8-int8 (the cpu default's smoothing, round to nearest)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per row, their layer times pooled (a 2-layer row has few on a noisy machine)")
+    parser.add_argument("--device", default="cpu",
+                        help="hubc optimize --device: cpu (rows of this machine's CPU), cuda or auto")
     parser.add_argument("--kill", action="store_true", help="only check that killing a 1b:2 run leaves nothing")
     parser.add_argument("--work", type=Path, default=Path("/tmp/hubc-big-models"), help="where models are built")
     args = parser.parse_args()
@@ -356,10 +368,11 @@ def main() -> None:
         folder = build(args.work / f"llama-{shape}-{layers}", shape, int(layers))
         key = row + (" in memory" if args.no_stream else "") + \
             (f" +{args.dense_budget:.0%} at w8a16" if args.dense_budget else "") + \
-            (f" {args.scheme} smoothed" if args.scheme != "w4a16" else "")
+            (f" {args.scheme} smoothed" if args.scheme != "w4a16" else "") + \
+            (f" on {args.device}" if args.device != "cpu" else "")
         print(f"» {key}: running hubc optimize", file=sys.stderr)
         runs = [run(folder, args.work / f"out-{shape}-{layers}", args.calib_windows, args.eval_windows,
-                    not args.no_stream, args.dense_budget, args.scheme) for _ in range(args.repeat)]
+                    not args.no_stream, args.dense_budget, args.scheme, args.device) for _ in range(args.repeat)]
         data["rows"][key] = merged(runs)
         print(json.dumps(data["rows"][key]), file=sys.stderr)
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False,

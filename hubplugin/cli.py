@@ -128,13 +128,17 @@ def targets(fmt: str) -> None:
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per evaluation window")
 @click.option("--stream/--no-stream", default=None,
               help="compress and evaluate one decoder layer at a time, weights read from the safetensors shards, so "
-                   "memory does not grow with depth (rtn, gptq, autoround, the dense budget; not smoothing or structure). "
-                   "Default: when the model's bf16 weights, four times over, would take more than 75% of the "
-                   "available memory")
+                   "memory does not grow with depth (rtn, gptq, autoround, smoothing, the dense budget; not structure "
+                   "or healing). Default: when the model's bf16 weights, four times over, would take more than 75% of "
+                   "the available memory, or on a GPU")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="where quantization (GPTQ, learned rounding) and the streamed evaluation compute, one decoder layer "
+                   "at a time in bf16 on a GPU; auto: a CUDA GPU when torch sees one. Structure and healing run on "
+                   "the host")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
 def optimize(model, target, scheme, group_size, method, iterations, smoothing, dense_budget, budget_scheme, activations,
              remove_layers, prune_spec, factorize_share, heal_minutes, max_size, speedup, recipe_file, out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
-             eval_texts, eval_windows, seq_len, stream, fmt) -> None:
+             eval_texts, eval_windows, seq_len, stream, device, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
 
     def body():
@@ -175,7 +179,7 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
             out=out, overwrite=overwrite, push=push_repo, private=private, serve=not no_serve, revision=revision,
             max_ppl_increase=max_ppl_increase, accept_quality_loss=accept_quality_loss,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),
-            stream=stream, max_size=max_bytes, speedup=speedup,
+            stream=stream, device=device, max_size=max_bytes, speedup=speedup,
         )
         result = run(model, target, config, progress=lambda s: click.echo(f"» {s}", err=True))
         if fmt == "json":

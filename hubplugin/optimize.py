@@ -53,6 +53,8 @@ class OptimizeConfig:
     stream: bool | None = None
     """Compress and evaluate one decoder layer at a time, weights read from the safetensors shards (advisor.stream):
     True (--stream), False (--no-stream), None: when the model would not fit comfortably in memory."""
+    device: str = "auto"
+    """Where layer-by-layer work computes (advisor.device): auto (a CUDA GPU when torch sees one), cpu, cuda[:N]."""
     max_size: int | None = None
     """Largest checkpoint weights in bytes (--max-size): hubc chooses the scheme, dense budget and pruning that fit
     (advisor.size_budget) for what the user left open."""
@@ -123,6 +125,8 @@ class OptimizeResult:
     """How compression and evaluation ran: `in memory` or `streamed layer by layer` (advisor.stream)."""
     path_reason: str = ""
     """Why that path (the model's size against the memory available, or the flag)."""
+    device: str = "cpu"
+    """Where the layer-by-layer quantization and the streamed evaluation computed (advisor.device)."""
     layer_seconds: dict = field(default_factory=dict)
     """Streamed runs: seconds each decoder layer took, {quantization: [...], evaluation: [...]}."""
     size_budget: dict | None = None
@@ -142,11 +146,13 @@ class OptimizeResult:
 
 def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Callable[[str], None] = lambda s: None) -> OptimizeResult:
     """Run the whole path for one model and one target. Raises HubcError/AdvisorError/ServingError subclasses."""
+    from advisor.device import resolve as resolve_device
     from advisor.schemes import get_scheme
     from advisor.targets import get_target
 
     started = time.monotonic()
     target = get_target(target_name)
+    device = resolve_device(config.device)  # a GPU asked for and not there fails before anything is read
     if config.recipe is not None:
         config.recipe.check_fields()
     scheme = get_scheme(config.recipe.scheme if config.recipe else config.choices.scheme or target.default_scheme)
@@ -198,11 +204,11 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     check_out(out, config.overwrite)
     from advisor.stream import choose_path
 
-    path = choose_path(config.stream, plan)
+    path = choose_path(config.stream, plan, device=device)
 
     staging = staging_folder(out)
     try:
-        result = _build(source, target, plan, staging, out, config, progress, path)
+        result = _build(source, target, plan, staging, out, config, progress, path, device)
         if speedup is not None:
             result.speedup = speedup_outcome(speedup, latency_model, staging, result)
             if result.speedup.get("flag"):
@@ -328,12 +334,13 @@ class _Clock:
         self._step, self._since = name, now
 
 
-def _build(source, target, plan, staging, out, config, progress, path) -> OptimizeResult:
+def _build(source, target, plan, staging, out, config, progress, path, device) -> OptimizeResult:
     import torch
     from transformers import AutoTokenizer
 
     from advisor import evaluate as ev
     from advisor.calibrate import Calibration
+    from advisor.device import describe
     from hubplugin.source import copy_tokenizer_files
 
     clock = _Clock()
@@ -355,7 +362,7 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
         from advisor.stream import compress_streaming
 
         exported, report, plan = compress_streaming(source.path, plan, Calibration.of(plan.recipe, tokenizer),
-                                                    staging, dtype, step)
+                                                    staging, dtype, step, device=device)
     else:
         from advisor.compress import compress
         from advisor.export import write_checkpoint
@@ -365,7 +372,8 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
         # Healing is judged on the evaluation texts (8 windows each: a before/after comparison, not the final
         # numbers).
         held_out = {t.name: t.windows[:8] for t in texts}
-        compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer, model), step, held_out=held_out)
+        compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer, model), step, held_out=held_out,
+                              device=device)
         clock.step("export")
         exported = write_checkpoint(compressed, staging, dtype=dtype)
         plan, report = compressed.plan, compressed.report
@@ -379,7 +387,7 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
     progress("evaluating the variant against the base")
     clock.step("evaluation")
     quality, base_top1, eval_layers = [], {}, []
-    scored = _score(source.path, staging, texts, path.stream, eval_layers)
+    scored = _score(source.path, staging, texts, path.stream, eval_layers, device)
     for t, (var_scores, base_scores) in zip(texts, scored, strict=True):
         quality.append(
             TextResult(
@@ -410,6 +418,7 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
         linear_parameters={"base": base_linear, "variant": variant_linear},
         path=path.name,
         path_reason=path.reason,
+        device=describe(device),
         layer_seconds={"quantization": report.layer_seconds, "evaluation": eval_layers} if path.stream else {},
     )
     if report.heal:
@@ -434,13 +443,13 @@ def _build(source, target, plan, staging, out, config, progress, path) -> Optimi
     return result
 
 
-def _score(base_path: Path, variant_path: Path, texts, stream: bool, layer_seconds: list[float]) -> list:
-    """(variant's scores, base's) per text: both models in memory, or streamed layer by layer (then the seconds
-    each layer took are appended to `layer_seconds`)."""
+def _score(base_path: Path, variant_path: Path, texts, stream: bool, layer_seconds: list[float], device) -> list:
+    """(variant's scores, base's) per text: both models in memory (on the host), or streamed layer by layer on
+    `device` (then the seconds each layer took are appended to `layer_seconds`)."""
     if stream:
         from advisor.stream_eval import score_streaming
 
-        return score_streaming(base_path, variant_path, texts, layer_seconds=layer_seconds)
+        return score_streaming(base_path, variant_path, texts, layer_seconds=layer_seconds, device=device)
     from advisor import evaluate as ev
     from advisor.export import load_for_eval
     from advisor.model import load_model

@@ -1,6 +1,6 @@
 """Quantizers: the rounding methods a recipe names (`method`), one module each.
 
-Each method module defines `quantize_model(model, targets, windows, recipe) -> (quantized weights, info)`. The
+Each method module defines `quantize_model(model, targets, windows, recipe, device=None) -> (quantized weights, info)`. The
 registry maps a recipe's method name to its module, imported when used (torch stays out of `hubc --help`).
 """
 
@@ -29,9 +29,11 @@ class QuantTarget(NamedTuple):
     """How the kernel quantizes this linear's inputs (QuantArgs; None: kept in 16 bits)."""
 
 
-def quantize_with(method: str, model, targets: dict[str, QuantTarget], windows: list[list[int]] | None, recipe):
+def quantize_with(method: str, model, targets: dict[str, QuantTarget], windows: list[list[int]] | None, recipe,
+                  device=None):
     """Quantize the `targets` linears of `model` with the named method; returns ({name: QuantizedWeight}, info for
-    the report). Calibrated methods write each quantized weight back into the model as they go."""
+    the report). Calibrated methods write each quantized weight back into the model as they go; `device` (a GPU:
+    advisor.device) computes them there one decoder layer at a time."""
     if method not in _METHODS:
         raise KeyError(method)
-    return importlib.import_module(_METHODS[method]).quantize_model(model, targets, windows, recipe)
+    return importlib.import_module(_METHODS[method]).quantize_model(model, targets, windows, recipe, device=device)

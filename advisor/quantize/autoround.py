@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from advisor.device import HOST, autocast, move, on_gpu
 from advisor.model import decoder_layers
 from advisor.quantize.rtn import QuantizedWeight, int_range, limit_pairs, pair_limited_scale
 from advisor.quantize.sequential import (
@@ -88,9 +89,10 @@ class _LearnedRounding:
             # Start from the scale that balances rounding and pair-limit error; the offsets learn on that grid.
             start = pair_limited_scale(self.weight, pair_sum) * -self.lo / torch.maximum(self.wmax, self.wmin).clamp_min(1e-12)
             self.wmax, self.wmin = self.wmax * start, self.wmin * start
-        self.offset = torch.zeros(self.shape, requires_grad=True)
-        self.clip_max = torch.ones(self.shape[:2], requires_grad=True)
-        self.clip_min = torch.ones(self.shape[:2], requires_grad=True)
+        device = self.weight.device
+        self.offset = torch.zeros(self.shape, device=device, requires_grad=True)
+        self.clip_max = torch.ones(self.shape[:2], device=device, requires_grad=True)
+        self.clip_min = torch.ones(self.shape[:2], device=device, requires_grad=True)
 
     def _scale(self) -> torch.Tensor:
         top, bottom = self.wmax * self.clip_max, self.wmin * self.clip_min
@@ -168,7 +170,7 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
     def run(idx: list[int], bf16=False) -> torch.Tensor:
         """The block's output on windows `idx` with the current rounding, as one batch when the layer allows."""
         weights = {f"{n}.weight": lr.fake_quantized() for n, lr in linears.items()}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, bf16):
             if stack:
                 args, kwargs = q_inputs[idx[0]]
                 x = torch.cat([q_inputs[i][0][0] for i in idx])
@@ -188,7 +190,8 @@ def optimize_block(layer: torch.nn.Module, linears: dict[str, _LearnedRounding],
                 outputs += out.split([targets[j].shape[0] for j in chunk])
         return num / total, outputs
 
-    bf16 = native_bf16() if config.bf16 is None else config.bf16
+    device = q_inputs[0][0][0].device
+    bf16 = True if on_gpu(device) else native_bf16() if config.bf16 is None else config.bf16
     params = [p for lr in linears.values() for p in lr.params()]
     gen = torch.Generator().manual_seed(config.seed)
     lr0 = 1.0 / config.iterations
@@ -246,26 +249,29 @@ def estimate_seconds(forward_s: float, blocks: int, windows: int, config: RoundC
     return blocks * (forward_s + steps + 3 * forward_s / speed)
 
 
-def autoround_sequential(model, wanted: dict, windows: list[list[int]],
-                         config: RoundConfig = RoundConfig()) -> tuple[dict[str, QuantizedWeight], list]:
+def autoround_sequential(model, wanted: dict, windows: list[list[int]], config: RoundConfig = RoundConfig(),
+                         device: torch.device | None = None) -> tuple[dict[str, QuantizedWeight], list]:
     """Quantize the `wanted` decoder linears (name → advisor.quantize.QuantTarget) with learned rounding, block
     by block; where the scheme quantizes activations, they are quantized while learning too (straight-through), so
     the rounding also compensates the activation error. Returns the quantized weights and the per-block (error of
     plain rounding, error after learning)."""
     results: dict[str, QuantizedWeight] = {}
     errors = []
-    for _, _, done, error in autoround_layers(model, wanted, windows, config):
+    for _, _, done, error in autoround_layers(model, wanted, windows, config, device=device):
         results.update(done)
         errors.append(error)
     return results, errors
 
 
 def autoround_layers(model, wanted: dict, windows: list[list[int]], config: RoundConfig = RoundConfig(),
-                     load: Callable[[int, torch.nn.Module], None] | None = None,
+                     load: Callable[[int, torch.nn.Module], None] | None = None, device: torch.device | None = None,
                      ) -> Iterator[tuple[int, torch.nn.Module, dict[str, QuantizedWeight], tuple[float, float]]]:
     """autoround_sequential one block at a time: yields (index, block, its quantized linears, its (error of plain
     rounding, error after learning)) as each block is done, its outputs already computed; `load(index, block)` is
-    called before a block is first used (advisor.stream reads its weights there)."""
+    called before a block is first used (advisor.stream reads its weights there). `device` (a GPU) learns each block
+    there, as advisor.quantize.sequential.quantize_layers computes there: the block and its quantized weights are
+    back on the host when yielded."""
+    gpu = on_gpu(device)
     prefix, layers = decoder_layers(model)
     # Copies made outside inference mode: autograd cannot use tensors captured under it. Each layer gets its own
     # masks and positions (Gemma's sliding and global layers differ: advisor.quantize.sequential.layer_arguments).
@@ -274,15 +280,20 @@ def autoround_layers(model, wanted: dict, windows: list[list[int]], config: Roun
     hidden, arguments = clone_tree(hidden, memo), clone_tree(arguments, memo)
     del memo
     fp_hidden = q_hidden = hidden
+    moved: dict = {}  # masks and rotary tables shared by the blocks, moved once
     bar = tqdm(layers, desc="learning rounding block by block", unit="block", leave=False)
     for i, layer in enumerate(bar):
         if load is not None:
             load(i, layer)
+        if gpu:
+            layer.to(device)
+            fp_hidden, q_hidden = move(fp_hidden, device), move(q_hidden, device)
         results: dict[str, QuantizedWeight] = {}
         names = {n: m for n, m in layer.named_modules()
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
-        fp_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(fp_hidden, arguments[i], strict=True)]
-        q_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(q_hidden, arguments[i], strict=True)]
+        args_i = move(arguments[i], device if gpu else None, moved)
+        fp_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(fp_hidden, args_i, strict=True)]
+        q_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(q_hidden, args_i, strict=True)]
         started = time.monotonic()
         with torch.no_grad():
             targets = [layer_output(layer(*a, **k)) for a, k in fp_inputs]
@@ -304,17 +315,21 @@ def autoround_layers(model, wanted: dict, windows: list[list[int]], config: Roun
             for h in handles:
                 h.remove()
         fp_hidden = targets
-        del fp_inputs, q_inputs, targets, learned
+        del fp_inputs, q_inputs, targets, learned, args_i
+        if gpu:
+            layer.to(HOST)
+            results = {n: qw.to(HOST) for n, qw in results.items()}
         yield i, layer, results, (before, after)
 
 
-def quantize_model(model, targets: dict, windows: list[list[int]], recipe) -> tuple[dict[str, QuantizedWeight], dict]:
+def quantize_model(model, targets: dict, windows: list[list[int]], recipe,
+                   device: torch.device | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Learned rounding with the recipe's steps and seed; info: the steps run and the mean relative block error of
     plain and learned rounding."""
     from advisor.quantize.rtn import quantize_weight
 
     config = round_config(recipe)
-    quantized, errors = autoround_sequential(model, targets, windows, config)
+    quantized, errors = autoround_sequential(model, targets, windows, config, device)
     modules = dict(model.named_modules())
     for name, t in targets.items():
         if name not in quantized:

@@ -83,7 +83,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); where H (summed from low-precision
     products, or from too few tokens) is not positive definite at that dampening, λ grows tenfold until it is."""
     mean = torch.mean(torch.diag(h))
-    eye = torch.eye(h.shape[0])
+    eye = torch.eye(h.shape[0], device=h.device)
     for attempt in range(4):
         try:
             lower = torch.linalg.cholesky(h + damp * 10**attempt * mean * eye)
@@ -108,7 +108,7 @@ def _gptq(w, hessian, args, pair_sum, damp, act_order, block) -> QuantizedWeight
     col_scale = scale.repeat_interleave(g, dim=1)  # [out, k]: each column's own group scale
     lo, hi = int_range(args.num_bits)
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=h.device)
     # Processing position of each column's pair partner (2j <-> 2j+1), when that partner comes first.
     partner_at = [-1] * k
     if pair_sum is not None:
@@ -150,14 +150,15 @@ def layer_quantizer(targets: dict):
     return lambda name, w, h: gptq_quantize(w, h, targets[name].weights, targets[name].pair_sum)
 
 
-def quantize_model(model, targets: dict, windows: list[list[int]], recipe) -> tuple[dict[str, QuantizedWeight], dict]:
+def quantize_model(model, targets: dict, windows: list[list[int]], recipe,
+                   device=None) -> tuple[dict[str, QuantizedWeight], dict]:
     """GPTQ on every target linear of the decoder stack, layer by layer on the calibration windows; linears outside
     the stack (none in the supported architectures: the head is never quantized) are rounded to nearest."""
     from advisor.quantize.rtn import quantize_weight
     from advisor.quantize.sequential import quantize_sequential
 
     quantized = quantize_sequential(model, targets, windows, layer_quantizer(targets),
-                                    act_args={n: t.activations for n, t in targets.items()})
+                                    act_args={n: t.activations for n, t in targets.items()}, device=device)
     modules = dict(model.named_modules())
     for name, t in targets.items():
         if name not in quantized:

@@ -27,6 +27,11 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None
     args: QuantArgs
 
+    def to(self, device: torch.device) -> QuantizedWeight:
+        """The same weight with its tensors on `device`."""
+        return QuantizedWeight(self.codes.to(device), self.scale.to(device),
+                               None if self.zero_point is None else self.zero_point.to(device), self.args)
+
     def dequantize(self) -> torch.Tensor:
         codes = self.codes.to(torch.float32)
         scale = self.scale.to(torch.float32)
@@ -217,7 +222,8 @@ class FakeQuantLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def quantize_model(model, targets: dict, windows, recipe) -> tuple[dict[str, QuantizedWeight], dict]:
-    """Round every target linear's weights to nearest (no calibration); the model is left unchanged."""
+def quantize_model(model, targets: dict, windows, recipe, device=None) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Round every target linear's weights to nearest (no calibration; on the host, whatever `device`: one pass over
+    each weight); the model is left unchanged."""
     modules = dict(model.named_modules())
     return {name: quantize_weight(modules[name].weight, t.weights, t.pair_sum) for name, t in targets.items()}, {}

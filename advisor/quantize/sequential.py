@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from advisor.device import HOST, autocast, move, on_gpu
 from advisor.model import decoder_layers, group_by_input
 from advisor.quantize.rtn import QuantizedWeight
 
@@ -108,11 +109,12 @@ def quantize_sequential(
     quantize: Callable[[str, torch.Tensor, torch.Tensor], QuantizedWeight],
     act_args: dict | None = None,
     bf16: bool | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize the `wanted` linears of every decoder layer with `quantize(name, weight, hessian)`; linears outside
     the decoder stack are left to the caller. The whole model in memory: see quantize_layers."""
     results: dict[str, QuantizedWeight] = {}
-    for _, _, done in quantize_layers(model, wanted, windows, quantize, act_args, bf16):
+    for _, _, done in quantize_layers(model, wanted, windows, quantize, act_args, bf16, device=device):
         results.update(done)
     return results
 
@@ -125,6 +127,7 @@ def quantize_layers(
     act_args: dict | None = None,
     bf16: bool | None = None,
     load: Callable[[int, torch.nn.Module], None] | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[int, torch.nn.Module, dict[str, QuantizedWeight]]]:
     """Quantize the decoder layers one after the other, yielding (index, layer, its quantized linears) as each is
     done, its outputs on every window already computed: the caller may then write the layer out and release it
@@ -136,19 +139,32 @@ def quantize_layers(
     quantized when `act_args` names a scheme for them), so later stages and layers see the quantized model.
 
     `bf16` (None: where the CPU has native bf16) runs the calibration forward passes in bfloat16 autocast, the
-    precision GPUs serve in; each window's XᵀX is then a bf16 product, accumulated in fp32."""
-    bf16 = native_bf16() if bf16 is None else bf16
+    precision GPUs serve in; each window's XᵀX is then a bf16 product, accumulated in fp32.
+
+    `device` (a GPU: advisor.device) computes each layer there, in bf16: the layer, its inputs and Hessians are
+    moved to it, and the layer and its quantized weights are back on the host when yielded; the carried hidden
+    states stay on the device."""
+    gpu = on_gpu(device)
+    bf16 = True if gpu else native_bf16() if bf16 is None else bf16
     prefix, layers = decoder_layers(model)
     hidden, arguments = layer_arguments(model, layers, windows)
     act_args = act_args or {}
+    moved: dict = {}  # masks and rotary tables shared by the layers, moved once
     for i, layer in enumerate(tqdm(layers, desc="quantizing layer by layer", unit="layer", leave=False)):
         if load is not None:
             load(i, layer)
+        if gpu:
+            layer.to(device)
+            hidden = move(hidden, device)
         results: dict[str, QuantizedWeight] = {}
-        inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(hidden, arguments[i], strict=True)]
+        inputs = [((h,) + move(args, device if gpu else None, moved), move(kwargs, device if gpu else None, moved))
+                  for h, (args, kwargs) in zip(hidden, arguments[i], strict=True)]
         with torch.inference_mode():
             hidden = _quantize_layer(layer, f"{prefix}.{i}.", wanted, inputs, quantize, act_args, bf16, results)
         del inputs
+        if gpu:
+            layer.to(HOST)
+            results = {n: qw.to(HOST) for n, qw in results.items()}
         yield i, layer, results
 
 
@@ -160,9 +176,10 @@ def _quantize_layer(layer, prefix: str, wanted, inputs, quantize, act_args: dict
     act_handles = []
     short = {n: n[len(prefix):] for n in names}  # names inside the layer
     memo = _SettledOutputs(layer, set(short.values()))
+    device = inputs[0][0][0].device
     try:
         for stage in stages(layer, names, inputs[0]):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, bf16):
                 hessians = _stage_hessians(layer, {n: names[n] for n in stage}, inputs, memo)
             for name in stage:
                 module = names[name]
@@ -172,7 +189,7 @@ def _quantize_layer(layer, prefix: str, wanted, inputs, quantize, act_args: dict
             act_handles += quantize_activations_of({n: names[n] for n in stage}, act_args)
             memo.settle({short[n] for n in names if n in results})
         outputs = []
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, bf16):
             for j, (args, kwargs) in enumerate(inputs):
                 memo.window = j
                 outputs.append(layer_output(layer(*args, **kwargs)).float())
@@ -263,7 +280,7 @@ def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs, memo: _S
                     ) -> dict[str, torch.Tensor]:
     """H = 2/n · XᵀX of each module's inputs over all calibration windows; each forward pass stops once every
     module of the stage has seen its input. Modules reading the same tensor (q/k/v, gate/up) share one product."""
-    hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in modules.items()}
+    hessians = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in modules.items()}
     counts = dict.fromkeys(modules, 0)
     seen: set[str] = set()
     last: list = [None, None]  # the input tensor last multiplied, and its XᵀX
@@ -276,8 +293,9 @@ def _stage_hessians(layer, modules: dict[str, torch.nn.Module], inputs, memo: _S
                 # fp32); half the time of the fp32 product. GPTQ raises its dampening where this leaves the sum
                 # short of positive definite.
                 x = hook_args[0].reshape(-1, hook_args[0].shape[-1])
-                x = x.to(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else x.float()
-                with torch.autocast("cpu", enabled=False):
+                kind = x.device.type
+                x = x.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else x.float()
+                with torch.autocast(kind, enabled=False):
                     last[0], last[1] = hook_args[0], torch.mm(x.T, x)
             hessians[name] += last[1]
             counts[name] += hook_args[0].numel() // hook_args[0].shape[-1]

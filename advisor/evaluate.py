@@ -66,6 +66,11 @@ class TextResult:
         return self.variant.perplexity / self.base.perplexity - 1.0
 
 
+def text_label(name: str) -> str:
+    """What a card or summary calls a text: a shipped text's name, a file's name (never the local path)."""
+    return name if name in SHIPPED_TEXTS else Path(name).name
+
+
 def read_text(name: str) -> tuple[str, str]:
     """A shipped text by name, or a user file; returns (label, content)."""
     if name in SHIPPED_TEXTS:

@@ -38,6 +38,9 @@ class Choices:
     calibration: dict | None = None
     """Calibration text and amount {text, windows, seq_len}; default: 16 windows of 512 tokens of wikitext-2 valid
     (32 for autoround)."""
+    calibration_text: str | None = None
+    """The text calibration (and, after structure, healing) reads, in place of the default's wikitext-2 valid: a
+    shipped text name or a UTF-8 file (--calibration-text); the amounts stay the default's."""
     actions: dict = field(default_factory=dict)
     """Per-unit actions (advisor.recipe.Recipe.actions), e.g. {"model.layers.0.mlp.down_proj": "dense"}."""
     remove_layers: tuple[int, ...] = ()
@@ -137,10 +140,13 @@ def recommend(structure: ModelStructure, target, choices: Choices | None = None)
     calibrates = smoothing != "none" or method != "rtn" or dense_budget > 0 or structural
     default_calibration = dict(STRUCTURE_CALIBRATION) if structural else {
         "text": "wikitext2-valid", "windows": 32 if method == "autoround" else 16, "seq_len": 512}
+    calibration = choices.calibration or default_calibration
+    if choices.calibration_text:
+        calibration = {**calibration, "text": choices.calibration_text}
     recipe = Recipe(
         scheme=scheme.name,
         smoothing=smoothing,
-        calibration=(choices.calibration or default_calibration) if calibrates else None,
+        calibration=calibration if calibrates else None,
         structure=dict(choices.structure) if choices.structure else None,
         heal=heal,
         dense_budget=dense_budget,

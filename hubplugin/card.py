@@ -203,10 +203,12 @@ def _gate_text(result) -> str | None:
 
 
 def _method_text(result) -> str:
+    from advisor.evaluate import text_label
+
     recipe, t = result.recipe, result.transforms
     if recipe.scheme == "dense":
         return "none: no quantization, structure only" + (
-            f", calibrated on {t.get('calibration_tokens')} tokens of {recipe.calibration['text']}"
+            f", calibrated on {t.get('calibration_tokens')} tokens of {text_label(recipe.calibration['text'])}"
             if recipe.calibration else "")
     parts = [{
         "rtn": "round-to-nearest",
@@ -224,7 +226,7 @@ def _method_text(result) -> str:
         parts.append(f"{kind}, strength searched per group) in {t.get('smoothed')} of {t.get('smoothing_groups')} "
                      "layer groups")
     if recipe.calibration:
-        parts.append(f"calibrated on {t.get('calibration_tokens')} tokens of {recipe.calibration['text']}")
+        parts.append(f"calibrated on {t.get('calibration_tokens')} tokens of {text_label(recipe.calibration['text'])}")
     kept = t.get("kept_dense") or {}
     if kept:
         total = t.get("quantization_cost") or 0.0

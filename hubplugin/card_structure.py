@@ -87,10 +87,18 @@ def heal_text(result) -> str | None:
     heal = (result.transforms or {}).get("heal")
     if not heal:
         return None
+    from advisor.evaluate import text_label
+
+    from advisor.heal import HealConfig
+
+    calibration = result.recipe.calibration or {}
+    sampled = (result.recipe.heal or {}).get("self_generated", HealConfig.self_generated)
+    trained = f" ({text_label(calibration['text'])}{' and text the base sampled itself' if sampled else ''})" \
+        if calibration.get("text") else ""
     return (f"Healed by distillation from the base: {heal['steps']} steps, {heal['tokens']:,} tokens in "
             f"{heal['seconds'] / 60:.1f} min ({heal['dtype']}), KL to the base {heal['kl_start']:.3f} → "
-            f"{heal['kl_end']:.3f} nats/token on its training text. Perplexity on held-out text, evaluated in "
-            "transformers before quantization:")
+            f"{heal['kl_end']:.3f} nats/token on its training text{trained}. Perplexity on held-out text, evaluated "
+            "in transformers before quantization:")
 
 
 def architecture_note(result) -> str | None:

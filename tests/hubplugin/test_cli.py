@@ -334,3 +334,34 @@ def test_asymmetric_activations_are_exported_carded_and_refused_where_they_do_no
                   str(tmp_path / scheme), "--activations", "asymmetric")
         assert_one_line_error(bad, fragment)
         assert not (tmp_path / scheme).exists()
+
+
+def test_calibration_text_is_the_users_file_named_in_the_card_and_never_an_eval_text(tiny_llama_dir, tmp_path):
+    """--calibration-text: GPTQ calibrates on the user's file (a different checkpoint from the default text's), the
+    recipe records it and the card's method names the file, not its local path; the evaluation text itself, or a missing
+    file, is refused in one line before any work."""
+    from advisor.evaluate import read_text
+
+    text = read_text("licenses")[1]
+    mine, held_out = tmp_path / "mine.txt", tmp_path / "held-out.txt"
+    mine.write_text(text[: len(text) // 2])
+    held_out.write_text(text[len(text) // 2:])
+    common = ["--target", "a10g", "--scheme", "w4a16", "--method", "gptq", "--eval-text", str(held_out),
+              *SMALL_EVAL]
+    out, default = tmp_path / "o", tmp_path / "default"
+    result = run("optimize", str(tiny_llama_dir), "--calibration-text", str(mine), "--out", str(out), *common)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["calibration"]["text"] == str(mine)
+    card = (out / "README.md").read_text()
+    assert "calibrated on 8192 tokens of mine.txt," in card
+    assert run("optimize", str(tiny_llama_dir), "--out", str(default), *common).exit_code == 0
+    assert (out / "model.safetensors").read_bytes() != (default / "model.safetensors").read_bytes()
+
+    copy = tmp_path / "copy.txt"
+    copy.write_text(held_out.read_text())
+    refused = tmp_path / "refused"
+    assert_one_line_error(run("optimize", str(tiny_llama_dir), "--calibration-text", str(copy), "--out",
+                              str(refused), *common), f"is the evaluation text {held_out}:")
+    assert_one_line_error(run("optimize", str(tiny_llama_dir), "--calibration-text", str(tmp_path / "nope.txt"),
+                              "--out", str(refused), *common), "cannot read text")
+    assert not refused.exists()

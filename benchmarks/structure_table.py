@@ -57,10 +57,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_one(name: str, work: Path, heal_minutes: float, eval_windows: int) -> dict:
+def run_one(name: str, work: Path, heal_minutes: float, eval_windows: int, extra: list[str] | None = None) -> dict:
+    """Run `name` (RUNS) with `extra` optimize arguments (e.g. --eval-text, --calibration-text) appended."""
     label, args = RUNS[name]
     cmd = [*HUBC, "optimize", "demo", "--target", "cpu", *args, "--heal-minutes", str(heal_minutes),
-           "--eval-windows", str(eval_windows), "--out", str(work / name), "--overwrite", "--format", "json"]
+           "--eval-windows", str(eval_windows), "--out", str(work / name), "--overwrite", "--format", "json",
+           *(extra or [])]
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     wall = time.monotonic() - started

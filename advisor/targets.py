@@ -143,6 +143,11 @@ class Target:
         ISA variant, and where it serves float32 activations it upcasts bf16 tensors exactly."""
         return "float16" if self.serve_dtype == "float16" else "bfloat16"
 
+    def serve_dtype_of(self, scheme: str) -> str:
+        """The activation dtype vLLM serves a checkpoint of ``scheme`` in here: the scheme's kernel's own where it
+        needs one (bf16 for the CPU int4 GEMMs), else the target's."""
+        return self.require_scheme(scheme).serve_dtype or self.serve_dtype
+
     def supports(self, scheme: str) -> bool:
         """Whether vLLM serves ``scheme`` on this target."""
         return scheme in self.schemes

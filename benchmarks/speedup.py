@@ -65,7 +65,7 @@ def layer_term_known() -> bool:
     from serving.store import ResultsStore, target_latency_records
 
     target = get_target("cpu")
-    dtype = target.schemes["dense"].serve_dtype or target.serve_dtype
+    dtype = target.serve_dtype_of("dense")
     records, _ = target_latency_records(ResultsStore(), target)
     model = LatencyModel.fit(records, target, dtype)
     return layer_ms(model, checkpoint_features(resolve("demo").path, dtype), Traffic(128, 32, 1)) > 0

@@ -88,7 +88,6 @@ def heal_text(result) -> str | None:
     if not heal:
         return None
     from advisor.evaluate import text_label
-
     from advisor.heal import HealConfig
 
     calibration = result.recipe.calibration or {}

@@ -283,7 +283,7 @@ def _plan_speedup(source, target, scheme, structure, config, progress):
     from advisor.size_budget import linear_bytes
     from serving.store import ResultsStore, target_latency_records
 
-    served = target.schemes[scheme.name].serve_dtype or target.serve_dtype
+    served = target.serve_dtype_of(scheme.name)
     load = Traffic(config.latency_prompt_tokens, config.latency_output_tokens, concurrency=1)
     records, _ = target_latency_records(ResultsStore(), target)
     model = LatencyModel.fit(records, target, served)
@@ -410,7 +410,7 @@ def _build(source, target, plan, staging, out, config, progress, path, device) -
         source=source,
         target=target.name,
         target_description=target.description,
-        serve_dtype=target.schemes[recipe.scheme].serve_dtype or target.serve_dtype,
+        serve_dtype=target.serve_dtype_of(recipe.scheme),
         recipe=recipe,
         out=out,
         size_before=weights_size_in(source.path, target.checkpoint_dtype),

@@ -20,8 +20,7 @@ def serve_and_measure(result, source, staging, texts, base_top1, target, config,
     from serving.store import ResultsStore, describe
 
     traffic = Traffic(config.latency_prompt_tokens, config.latency_output_tokens, concurrency=1)
-    support = target.schemes[result.recipe.scheme]
-    server = ServerConfig(dtype=support.serve_dtype or target.serve_dtype, env=dict(target.serve_env),
+    server = ServerConfig(dtype=target.serve_dtype_of(result.recipe.scheme), env=dict(target.serve_env),
                           max_model_len=max(config.eval.seq_len, traffic.input_len + traffic.output_len) + 16,
                           extra_args=("--no-enable-prefix-caching",))  # as `hubc bench` serves
     measured = {tr.text for tr in result.quality}

@@ -46,6 +46,14 @@ class TargetSpec:
     budget_scheme: str | None = None
     activations: str | None = None
     group_size: int | None = None
+    structure: dict | None = None
+    """What to remove, hubc choosing where (the recipe's `structure` block: {params: 0.2}, {mlp: 0.3, heads: 0.25,
+    layers: 4}, {factorize: 0.2}, {speedup: 1.3}), healed by distillation (`heal_minutes`, default 15)."""
+    heal_minutes: float | None = None
+    max_size: int | None = None
+    """Largest weights in bytes (`max_size: 120MB`): hubc chooses the scheme, dense budget and pruning that fit."""
+    calibration_text: str | None = None
+    """The text calibration and healing read (a file, relative to watch.yaml, or a shipped text name)."""
     max_ppl_increase: float = 0.05
     """Quality gate: a variant over this perplexity rise is not pushed (the job fails with the gate's reason)."""
     accept_quality_loss: bool = False
@@ -80,7 +88,9 @@ class TargetSpec:
             recipe=Recipe.from_yaml(self.recipe_yaml) if self.recipe_yaml else None,
             choices=Choices(scheme=self.scheme, method=self.method, dense_budget=self.dense_budget,
                             budget_scheme=self.budget_scheme, activations=self.activations,
-                            group_size=self.group_size),
+                            group_size=self.group_size, structure=dict(self.structure) if self.structure else None,
+                            heal_minutes=self.heal_minutes, calibration_text=self.calibration_text),
+            max_size=self.max_size,
             out=out, push=push, private=private, revision=revision, serve=self.serve,
             max_ppl_increase=self.max_ppl_increase, accept_quality_loss=self.accept_quality_loss,
             eval=EvalConfig(texts=self.eval_texts or EvalConfig().texts, seq_len=self.seq_len,
@@ -159,7 +169,7 @@ def default_queue_path() -> Path:
 
 _TOP = ("version", "watch", "targets", "variants", "retry", "runner", "secret_env", "queue", "lease_seconds")
 _TARGET_KEYS = ("target", "recipe", "scheme", "method", "dense_budget", "budget_scheme", "activations", "group_size",
-                "max_ppl_increase", "accept_quality_loss", "serve", "eval_texts", "eval_windows", "seq_len", "variant")
+                "structure", "heal_minutes", "max_size", "calibration_text", "max_ppl_increase", "accept_quality_loss", "serve", "eval_texts", "eval_windows", "seq_len", "variant")
 
 
 def load_config(path: str | Path) -> WatchConfig:
@@ -290,19 +300,21 @@ def _target(raw, where: str, base_dir: Path) -> TargetSpec:
     method = _value(data, "method", str, None, where)
     if method is not None and method not in METHODS:
         raise WatchConfigError(f"{where}.method: unknown method '{method}'", hint=f"use one of: {', '.join(METHODS)}")
-    given = [k for k in ("scheme", "method", "dense_budget", "budget_scheme", "activations", "group_size")
-             if data.get(k) is not None]
+    given = [k for k in ("scheme", "method", "dense_budget", "budget_scheme", "activations", "group_size",
+                         "structure", "heal_minutes", "max_size", "calibration_text") if data.get(k) is not None]
     if recipe_yaml and given:
         raise WatchConfigError(f"{where}: `recipe` already says how to quantize; {', '.join(given)} would conflict",
                                hint="edit the recipe file, or drop `recipe`")
     budget = _value(data, "dense_budget", float, None, where)
     if budget is not None and not 0 <= budget < 1:
         raise WatchConfigError(f"{where}.dense_budget: must be in [0, 1), got {budget}")
+    structure, heal_minutes, max_size, calibration = _structure_keys(data, where, base_dir)
     return TargetSpec(
         target=target.name, recipe_yaml=recipe_yaml, scheme=data.get("scheme"), method=method, dense_budget=budget,
         budget_scheme=_value(data, "budget_scheme", str, None, where),
         activations=_value(data, "activations", str, None, where),
         group_size=_positive(data, "group_size", int, None, where),
+        structure=structure, heal_minutes=heal_minutes, max_size=max_size, calibration_text=calibration,
         max_ppl_increase=_value(data, "max_ppl_increase", float, 0.05, where),
         accept_quality_loss=_value(data, "accept_quality_loss", bool, False, where),
         serve=_value(data, "serve", bool, True, where),
@@ -311,6 +323,51 @@ def _target(raw, where: str, base_dir: Path) -> TargetSpec:
         seq_len=_positive(data, "seq_len", int, 512, where),
         variant=_value(data, "variant", str, None, where),
     )
+
+
+def _structure_keys(data: dict, where: str, base_dir: Path) -> tuple[dict | None, float | None, int | None, str | None]:
+    """A target's `structure`, `heal_minutes`, `max_size` and `calibration_text`, checked as `hubc optimize` checks
+    its flags (before any job is queued)."""
+    from advisor.errors import AdvisorError
+    from advisor.recipe import check_structure
+    from advisor.size_budget import parse_size
+
+    structure = data.get("structure")
+    if structure is not None:
+        try:
+            check_structure(structure)
+        except AdvisorError as exc:
+            raise WatchConfigError(f"{where}.structure: {exc.message}", hint=exc.hint) from None
+        if "latency" in structure:
+            raise WatchConfigError(f"{where}.structure: `latency` is filled in by hubc from `speedup`",
+                                   hint="give `speedup: X` alone")
+    heal_minutes = _value(data, "heal_minutes", float, None, where)
+    if heal_minutes is not None and heal_minutes < 0:
+        raise WatchConfigError(f"{where}.heal_minutes: must be 0 or more, got {heal_minutes}")
+    if heal_minutes and not structure:
+        raise WatchConfigError(f"{where}.heal_minutes: heals a model after structure; this target removes nothing",
+                               hint="add `structure: {params: 0.2}` (or another), or drop heal_minutes")
+    max_size = None
+    if data.get("max_size") is not None:
+        try:
+            max_size = parse_size(data["max_size"])
+        except ValueError as exc:
+            raise WatchConfigError(f"{where}.max_size: {exc}") from None
+        if structure and "speedup" in structure:
+            raise WatchConfigError(f"{where}: `max_size` and a structure `speedup` each choose what to remove",
+                                   hint="give one of them")
+    calibration = _value(data, "calibration_text", str, None, where)
+    if calibration:
+        from advisor.evaluate import SHIPPED_TEXTS
+
+        if calibration not in SHIPPED_TEXTS:
+            path = (base_dir / calibration).expanduser()
+            if not path.is_file():
+                raise WatchConfigError(f"{where}.calibration_text: no file {path}",
+                                       hint=f"give a UTF-8 text file (relative to watch.yaml) or one of "
+                                            f"{', '.join(SHIPPED_TEXTS)}")
+            calibration = str(path.resolve())
+    return structure, heal_minutes, max_size, calibration
 
 
 def _recipe(file: str, base_dir: Path, target: str, where: str) -> str:

@@ -73,6 +73,18 @@ def test_a_full_config_sets_what_it_says(tmp_path):
     ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "serve": "yes"}]},
      ["targets[0].serve: expected bool, got 'yes'"]),
     ("watch: [unclosed\n", ["is not valid YAML at line"]),
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "structure": {"parms": 0.2}}]},
+     ["targets[0].structure: unknown structure key 'parms'", "params"]),
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "structure": {"params": 0.2, "mlp": 0.3}}]},
+     ["does not combine with mlp"]),
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "heal_minutes": 5}]},
+     ["targets[0].heal_minutes: heals a model after structure"]),
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "max_size": "big"}]},
+     ["targets[0].max_size: cannot read size 'big'"]),
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "max_size": "90MB", "structure": {"speedup": 1.3}}]},
+     ["`max_size` and a structure `speedup` each choose"]),
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "calibration_text": "mine.txt"}]},
+     ["targets[0].calibration_text: no file"]),
 ])
 def test_mistakes_in_watch_yaml_are_one_line_errors(tmp_path, config, fragments):
     result = watch_with(tmp_path, config)
@@ -92,3 +104,26 @@ def test_no_secret_no_token_or_a_busy_port_fail_before_listening(tmp_path, fake_
         port = busy.getsockname()[1]
         result = watch_with(tmp_path, ok, "--no-run", "--port", str(port))
         assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "choose another --port")
+
+
+def test_structure_targets_build_what_hubc_optimize_would(tmp_path):
+    """A target may ask for structure (a share, a speed-up or factorization), healing, a size budget and its own
+    calibration text; each job's OptimizeConfig carries them as `hubc optimize` flags would, and each is its own
+    variant (its own recipe hash)."""
+    (tmp_path / "domain.txt").write_text("text of the kind the model serves\n" * 50)
+    path = tmp_path / "watch.yaml"
+    path.write_text(yaml.safe_dump({
+        "watch": {"owners": ["acme"]},
+        "targets": [{"target": "cpu", "structure": {"speedup": 1.3}, "heal_minutes": 5,
+                     "calibration_text": "domain.txt", "variant": "{name}-fast"},
+                    {"target": "cpu", "scheme": "w8a8-int8", "max_size": "90MB", "variant": "{name}-small"},
+                    {"target": "a10g", "structure": {"params": 0.2}}],
+    }))
+    fast, small, pruned = load_config(path).targets
+    config = fast.optimize_config(out=tmp_path / "o", push="acme/x-fast", private=False, revision="abc")
+    assert config.choices.structure == {"speedup": 1.3} and config.choices.heal_minutes == 5.0
+    assert config.choices.calibration_text == str((tmp_path / "domain.txt").resolve())
+    assert small.optimize_config(out=tmp_path / "o", push="p/q", private=False, revision="abc").max_size == 90_000_000
+    assert pruned.optimize_config(out=tmp_path / "o", push="p/q", private=False,
+                                  revision="abc").choices.structure == {"params": 0.2}
+    assert len({fast.recipe_hash(), small.recipe_hash(), pruned.recipe_hash()}) == 3

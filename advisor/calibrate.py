@@ -125,10 +125,18 @@ class LinearStats:
 
 
 def calibration_windows(tokenizer, config: CalibConfig) -> list[list[int]]:
-    from advisor.evaluate import make_windows, read_text
+    """The calibration text's windows (fewer than `windows` where the text is shorter; an error where it does not
+    fill one)."""
+    from advisor.errors import AdvisorError
+    from advisor.evaluate import make_windows, read_text, text_label
 
     _, text = read_text(config.text)
-    return make_windows(tokenizer, text, config.seq_len, config.windows)
+    try:
+        return make_windows(tokenizer, text, config.seq_len, config.windows)
+    except AdvisorError:
+        raise AdvisorError(f"the calibration text {text_label(config.text)} is shorter than one window of "
+                           f"{config.seq_len} tokens", hint=f"calibrate on a longer text (hubc reads up to "
+                                                            f"{config.windows} × {config.seq_len} tokens)") from None
 
 
 # How the base model samples its own text. Sampled from BOS alone at temperature 1 over the whole vocabulary, a small

@@ -353,6 +353,10 @@ def _build(source, target, plan, staging, out, config, progress, path, device) -
     clock.step("load")
     progress(f"loading the model: {path.reason}")
     tokenizer = AutoTokenizer.from_pretrained(source.path)
+    if plan.recipe.calibration:
+        from advisor.calibrate import CalibConfig, calibration_windows
+
+        calibration_windows(tokenizer, CalibConfig.from_dict(plan.recipe.calibration))  # too short: said before loading
     texts = []
     for name in config.eval.texts:
         label, text = ev.read_text(name)

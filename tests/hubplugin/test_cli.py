@@ -364,4 +364,8 @@ def test_calibration_text_is_the_users_file_named_in_the_card_and_never_an_eval_
                               str(refused), *common), f"is the evaluation text {held_out}:")
     assert_one_line_error(run("optimize", str(tiny_llama_dir), "--calibration-text", str(tmp_path / "nope.txt"),
                               "--out", str(refused), *common), "cannot read text")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    assert_one_line_error(run("optimize", str(tiny_llama_dir), "--calibration-text", str(short), "--out",
+                              str(refused), *common), "calibration text short.txt is shorter than one window")
     assert not refused.exists()

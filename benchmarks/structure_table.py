@@ -38,6 +38,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                        ["--scheme", "dense", "--prune", "mlp=0.267,allocation=uniform"]),
     "mlp-uniform-40": ("uniform MLP channels (activation importance)",
                        ["--scheme", "dense", "--prune", "mlp=0.533,allocation=uniform"]),
+    "mlp-20": ("MLP channels ranked across layers (per-layer widths, no heads)",
+               ["--scheme", "dense", "--prune", "mlp=0.267"]),
     "layers-20": ("whole layers (block influence)", ["--scheme", "dense", "--prune", "layers=6"]),
     "layers-40": ("whole layers (block influence)", ["--scheme", "dense", "--prune", "layers=12"]),
     "factorize-20": ("whitened SVD, ranks per linear", ["--scheme", "dense", "--factorize", "0.2"]),

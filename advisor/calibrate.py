@@ -6,6 +6,7 @@ candidate transforms against the layer's real inputs) are kept per linear layer.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +17,9 @@ from tqdm import tqdm
 class CalibConfig:
     """Which text calibrates, and how much of it."""
 
-    text: str = "wikitext2-valid"
-    """A shipped text name (wikitext2-valid) or a path to a UTF-8 file; never the evaluation text."""
+    text: str | list[str] = "wikitext2-valid"
+    """A shipped text name (wikitext2-valid) or a path to a UTF-8 file, or a list of them (their windows taken in
+    turn); never the evaluation text."""
     windows: int = 16
     seq_len: int = 512
     sample_rows: int = 2048
@@ -28,6 +30,10 @@ class CalibConfig:
     self_generated: int = 0
     """Windows of text the base model samples itself, added to `text`'s. Structure chosen on one domain overfits it
     (benchmarks/results/structure_calibration.md): the model's own text covers what it knows, with no dataset."""
+
+    @property
+    def texts(self) -> list[str]:
+        return self.text if isinstance(self.text, list) else [self.text]
 
     @classmethod
     def from_dict(cls, data) -> CalibConfig:
@@ -41,8 +47,10 @@ class CalibConfig:
         if unknown:
             raise AdvisorError(f"unknown calibration keys: {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
         config = cls(**data)
-        if not isinstance(config.text, str) or not config.text:
-            raise AdvisorError(f"calibration `text` must name a text or a file, not {config.text!r}")
+        texts = config.text if isinstance(config.text, list) else [config.text]
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise AdvisorError(f"calibration `text` must name a text or a file (or a list of them), not "
+                               f"{config.text!r}")
         for key in ("windows", "seq_len", "sample_rows", "self_generated"):
             value = getattr(config, key)
             low = 0 if key == "self_generated" else 1
@@ -96,9 +104,8 @@ class Calibration:
         windows += [s[: config.seq_len] for s in samples[: config.self_generated]]
         heal = []
         if hc:
-            from advisor.evaluate import make_windows, read_text
 
-            heal = make_windows(tokenizer, read_text(config.text)[1], hc.seq_len, hc.windows)
+            heal = text_windows(tokenizer, config.texts, hc.seq_len, hc.windows)
             heal += heal_pieces(samples, hc.seq_len)[:wanted_heal]
         return cls(config, windows, heal)
 
@@ -127,16 +134,27 @@ class LinearStats:
 def calibration_windows(tokenizer, config: CalibConfig) -> list[list[int]]:
     """The calibration text's windows (fewer than `windows` where the text is shorter; an error where it does not
     fill one)."""
+    return text_windows(tokenizer, config.texts, config.seq_len, config.windows)
+
+
+def text_windows(tokenizer, texts: list[str], seq_len: int, count: int) -> list[list[int]]:
+    """Up to `count` windows of `seq_len` tokens from the texts, taken from each in turn (two texts: half each,
+    where both are long enough; a shorter one leaves the rest to the others). A text that does not fill one window
+    is an error naming it."""
     from advisor.errors import AdvisorError
     from advisor.evaluate import make_windows, read_text, text_label
 
-    _, text = read_text(config.text)
-    try:
-        return make_windows(tokenizer, text, config.seq_len, config.windows)
-    except AdvisorError:
-        raise AdvisorError(f"the calibration text {text_label(config.text)} is shorter than one window of "
-                           f"{config.seq_len} tokens", hint=f"calibrate on a longer text (hubc reads up to "
-                                                            f"{config.windows} × {config.seq_len} tokens)") from None
+    per_text = []
+    for name in texts:
+        _, text = read_text(name)
+        try:
+            per_text.append(make_windows(tokenizer, text, seq_len, count))
+        except AdvisorError:
+            raise AdvisorError(f"the calibration text {text_label(name)} is shorter than one window of {seq_len} "
+                               "tokens", hint=f"calibrate on a longer text (hubc reads up to {count} × {seq_len} "
+                                              "tokens)") from None
+    taken = [w for row in itertools.zip_longest(*per_text) for w in row if w is not None]
+    return taken[:count]
 
 
 # How the base model samples its own text. Sampled from BOS alone at temperature 1 over the whole vocabulary, a small

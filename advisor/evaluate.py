@@ -66,8 +66,11 @@ class TextResult:
         return self.variant.perplexity / self.base.perplexity - 1.0
 
 
-def text_label(name: str) -> str:
-    """What a card or summary calls a text: a shipped text's name, a file's name (never the local path)."""
+def text_label(name: str | list[str]) -> str:
+    """What a card or summary calls a text (or several): a shipped text's name, a file's name (never the local
+    path)."""
+    if isinstance(name, (list, tuple)):
+        return " + ".join(text_label(n) for n in name)
     return name if name in SHIPPED_TEXTS else Path(name).name
 
 

@@ -38,9 +38,10 @@ class Choices:
     calibration: dict | None = None
     """Calibration text and amount {text, windows, seq_len}; default: 16 windows of 512 tokens of wikitext-2 valid
     (32 for autoround)."""
-    calibration_text: str | None = None
+    calibration_text: str | tuple[str, ...] | None = None
     """The text calibration (and, after structure, healing) reads, in place of the default's wikitext-2 valid: a
-    shipped text name or a UTF-8 file (--calibration-text); the amounts stay the default's."""
+    shipped text name or a UTF-8 file, or several taken in turn (--calibration-text, repeated); the amounts stay the
+    default's."""
     actions: dict = field(default_factory=dict)
     """Per-unit actions (advisor.recipe.Recipe.actions), e.g. {"model.layers.0.mlp.down_proj": "dense"}."""
     remove_layers: tuple[int, ...] = ()
@@ -142,7 +143,9 @@ def recommend(structure: ModelStructure, target, choices: Choices | None = None)
         "text": "wikitext2-valid", "windows": 32 if method == "autoround" else 16, "seq_len": 512}
     calibration = choices.calibration or default_calibration
     if choices.calibration_text:
-        calibration = {**calibration, "text": choices.calibration_text}
+        given = choices.calibration_text
+        texts = list(given) if isinstance(given, (list, tuple)) else [given]
+        calibration = {**calibration, "text": texts[0] if len(texts) == 1 else texts}
     recipe = Recipe(
         scheme=scheme.name,
         smoothing=smoothing,

@@ -107,10 +107,11 @@ def targets(fmt: str) -> None:
                    "targets without any, the catalog's roofline): hubc removes MLP channels, heads and whole layers "
                    "by estimated loss per millisecond saved, heals, then serves both and reports the measured "
                    "speed-up")
-@click.option("--calibration-text", metavar="wikitext2-valid|FILE",
+@click.option("--calibration-text", "calibration_texts", metavar="wikitext2-valid|FILE", multiple=True,
               help="text hubc calibrates on (quantization, and the importance and healing of --prune/--factorize/"
-                   "--speedup): a UTF-8 file of the kind of text the model will serve, never an --eval-text. "
-                   "Default: wikitext-2 valid (plus text the model samples itself, for structure)")
+                   "--speedup): a UTF-8 file of the kind of text the model will serve, never an --eval-text; repeat "
+                   "it to mix texts (windows taken from each in turn). Default: wikitext-2 valid (plus text the "
+                   "model samples itself, for structure)")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False),
               help="recipe YAML to apply (e.g. per-module mixed precision) instead of --scheme/--method/...")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default ./<model>-<scheme>-<target>)")
@@ -141,7 +142,7 @@ def targets(fmt: str) -> None:
                    "the host")
 @click.option("--format", "fmt", type=FORMATS, default="human", help="human summary or JSON report on stdout")
 def optimize(model, target, scheme, group_size, method, iterations, smoothing, dense_budget, budget_scheme, activations,
-             remove_layers, prune_spec, factorize_share, heal_minutes, max_size, speedup, calibration_text, recipe_file,
+             remove_layers, prune_spec, factorize_share, heal_minutes, max_size, speedup, calibration_texts, recipe_file,
              out, overwrite, push_repo, private, revision, no_serve, max_ppl_increase, accept_quality_loss,
              eval_texts, eval_windows, seq_len, stream, device, fmt) -> None:
     """Compress MODEL (Hub repo id, local folder, .gguf file, or `demo`) for TARGET, evaluate, serve and card it."""
@@ -172,7 +173,7 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
                                   iterations=iterations, smoothing=smoothing, dense_budget=dense_budget,
                                   budget_scheme=budget_scheme, activations=activations,
                                   remove_layer=remove_layers or None, prune=prune_spec, factorize=factorize_share,
-                                  heal_minutes=heal_minutes, calibration_text=calibration_text)
+                                  heal_minutes=heal_minutes, calibration_text=calibration_texts or None)
         from advisor.recommend import Choices
 
         config = OptimizeConfig(
@@ -181,7 +182,7 @@ def optimize(model, target, scheme, group_size, method, iterations, smoothing, d
                             smoothing=smoothing, dense_budget=dense_budget, budget_scheme=budget_scheme,
                             activations=activations, remove_layers=tuple(remove_layers),
                             structure=structure_request(prune_spec, factorize_share), heal_minutes=heal_minutes,
-                            calibration_text=calibration_text),
+                            calibration_text=calibration_texts or None),
             out=out, overwrite=overwrite, push=push_repo, private=private, serve=not no_serve, revision=revision,
             max_ppl_increase=max_ppl_increase, accept_quality_loss=accept_quality_loss,
             eval=EvalConfig(texts=tuple(eval_texts) or EvalConfig().texts, seq_len=seq_len, windows=eval_windows),

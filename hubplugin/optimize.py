@@ -163,12 +163,13 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
 
     evaluated = {name: read_text(name)[1] for name in config.eval.texts}  # a missing file fails now, not later
     calibration = (config.recipe.calibration or {}).get("text") if config.recipe else config.choices.calibration_text
-    if calibration:
-        _, text = read_text(calibration)
-        same = [name for name, content in evaluated.items() if content == text]
+    for name in [calibration] if isinstance(calibration, str) else calibration or ():
+        _, text = read_text(name)
+        same = [e for e, content in evaluated.items() if content == text]
         if same:
-            raise AdvisorError(f"the calibration text is the evaluation text {same[0]}: its numbers would not be "
-                               "held out", hint="calibrate on other text of the same kind, or evaluate on other text")
+            raise AdvisorError(f"the calibration text {name} is the evaluation text {same[0]}: its numbers would "
+                               "not be held out", hint="calibrate on other text of the same kind, or evaluate on "
+                                                       "other text")
     if config.push:
         from hubplugin import hub
 

@@ -52,8 +52,8 @@ class TargetSpec:
     heal_minutes: float | None = None
     max_size: int | None = None
     """Largest weights in bytes (`max_size: 120MB`): hubc chooses the scheme, dense budget and pruning that fit."""
-    calibration_text: str | None = None
-    """The text calibration and healing read (a file, relative to watch.yaml, or a shipped text name)."""
+    calibration_text: str | tuple[str, ...] | None = None
+    """The text calibration and healing read (a file, relative to watch.yaml, or a shipped text name; or a list)."""
     max_ppl_increase: float = 0.05
     """Quality gate: a variant over this perplexity rise is not pushed (the job fails with the gate's reason)."""
     accept_quality_loss: bool = False
@@ -70,7 +70,9 @@ class TargetSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> TargetSpec:
-        return cls(**{**data, "eval_texts": tuple(data.get("eval_texts") or ())})
+        calibration = data.get("calibration_text")
+        return cls(**{**data, "eval_texts": tuple(data.get("eval_texts") or ()),
+                      "calibration_text": tuple(calibration) if isinstance(calibration, list) else calibration})
 
     def recipe_hash(self) -> str:
         """What the variant is built with (everything but its repo name), hashed: part of a job's identity."""
@@ -325,7 +327,7 @@ def _target(raw, where: str, base_dir: Path) -> TargetSpec:
     )
 
 
-def _structure_keys(data: dict, where: str, base_dir: Path) -> tuple[dict | None, float | None, int | None, str | None]:
+def _structure_keys(data: dict, where: str, base_dir: Path) -> tuple:
     """A target's `structure`, `heal_minutes`, `max_size` and `calibration_text`, checked as `hubc optimize` checks
     its flags (before any job is queued)."""
     from advisor.errors import AdvisorError
@@ -356,17 +358,20 @@ def _structure_keys(data: dict, where: str, base_dir: Path) -> tuple[dict | None
         if structure and "speedup" in structure:
             raise WatchConfigError(f"{where}: `max_size` and a structure `speedup` each choose what to remove",
                                    hint="give one of them")
-    calibration = _value(data, "calibration_text", str, None, where)
-    if calibration:
-        from advisor.evaluate import SHIPPED_TEXTS
+    names = _strings(data, "calibration_text", where)
+    from advisor.evaluate import SHIPPED_TEXTS
 
-        if calibration not in SHIPPED_TEXTS:
-            path = (base_dir / calibration).expanduser()
+    resolved = []
+    for name in names:
+        if name not in SHIPPED_TEXTS:
+            path = (base_dir / name).expanduser()
             if not path.is_file():
                 raise WatchConfigError(f"{where}.calibration_text: no file {path}",
-                                       hint=f"give a UTF-8 text file (relative to watch.yaml) or one of "
+                                       hint=f"give UTF-8 text files (relative to watch.yaml) or "
                                             f"{', '.join(SHIPPED_TEXTS)}")
-            calibration = str(path.resolve())
+            name = str(path.resolve())
+        resolved.append(name)
+    calibration = None if not resolved else resolved[0] if len(resolved) == 1 else tuple(resolved)
     return structure, heal_minutes, max_size, calibration
 
 

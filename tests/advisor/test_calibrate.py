@@ -52,3 +52,27 @@ def test_healing_text_takes_bos_led_pieces_of_the_calibration_samples(tiny):
     assert all(w[0] == tokenizer.bos_token_id for w in own)
     # The first piece of each sample is its head; the second continues it after a BOS.
     assert own[0] == sampled[0][:16] and own[1][1:] == sampled[0][17:32]
+
+
+def test_several_calibration_texts_are_taken_in_turn(tmp_path):
+    """Windows come from each text in turn (half each of two), a short text leaves the rest to the others, and a
+    text that fills no window is named."""
+    from helpers import tiny_tokenizer
+
+    from advisor.calibrate import text_windows
+    from advisor.errors import AdvisorError
+
+    tokenizer = tiny_tokenizer(1024)
+    a, b, short, empty = (tmp_path / n for n in ("a.txt", "b.txt", "short.txt", "empty.txt"))
+    a.write_text(" ".join(f"w{i % 200}" for i in range(400)))  # windows differ from each other
+    b.write_text(" ".join(f"w{200 + i % 50}" for i in range(400)))
+    short.write_text("the quick brown fox " * 10)
+    empty.write_text("paris")
+    only_a = text_windows(tokenizer, [str(a)], 32, 6)
+    only_b = text_windows(tokenizer, [str(b)], 32, 6)
+    both = text_windows(tokenizer, [str(a), str(b)], 32, 6)
+    assert both == [only_a[0], only_b[0], only_a[1], only_b[1], only_a[2], only_b[2]]
+    filled = text_windows(tokenizer, [str(short), str(a)], 32, 6)
+    assert len(filled) == 6 and sum(w in only_a for w in filled) == 5
+    with pytest.raises(AdvisorError, match="calibration text empty.txt is shorter than one window"):
+        text_windows(tokenizer, [str(a), str(empty)], 32, 6)

@@ -356,12 +356,18 @@ def test_calibration_text_is_the_users_file_named_in_the_card_and_never_an_eval_
     assert "calibrated on 8192 tokens of mine.txt," in card
     assert run("optimize", str(tiny_llama_dir), "--out", str(default), *common).exit_code == 0
     assert (out / "model.safetensors").read_bytes() != (default / "model.safetensors").read_bytes()
+    mixed = tmp_path / "mixed"
+    result = run("optimize", str(tiny_llama_dir), "--calibration-text", str(mine), "--calibration-text",
+                 "wikitext2-valid", "--out", str(mixed), *common)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((mixed / "recipe.yaml").read_text())["calibration"]["text"] == [str(mine), "wikitext2-valid"]
+    assert "tokens of mine.txt + wikitext2-valid," in (mixed / "README.md").read_text()
 
     copy = tmp_path / "copy.txt"
     copy.write_text(held_out.read_text())
     refused = tmp_path / "refused"
     assert_one_line_error(run("optimize", str(tiny_llama_dir), "--calibration-text", str(copy), "--out",
-                              str(refused), *common), f"is the evaluation text {held_out}:")
+                              str(refused), *common), f"{copy} is the evaluation text {held_out}:")
     assert_one_line_error(run("optimize", str(tiny_llama_dir), "--calibration-text", str(tmp_path / "nope.txt"),
                               "--out", str(refused), *common), "cannot read text")
     short = tmp_path / "short.txt"

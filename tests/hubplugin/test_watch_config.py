@@ -3,6 +3,7 @@ endpoint listens."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -115,14 +116,15 @@ def test_structure_targets_build_what_hubc_optimize_would(tmp_path):
     path.write_text(yaml.safe_dump({
         "watch": {"owners": ["acme"]},
         "targets": [{"target": "cpu", "structure": {"speedup": 1.3}, "heal_minutes": 5,
-                     "calibration_text": "domain.txt", "variant": "{name}-fast"},
+                     "calibration_text": ["domain.txt", "wikitext2-valid"], "variant": "{name}-fast"},
                     {"target": "cpu", "scheme": "w8a8-int8", "max_size": "90MB", "variant": "{name}-small"},
                     {"target": "a10g", "structure": {"params": 0.2}}],
     }))
     fast, small, pruned = load_config(path).targets
     config = fast.optimize_config(out=tmp_path / "o", push="acme/x-fast", private=False, revision="abc")
     assert config.choices.structure == {"speedup": 1.3} and config.choices.heal_minutes == 5.0
-    assert config.choices.calibration_text == str((tmp_path / "domain.txt").resolve())
+    assert config.choices.calibration_text == (str((tmp_path / "domain.txt").resolve()), "wikitext2-valid")
+    assert type(fast).from_dict(json.loads(json.dumps(fast.to_dict()))) == fast  # as the job queue stores it
     assert small.optimize_config(out=tmp_path / "o", push="p/q", private=False, revision="abc").max_size == 90_000_000
     assert pruned.optimize_config(out=tmp_path / "o", push="p/q", private=False,
                                   revision="abc").choices.structure == {"params": 0.2}

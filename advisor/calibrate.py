@@ -105,7 +105,9 @@ class Calibration:
         heal = []
         if hc:
 
-            heal = text_windows(tokenizer, config.texts, hc.seq_len, hc.windows)
+            # Healing trains on every text equally: a short text of the user's domain is not drowned by a long
+            # general one (the calibration windows take what each text has).
+            heal = text_windows(tokenizer, config.texts, hc.seq_len, hc.windows, balanced=True)
             heal += heal_pieces(samples, hc.seq_len)[:wanted_heal]
         return cls(config, windows, heal)
 
@@ -137,10 +139,11 @@ def calibration_windows(tokenizer, config: CalibConfig) -> list[list[int]]:
     return text_windows(tokenizer, config.texts, config.seq_len, config.windows)
 
 
-def text_windows(tokenizer, texts: list[str], seq_len: int, count: int) -> list[list[int]]:
+def text_windows(tokenizer, texts: list[str], seq_len: int, count: int, balanced: bool = False) -> list[list[int]]:
     """Up to `count` windows of `seq_len` tokens from the texts, taken from each in turn (two texts: half each,
-    where both are long enough; a shorter one leaves the rest to the others). A text that does not fill one window
-    is an error naming it."""
+    where both are long enough; a shorter one leaves the rest to the others, unless `balanced`: then every text
+    gives as many windows as the shortest, so none outweighs another). A text that does not fill one window is an
+    error naming it."""
     from advisor.errors import AdvisorError
     from advisor.evaluate import make_windows, read_text, text_label
 
@@ -153,6 +156,9 @@ def text_windows(tokenizer, texts: list[str], seq_len: int, count: int) -> list[
             raise AdvisorError(f"the calibration text {text_label(name)} is shorter than one window of {seq_len} "
                                "tokens", hint=f"calibrate on a longer text (hubc reads up to {count} × {seq_len} "
                                               "tokens)") from None
+    if balanced:
+        shortest = min(len(windows) for windows in per_text)
+        per_text = [windows[:shortest] for windows in per_text]
     taken = [w for row in itertools.zip_longest(*per_text) for w in row if w is not None]
     return taken[:count]
 

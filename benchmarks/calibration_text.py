@@ -1,6 +1,7 @@
 """Structure calibrated on the user's own kind of text (`--calibration-text`): the demo model pruned by hubc's
 default at 20% of its decoder-linear weights and healed, once calibrated on the default (wikitext-2 valid plus text
-the model samples itself) and once on the first four licenses of licenses.txt (plus the same self-sampled text), both
+the model samples itself), once on the first four licenses of licenses.txt (plus the same self-sampled text) and
+once on both texts in turn (`--calibration-text` repeated; healing takes as many windows of each), all
 evaluated on the rest of licenses.txt (held out: other licenses than the calibration part's) and on
 wikitext-2 test, in transformers and as vLLM serves them.
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.structure_table import cpu_name, pct, run_one
 
 RESULTS = ROOT / "benchmarks" / "results"
-ROWS = ("default", "licenses-a")
+ROWS = ("default", "licenses-a", "mixed")
 
 
 def halves(work: Path) -> tuple[Path, Path]:
@@ -65,11 +66,12 @@ def render(rows: dict, meta: dict) -> str:
             q = r["quality"].get(text, {})
             cells += [f"{pct(q.get('delta_before_heal'))} → {pct(q.get('delta_after_heal'))}",
                       pct(q.get("delta_evaluated")), pct(q.get("delta_served"))]
-        label = "wikitext-2 valid (default)" if key == "default" else "licenses-a"
+        label = {"default": "wikitext-2 valid (default)", "licenses-a": "licenses-a",
+                 "mixed": "wikitext-2 valid + licenses-a, in turn"}[key]
         out.append(f"| {label} + self-sampled | {r['linear_removed']:.1%} | {h['steps']}, {h['seconds'] / 60:.1f} | "
                    + " | ".join(cells) + " |")
     out += ["", (f"Commands (in the JSON): `{next(iter(rows.values()))['command']}` and the same with "
-                 f"`--calibration-text licenses-a.txt`. Written {meta['date']} at hubc {meta['commit']} by "
+                 f"`--calibration-text licenses-a.txt` (and `--calibration-text wikitext2-valid` before it). Written {meta['date']} at hubc {meta['commit']} by "
                  "`flock /tmp/vllm.lock .venv/bin/python benchmarks/calibration_text.py`.")]
     return "\n".join(out) + "\n"
 
@@ -90,6 +92,8 @@ def main() -> None:
             extra = ["--eval-text", str(second), "--eval-text", "wikitext2-test"]
             if key == "licenses-a":
                 extra += ["--calibration-text", str(first)]
+            elif key == "mixed":
+                extra += ["--calibration-text", "wikitext2-valid", "--calibration-text", str(first)]
             print(f"» {key}", file=sys.stderr)
             data["rows"][key] = run_one("params-20", work, args.heal_minutes, args.eval_windows, extra=extra)
             commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False,

@@ -55,8 +55,8 @@ def test_healing_text_takes_bos_led_pieces_of_the_calibration_samples(tiny):
 
 
 def test_several_calibration_texts_are_taken_in_turn(tmp_path):
-    """Windows come from each text in turn (half each of two), a short text leaves the rest to the others, and a
-    text that fills no window is named."""
+    """Windows come from each text in turn (half each of two), a short text leaves the rest to the others (or, as
+    healing takes them, limits every text to its count), and a text that fills no window is named."""
     from helpers import tiny_tokenizer
 
     from advisor.calibrate import text_windows
@@ -74,5 +74,7 @@ def test_several_calibration_texts_are_taken_in_turn(tmp_path):
     assert both == [only_a[0], only_b[0], only_a[1], only_b[1], only_a[2], only_b[2]]
     filled = text_windows(tokenizer, [str(short), str(a)], 32, 6)
     assert len(filled) == 6 and sum(w in only_a for w in filled) == 5
+    balanced = text_windows(tokenizer, [str(short), str(a)], 32, 6, balanced=True)  # healing: as much of each
+    assert len(balanced) == 2 and balanced[1] == only_a[0]
     with pytest.raises(AdvisorError, match="calibration text empty.txt is shorter than one window"):
         text_windows(tokenizer, [str(a), str(empty)], 32, 6)

@@ -13,6 +13,11 @@ import torch
 from tqdm import tqdm
 
 
+def text_names(text) -> list[str]:
+    """A calibration `text` (one name, or a list or tuple of them) as a list of names."""
+    return list(text) if isinstance(text, (list, tuple)) else [text]
+
+
 @dataclass
 class CalibConfig:
     """Which text calibrates, and how much of it."""
@@ -33,7 +38,7 @@ class CalibConfig:
 
     @property
     def texts(self) -> list[str]:
-        return self.text if isinstance(self.text, list) else [self.text]
+        return text_names(self.text)
 
     @classmethod
     def from_dict(cls, data) -> CalibConfig:
@@ -47,7 +52,7 @@ class CalibConfig:
         if unknown:
             raise AdvisorError(f"unknown calibration keys: {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
         config = cls(**data)
-        texts = config.text if isinstance(config.text, list) else [config.text]
+        texts = config.texts
         if not texts or not all(isinstance(t, str) and t for t in texts):
             raise AdvisorError(f"calibration `text` must name a text or a file (or a list of them), not "
                                f"{config.text!r}")

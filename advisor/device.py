@@ -56,28 +56,37 @@ def on_gpu(device: torch.device | None) -> bool:
     return device is not None and device.type != "cpu"
 
 
+def work_device(device: torch.device | None) -> torch.device | None:
+    """Where layer-by-layer work moves its tensors: the GPU, or None where it stays on the host (no moves)."""
+    return device if on_gpu(device) else None
+
+
 def autocast(device: torch.device | None, enabled: bool) -> AbstractContextManager:
     """bf16 autocast on `device` (the host when None), or nothing when not `enabled`."""
     return torch.autocast((device or HOST).type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def move(tree, device: torch.device | None, memo: dict | None = None):
-    """Nested arguments (tuples, lists, dicts of tensors: masks, rotary tables, positions) on `device`; with `memo`
-    (a dict kept across calls) a tensor met twice is moved once and shared, as the original was. None: unchanged."""
-    if device is None:
-        return tree
+def map_tensors(tree, fn, memo: dict | None = None):
+    """`fn` applied to every tensor in nested arguments (tuples, lists, dicts: masks, rotary tables, positions),
+    the rest kept; with `memo` (a dict kept across calls) a tensor met twice (one mask or rotary table passed to
+    every layer) is mapped once and shared, as the original was."""
     if torch.is_tensor(tree):
-        if tree.device == device:
-            return tree
         if memo is None:
-            return tree.to(device)
+            return fn(tree)
         if id(tree) not in memo:
-            memo[id(tree)] = (tree, tree.to(device))  # the original kept alive: its id stays its own
+            memo[id(tree)] = (tree, fn(tree))  # the original kept alive: its id stays its own
         return memo[id(tree)][1]
     if isinstance(tree, tuple):
-        return tuple(move(t, device, memo) for t in tree)
+        return tuple(map_tensors(t, fn, memo) for t in tree)
     if isinstance(tree, list):
-        return [move(t, device, memo) for t in tree]
+        return [map_tensors(t, fn, memo) for t in tree]
     if isinstance(tree, dict):
-        return {k: move(v, device, memo) for k, v in tree.items()}
+        return {k: map_tensors(v, fn, memo) for k, v in tree.items()}
     return tree
+
+
+def move(tree, device: torch.device | None, memo: dict | None = None):
+    """Nested arguments on `device` (map_tensors; moved once each with `memo`). None: unchanged."""
+    if device is None:
+        return tree
+    return map_tensors(tree, lambda t: t if t.device == device else t.to(device), memo)

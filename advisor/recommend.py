@@ -143,8 +143,9 @@ def recommend(structure: ModelStructure, target, choices: Choices | None = None)
         "text": "wikitext2-valid", "windows": 32 if method == "autoround" else 16, "seq_len": 512}
     calibration = choices.calibration or default_calibration
     if choices.calibration_text:
-        given = choices.calibration_text
-        texts = list(given) if isinstance(given, (list, tuple)) else [given]
+        from advisor.calibrate import text_names
+
+        texts = text_names(choices.calibration_text)
         calibration = {**calibration, "text": texts[0] if len(texts) == 1 else texts}
     recipe = Recipe(
         scheme=scheme.name,

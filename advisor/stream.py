@@ -94,8 +94,9 @@ def choose_path(requested: bool | None, plan, available: int | None = None,
     available = psutil.virtual_memory().available if available is None else available
     refusal = streaming_refusal(plan)
     where = f" on {describe(device)}" if on_gpu(device) else ""
+    quantized_there = f"; quantization{where}" if where else ""  # the in-memory path quantizes on the GPU too
     if requested is False:
-        return PathChoice(False, "in memory (--no-stream)" + (f"; quantization{where}" if where else ""))
+        return PathChoice(False, "in memory (--no-stream)" + quantized_there)
     if requested:
         if refusal:
             raise AdvisorError(f"--stream: {refusal}", hint="drop --stream, or drop structural actions")
@@ -105,7 +106,7 @@ def choose_path(requested: bool | None, plan, available: int | None = None,
     if where and not refusal:
         return PathChoice(True, f"layer by layer{where}, weights streamed from the safetensors shards ({what})")
     if not big:
-        return PathChoice(False, f"in memory ({what})" + (f"; quantization{where}" if where else ""))
+        return PathChoice(False, f"in memory ({what})" + quantized_there)
     if refusal:
         return PathChoice(False, f"in memory although the model is large for it ({what}): {refusal}")
     return PathChoice(True, f"layer by layer, weights streamed from the safetensors shards ({what})")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from advisor.device import HOST, move, on_gpu
+from advisor.device import HOST, move, work_device
 from advisor.errors import DamagedWeightsError
 from advisor.shards import ShardReader, assign, load_layer, load_outer, meta_names, skeleton
 from advisor.stream import release
@@ -37,7 +37,7 @@ class _Streamed:
         from advisor.model import decoder_layers
 
         self.path, self.quantized = path, quantized
-        self.device = device if on_gpu(device) else None  # None: the host, where the skeleton is
+        self.device = work_device(device)  # None: the host, where the skeleton is
         self._moved: dict = {}  # masks and rotary tables shared by the layers, moved once
         self.model, self.groups = skeleton(path)
         self.reader = ShardReader(path)

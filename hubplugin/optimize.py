@@ -159,11 +159,12 @@ def optimize(ref: str, target_name: str, config: OptimizeConfig, progress: Calla
     target.require_scheme(scheme.name)
     if config.out is not None:
         check_out(config.out, config.overwrite)
+    from advisor.calibrate import text_names
     from advisor.evaluate import read_text
 
     evaluated = {name: read_text(name)[1] for name in config.eval.texts}  # a missing file fails now, not later
     calibration = (config.recipe.calibration or {}).get("text") if config.recipe else config.choices.calibration_text
-    for name in [calibration] if isinstance(calibration, str) else calibration or ():
+    for name in text_names(calibration) if calibration else ():
         _, text = read_text(name)
         same = [e for e, content in evaluated.items() if content == text]
         if same:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from advisor.device import HOST, autocast, move, on_gpu
+from advisor.device import HOST, autocast, move, on_gpu, work_device
 from advisor.model import decoder_layers
 from advisor.quantize.rtn import QuantizedWeight, int_range, limit_pairs, pair_limited_scale
 from advisor.quantize.sequential import (
@@ -271,7 +271,7 @@ def autoround_layers(model, wanted: dict, windows: list[list[int]], config: Roun
     called before a block is first used (advisor.stream reads its weights there). `device` (a GPU) learns each block
     there, as advisor.quantize.sequential.quantize_layers computes there: the block and its quantized weights are
     back on the host when yielded."""
-    gpu = on_gpu(device)
+    device = work_device(device)
     prefix, layers = decoder_layers(model)
     # Copies made outside inference mode: autograd cannot use tensors captured under it. Each layer gets its own
     # masks and positions (Gemma's sliding and global layers differ: advisor.quantize.sequential.layer_arguments).
@@ -285,13 +285,13 @@ def autoround_layers(model, wanted: dict, windows: list[list[int]], config: Roun
     for i, layer in enumerate(bar):
         if load is not None:
             load(i, layer)
-        if gpu:
+        if device is not None:
             layer.to(device)
             fp_hidden, q_hidden = move(fp_hidden, device), move(q_hidden, device)
         results: dict[str, QuantizedWeight] = {}
         names = {n: m for n, m in layer.named_modules()
                  if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}" in wanted}
-        args_i = move(arguments[i], device if gpu else None, moved)
+        args_i = move(arguments[i], device, moved)
         fp_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(fp_hidden, args_i, strict=True)]
         q_inputs = [((h,) + args, kwargs) for h, (args, kwargs) in zip(q_hidden, args_i, strict=True)]
         started = time.monotonic()
@@ -316,7 +316,7 @@ def autoround_layers(model, wanted: dict, windows: list[list[int]], config: Roun
                 h.remove()
         fp_hidden = targets
         del fp_inputs, q_inputs, targets, learned, args_i
-        if gpu:
+        if device is not None:
             layer.to(HOST)
             results = {n: qw.to(HOST) for n, qw in results.items()}
         yield i, layer, results, (before, after)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from advisor.device import HOST, autocast, move, on_gpu
+from advisor.device import HOST, autocast, map_tensors, move, work_device
 from advisor.model import decoder_layers, group_by_input
 from advisor.quantize.rtn import QuantizedWeight
 
@@ -144,8 +144,8 @@ def quantize_layers(
     `device` (a GPU: advisor.device) computes each layer there, in bf16: the layer, its inputs and Hessians are
     moved to it, and the layer and its quantized weights are back on the host when yielded; the carried hidden
     states stay on the device."""
-    gpu = on_gpu(device)
-    bf16 = True if gpu else native_bf16() if bf16 is None else bf16
+    device = work_device(device)
+    bf16 = True if device is not None else native_bf16() if bf16 is None else bf16
     prefix, layers = decoder_layers(model)
     hidden, arguments = layer_arguments(model, layers, windows)
     act_args = act_args or {}
@@ -153,16 +153,16 @@ def quantize_layers(
     for i, layer in enumerate(tqdm(layers, desc="quantizing layer by layer", unit="layer", leave=False)):
         if load is not None:
             load(i, layer)
-        if gpu:
+        if device is not None:
             layer.to(device)
             hidden = move(hidden, device)
         results: dict[str, QuantizedWeight] = {}
-        inputs = [((h,) + move(args, device if gpu else None, moved), move(kwargs, device if gpu else None, moved))
+        inputs = [((h,) + move(args, device, moved), move(kwargs, device, moved))
                   for h, (args, kwargs) in zip(hidden, arguments[i], strict=True)]
         with torch.inference_mode():
             hidden = _quantize_layer(layer, f"{prefix}.{i}.", wanted, inputs, quantize, act_args, bf16, results)
         del inputs
-        if gpu:
+        if device is not None:
             layer.to(HOST)
             results = {n: qw.to(HOST) for n, qw in results.items()}
         yield i, layer, results
@@ -212,22 +212,9 @@ def _same(a, b) -> bool:
 
 
 def clone_tree(tree, memo: dict | None = None):
-    """Copies of the tensors in nested arguments (tuples, lists, dicts); outside inference mode the copies are
-    ordinary tensors autograd can use. With `memo` (a dict kept across calls), a tensor met twice (one mask or
-    rotary table passed to every layer) is copied once and shared, as the original was."""
-    if torch.is_tensor(tree):
-        if memo is None:
-            return tree.detach().clone()
-        if id(tree) not in memo:
-            memo[id(tree)] = (tree, tree.detach().clone())  # the original kept alive: its id stays its own
-        return memo[id(tree)][1]
-    if isinstance(tree, tuple):
-        return tuple(clone_tree(t, memo) for t in tree)
-    if isinstance(tree, list):
-        return [clone_tree(t, memo) for t in tree]
-    if isinstance(tree, dict):
-        return {k: clone_tree(v, memo) for k, v in tree.items()}
-    return tree
+    """Copies of the tensors in nested arguments (advisor.device.map_tensors: with `memo`, a tensor met twice is
+    copied once and shared); outside inference mode the copies are ordinary tensors autograd can use."""
+    return map_tensors(tree, lambda t: t.detach().clone(), memo)
 
 
 class _SettledOutputs:

@@ -56,8 +56,7 @@ def test_shared_arguments_are_moved_once():
 def device_path(monkeypatch):
     """The device code path taken on the host: every `on_gpu` answers yes for a device given, so the layer, its
     inputs and its Hessians take the moves a GPU run takes (here to the CPU), in bf16 as on a GPU."""
-    for module in ("advisor.device", "advisor.quantize.sequential", "advisor.quantize.autoround",
-                   "advisor.stream_eval"):
+    for module in ("advisor.device", "advisor.quantize.autoround"):
         monkeypatch.setattr(f"{module}.on_gpu", lambda d: d is not None)
     return torch.device("cpu")
 

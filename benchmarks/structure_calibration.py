@@ -38,8 +38,10 @@ ROWS: dict[str, tuple[int, int, str, dict]] = {
     "wikitext-2 + sampled, no refit": (16, 16, "default", {"refit": False}),
     "8 wikitext-2 + 24 sampled": (8, 24, "default", {}),
     "sampled only": (0, 32, "default", {}),
+    "wikitext-2 + 3x sampled": (16, 48, "default", {}),
+    "wikitext-2 + sampled at temperature 0.7": (16, 16, "cool", {}),
 }
-SAMPLERS = {"default": {}, "bos": {"start": "bos", "top_p": 1.0}}
+SAMPLERS = {"default": {}, "bos": {"start": "bos", "top_p": 1.0}, "cool": {"temperature": 0.7}}
 
 
 def main() -> None:
@@ -130,7 +132,7 @@ def markdown(record: dict) -> str:
               "healing → after the row's healing steps (4 × 256 tokens each, lr 3e-4; training text: 512 windows of "
               "wikitext-2 valid and 32 pieces of the row's samples). Sampled text is the base model's own "
               "(advisor.calibrate.generate_windows; `default`: BOS, a random first token, top-p 0.95; `bos`: BOS "
-              "alone, the whole vocabulary)."),
+              "alone, the whole vocabulary; `cool`: as `default` at temperature 0.7)."),
              ("Written by `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/structure_calibration.py [--heal-steps N] "
               f"[--only REGEX]` (rows accumulate; the last run: `{record['arguments'] or 'all rows'}`)."), "",
              "| calibration | wikitext-2 valid + sampled | sampler | Δppl wikitext-2 test | Δppl licenses |",

@@ -7,14 +7,14 @@ Each variant removes about 20% of the decoder-linear weights, without healing (s
 
     flock /tmp/vllm.lock .venv/bin/python benchmarks/structure_speed.py [--only NAME,...] [--num-prompts 16]
 
-Per-layer shapes (widths or head counts that differ between layers) are served through hubc's vLLM plugin; uniform
-ones as a standard Llama config. Writes benchmarks/results/structure_speed.{json,md}.
+Shapes that differ between layers (MLP widths, query or KV head counts) are served through hubc's vLLM plugin. Writes benchmarks/results/structure_speed.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +30,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "mlp-20": ("MLP channels ranked across layers (per-layer widths)", "mlp=0.267"),
     "mlp-uniform-20": ("the same MLP width in every layer (standard config)", "mlp=0.267,allocation=uniform"),
     "heads-33": ("a third of the query heads ranked across layers (per-layer head counts)", "heads=0.334"),
-    "heads-uniform-33": ("a third of the query heads in every layer (standard config)",
+    "heads-uniform-33": ("a third of the query heads in every layer (KV heads chosen per layer)",
                          "heads=0.334,allocation=uniform"),
     "layers-6": ("6 of 30 decoder layers (block influence)", "layers=6"),
 }
@@ -72,7 +72,7 @@ def main() -> None:
     for name in names:
         if not (args.work / name / "config.json").is_file():
             hubc("optimize", "demo", "--target", "cpu", "--scheme", "dense", "--prune", VARIANTS[name][1],
-                 "--no-serve", "--eval-windows", "1", "--out", str(args.work / name), "--overwrite")
+                 "--heal-minutes", "0", "--no-serve", "--eval-windows", "1", "--out", str(args.work / name), "--overwrite")
     folders = [str(args.work / n) for n in names]
     bench_args = ["bench", *folders, "--base", "demo", "--dtype", "float32", "--traffic", TRAFFIC,
                   "--num-prompts", args.num_prompts, "--max-rounds", args.max_rounds]
@@ -118,8 +118,9 @@ def markdown(record: dict) -> str:
                  f"{' ' + record['arguments'] if record['arguments'] else ''}`; the bench command: "
                  f"`{record['command']}`."),
              "", ("| variant | what is removed | --prune | linear params removed | layers | MLP widths | heads / KV heads "
-                 "| TPOT p50 (ms) | ITL p50 (ms) | TPOT p50 per round (ms) | speed-up (TPOT) |"),
-             "|---|---|---|---:|---:|---|---|---:|---:|---|---:|"]
+                 "| TPOT p50 (ms) | ITL p50 (ms) | TPOT p50 per round (ms) | speed-up (TPOT) | speed-up, median of rounds |"),
+             "|---|---|---|---:|---:|---|---|---:|---:|---|---:|---:|"]
+    base_rounds = [x["tpot_ms_p50"] for x in b.get("rounds", [])]
     for r in rows:
         m, s, p = r["metrics"], r["shape"], r["linear_parameters"]
         removed = f"{1 - p['variant'] / p['base']:.1%}" if p else "—"
@@ -129,9 +130,15 @@ def markdown(record: dict) -> str:
             (f"{v[0]}" if len(v) == 1 else f"{v[0]}–{v[-1]}") for v in (s["heads"], s["kv_heads"]))
         per_round = ", ".join(f"{x['tpot_ms_p50']:.1f}" for x in m.get("rounds", []))
         speed = "—" if r["name"] == "base" else f"{b['tpot_ms_p50'] / m['tpot_ms_p50']:.2f}×"
+        # The rounds are interleaved (base, then each variant): a round's ratio compares them at the same load.
+        ratios = [bt / x["tpot_ms_p50"] for bt, x in zip(base_rounds, m.get("rounds", []))]
+        per_round_speed = "—" if r["name"] == "base" or not ratios else f"{statistics.median(ratios):.2f}×"
         lines.append(f"| {r['name']} | {r['what']} | {r['prune'] or '—'} | {removed} | "
                      f"{s['layers'] if s else 30} | {widths} | {heads} | {m['tpot_ms_p50']:.1f} | "
-                     f"{m['itl_ms_p50']:.1f} | {per_round} | {speed} |")
+                     f"{m['itl_ms_p50']:.1f} | {per_round} | {speed} | {per_round_speed} |")
+    spread = b.get("tpot_ms_p50_spread")
+    if spread is not None:
+        lines += ["", f"The base's TPOT p50 varied by {spread:.0%} across rounds: differences of a few percent are noise."]
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,24 @@ def test_self_generated_windows_are_whole_bos_led_and_repeat_with_their_seed(tin
     assert generate_windows(model, tokenizer, 3, 24, seed=6) != windows
 
 
+def test_sampling_leaves_the_model_it_samples_untouched(tiny, monkeypatch):
+    """Where bf16 is native, samples come from a bf16 copy: the float32 model that is then pruned and used as the
+    healing teacher keeps its dtype and its weights."""
+    import torch
+
+    import advisor.heal
+
+    model, tokenizer = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for dtype in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr(advisor.heal, "fast_dtype", lambda dtype=dtype: dtype)
+        windows = generate_windows(model, tokenizer, 2, 12, seed=3)
+        assert len(windows) == 2 and all(len(w) == 12 for w in windows)
+        assert generate_windows(model, tokenizer, 2, 12, seed=3) == windows
+    after = dict(model.named_parameters())
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], w) for n, w in before.items())
+
+
 def test_self_generated_windows_start_from_random_ordinary_tokens(tiny):
     """Each sample starts from its own token, never a special one: a small model sampled from BOS alone drifts into
     the same few registers."""

@@ -7,7 +7,8 @@ Each variant removes about 20% of the decoder-linear weights, without healing (s
 
     flock /tmp/vllm.lock .venv/bin/python benchmarks/structure_speed.py [--only NAME,...] [--num-prompts 16]
 
-Shapes that differ between layers (MLP widths, query or KV head counts) are served through hubc's vLLM plugin. Writes benchmarks/results/structure_speed.{json,md}.
+Shapes that differ between layers (MLP widths, query or KV head counts) are served through hubc's vLLM plugin.
+Writes benchmarks/results/structure_speed.{json,md}.
 """
 
 from __future__ import annotations
@@ -72,13 +73,15 @@ def main() -> None:
     for name in names:
         if not (args.work / name / "config.json").is_file():
             hubc("optimize", "demo", "--target", "cpu", "--scheme", "dense", "--prune", VARIANTS[name][1],
-                 "--heal-minutes", "0", "--no-serve", "--eval-windows", "1", "--out", str(args.work / name), "--overwrite")
+                 "--heal-minutes", "0", "--no-serve", "--eval-windows", "1", "--out", str(args.work / name),
+                 "--overwrite")
     folders = [str(args.work / n) for n in names]
     bench_args = ["bench", *folders, "--base", "demo", "--dtype", "float32", "--traffic", TRAFFIC,
                   "--num-prompts", args.num_prompts, "--max-rounds", args.max_rounds]
     printed = hubc(*bench_args, capture=True).stdout
     print(printed)
 
+    from hubplugin.source import resolve
     from serving.bench import Traffic
     from serving.store import LATENCY, ResultsStore
 
@@ -90,12 +93,12 @@ def main() -> None:
     for r in run:
         base = r.settings.get("role") == "base"
         name = "base" if base else by_folder.get(r.checkpoint.path, r.checkpoint.label)
-        folder = None if base else args.work / name
+        folder = Path(resolve("demo").path) if base else args.work / name
         params = None
-        if folder is not None and (folder / "report.json").is_file():
+        if not base and (folder / "report.json").is_file():
             params = json.loads((folder / "report.json").read_text()).get("linear_parameters")
         rows.append({"name": name, "what": "SmolLM2-135M-Instruct" if base else VARIANTS[name][0],
-                     "prune": None if base else VARIANTS[name][1], "shape": shape_of(folder) if folder else None,
+                     "prune": None if base else VARIANTS[name][1], "shape": shape_of(folder),
                      "linear_parameters": params, "metrics": r.metrics, "hardware": r.hardware,
                      "created_at": str(r.created_at)})
     record = {"command": "hubc " + " ".join(bench_args), "traffic": TRAFFIC, "rows": rows,
@@ -104,6 +107,11 @@ def main() -> None:
     (RESULTS / "structure_speed.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     (RESULTS / "structure_speed.md").write_text(markdown(record))
     print(f"wrote {RESULTS}/structure_speed.{{json,md}}", file=sys.stderr)
+
+
+def span(values: list[int]) -> str:
+    """Sorted per-layer values as `a` (one value) or `a–b`."""
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
 
 def markdown(record: dict) -> str:
@@ -117,28 +125,28 @@ def markdown(record: dict) -> str:
              "", (f"Written by `flock /tmp/vllm.lock .venv/bin/python benchmarks/structure_speed.py"
                  f"{' ' + record['arguments'] if record['arguments'] else ''}`; the bench command: "
                  f"`{record['command']}`."),
-             "", ("| variant | what is removed | --prune | linear params removed | layers | MLP widths | heads / KV heads "
-                 "| TPOT p50 (ms) | ITL p50 (ms) | TPOT p50 per round (ms) | speed-up (TPOT) | speed-up, median of rounds |"),
+             "", ("| variant | what is removed | --prune | linear params removed | layers | MLP widths "
+                 "| heads / KV heads | TPOT p50 (ms) | ITL p50 (ms) | TPOT p50 per round (ms) | speed-up (TPOT) "
+                 "| speed-up, median of rounds |"),
              "|---|---|---|---:|---:|---|---|---:|---:|---|---:|---:|"]
     base_rounds = [x["tpot_ms_p50"] for x in b.get("rounds", [])]
     for r in rows:
         m, s, p = r["metrics"], r["shape"], r["linear_parameters"]
         removed = f"{1 - p['variant'] / p['base']:.1%}" if p else "—"
-        widths = "—" if not s else (f"{s['mlp_widths'][0]}" if len(s["mlp_widths"]) == 1
-                                    else f"{s['mlp_widths'][0]}–{s['mlp_widths'][-1]}")
-        heads = "—" if not s else "/".join(
-            (f"{v[0]}" if len(v) == 1 else f"{v[0]}–{v[-1]}") for v in (s["heads"], s["kv_heads"]))
+        widths = span(s["mlp_widths"])
+        heads = f"{span(s['heads'])}/{span(s['kv_heads'])}"
         per_round = ", ".join(f"{x['tpot_ms_p50']:.1f}" for x in m.get("rounds", []))
         speed = "—" if r["name"] == "base" else f"{b['tpot_ms_p50'] / m['tpot_ms_p50']:.2f}×"
         # The rounds are interleaved (base, then each variant): a round's ratio compares them at the same load.
         ratios = [bt / x["tpot_ms_p50"] for bt, x in zip(base_rounds, m.get("rounds", []))]
         per_round_speed = "—" if r["name"] == "base" or not ratios else f"{statistics.median(ratios):.2f}×"
         lines.append(f"| {r['name']} | {r['what']} | {r['prune'] or '—'} | {removed} | "
-                     f"{s['layers'] if s else 30} | {widths} | {heads} | {m['tpot_ms_p50']:.1f} | "
+                     f"{s['layers']} | {widths} | {heads} | {m['tpot_ms_p50']:.1f} | "
                      f"{m['itl_ms_p50']:.1f} | {per_round} | {speed} | {per_round_speed} |")
     spread = b.get("tpot_ms_p50_spread")
     if spread is not None:
-        lines += ["", f"The base's TPOT p50 varied by {spread:.0%} across rounds: differences of a few percent are noise."]
+        note = f"The base's TPOT p50 varied by {spread:.0%} across rounds: differences of a few percent are noise."
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

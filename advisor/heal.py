@@ -9,7 +9,12 @@ mid-schedule).
 
 What trains: every parameter of the decoder layers (norms included); the embeddings and the output head stay frozen
 (they are tied in many models, and a pruned layer shifts the residual stream that every later layer reads, so
-training only the pruned layers leaves the later ones reading a distribution they were not trained on).
+training only the pruned layers leaves the later ones reading a distribution they were not trained on). With
+`lora_rank` r, each decoder linear trains a rank-r update instead (LoRA, Hu et al. 2021: W + (α/r)·B·A, B from zero),
+merged into the weight when healing ends, so the checkpoint keeps its shapes; the norms still train in full. The
+update is a `torch.nn.utils.parametrize` parametrization of the linear's weight: it needs no module replaced, so it
+reaches hubc's own modules (a factorized linear's two factors) and leaves the model's class and parameter names as
+they were once removed (a LoRA library would wrap the model and rename its parameters for a few lines of algebra).
 
 Healing is judged on held-out text (never its training text): the report gives perplexity before and after on each
 held-out text, and flags a text whose perplexity rose while the training text's fell.
@@ -39,9 +44,12 @@ class HealConfig:
     temperature: float = 1.0
     kl_weight: float = 0.9
     """Share of the distillation term; the rest is cross-entropy on the text."""
-    lr: float = 3e-4
-    """Peak learning rate. Minutes of healing on a CPU are tens of steps: at 30 steps 3e-4 recovered more than 1e-4
-    on both held-out texts, the training domain and another (benchmarks/results/heal_settings.md)."""
+    lr: float | None = None
+    """Peak learning rate; default LR (full fine-tuning) or LORA_LR (with `lora_rank`)."""
+    lora_rank: int = 0
+    """0: train every decoder-layer weight; r > 0: train a rank-r update of each decoder linear (LoRA), merged back."""
+    lora_alpha: float | None = None
+    """LoRA's scale numerator (the update is α/r·B·A); default 2r."""
     batch: int = 4
     """Windows per step."""
     seq_len: int = 256
@@ -65,7 +73,7 @@ class HealConfig:
         config = cls(**data)
         if config.minutes is None and config.steps is None:
             raise AdvisorError("healing needs a budget", hint="give `minutes` (e.g. --heal-minutes 15) or `steps`")
-        for key in ("minutes", "temperature", "lr", "epochs"):
+        for key in ("minutes", "temperature", "lr", "epochs", "lora_alpha"):
             value = getattr(config, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise AdvisorError(f"heal `{key}` must be a positive number, not {value!r}")
@@ -73,12 +81,24 @@ class HealConfig:
             value = getattr(config, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise AdvisorError(f"heal `{key}` must be a positive whole number, not {value!r}")
-        if isinstance(config.self_generated, bool) or not isinstance(config.self_generated, int) \
-                or config.self_generated < 0:
-            raise AdvisorError(f"heal `self_generated` must be a whole number ≥ 0, not {config.self_generated!r}")
+        for key in ("self_generated", "lora_rank"):
+            value = getattr(config, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise AdvisorError(f"heal `{key}` must be a whole number ≥ 0, not {value!r}")
         if not 0 <= config.kl_weight <= 1:
             raise AdvisorError(f"heal `kl_weight` must be between 0 and 1, not {config.kl_weight!r}")
         return config
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else LORA_LR if self.lora_rank else LR
+
+
+LR = 3e-4
+"""Full fine-tuning's peak learning rate. Minutes of healing on a CPU are tens of steps: at 30 steps 3e-4 recovered
+more than 1e-4 on both held-out texts, the training domain and another (benchmarks/results/heal_settings.md)."""
+LORA_LR = 1e-3
+"""LoRA's peak learning rate (benchmarks/results/heal_settings.md)."""
 
 
 @dataclass
@@ -96,6 +116,8 @@ class HealReport:
     flags: list[str] = field(default_factory=list)
     lr: float | None = None
     """Peak learning rate of the schedule."""
+    lora_rank: int = 0
+    """Rank of the merged-back LoRA updates; 0: every decoder-layer weight trained."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +139,53 @@ def trainable_parameters(student) -> list[torch.nn.Parameter]:
 
     _, layers = decoder_layers(student)
     return [p for p in layers.parameters()]
+
+
+class LoraUpdate(torch.nn.Module):
+    """The parametrization W ↦ W + scale·B·A of one linear's weight (B starts at zero: training starts from W)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        bound = 1 / math.sqrt(in_features)  # as nn.Linear initializes a weight of this fan-in
+        a = (torch.rand(rank, in_features, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        self.a = torch.nn.Parameter(a.to(weight.device))
+        self.b = torch.nn.Parameter(torch.zeros(out_features, rank, device=weight.device))
+        self.scale = scale
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.scale * self.b @ self.a).to(weight.dtype)
+
+
+def attach_lora(student, rank: int, alpha: float | None, generator: torch.Generator) -> list[torch.nn.Parameter]:
+    """Parametrize every decoder linear's weight with a rank-`rank` update (at most the weight's smaller side);
+    returns what trains: the updates' factors and every decoder-layer parameter outside a linear (norms)."""
+    from torch.nn.utils import parametrize
+
+    from advisor.model import decoder_layers
+
+    _, layers = decoder_layers(student)
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+    in_linears = {id(p) for m in linears for p in m.parameters(recurse=False)}
+    rest = [p for p in layers.parameters() if id(p) not in in_linears]
+    params: list[torch.nn.Parameter] = []
+    for module in linears:
+        r = min(rank, *module.weight.shape)
+        update = LoraUpdate(module.weight, r, (alpha if alpha is not None else 2 * rank) / rank, generator)
+        parametrize.register_parametrization(module, "weight", update)
+        params += [update.a, update.b]
+    return params + rest
+
+
+def merge_lora(student) -> None:
+    """Fold every LoRA update into its weight and remove the parametrizations (the model's parameters are then
+    named and shaped as before healing)."""
+    from torch.nn.utils import parametrize
+
+    for module in student.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            with torch.no_grad():
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 def distill_loss(student_logits, teacher_logits, labels, temperature: float, kl_weight: float):
@@ -147,19 +216,20 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
 
     if not windows:
         raise AdvisorError("healing got no training text", hint="give the recipe a calibration text")
-    params = trainable_parameters(student)
-    frozen = [p for p in student.parameters() if all(p is not q for q in params)]
     base = perplexities(teacher, held_out)
     before = perplexities(student, held_out)
-    for p in frozen:
+    gen = torch.Generator().manual_seed(config.seed)
+    for p in student.parameters():
         p.requires_grad_(False)
+    params = attach_lora(student, config.lora_rank, config.lora_alpha, torch.Generator().manual_seed(config.seed)) \
+        if config.lora_rank else trainable_parameters(student)
     for p in params:
         p.requires_grad_(True)
     teacher.eval()
     student.train()
     dtype = fast_dtype()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(config.seed)
+    peak_lr = config.peak_lr
+    optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
     order: list[int] = []
     budget_s = config.minutes * 60 if config.minutes is not None else math.inf
     max_steps = min(config.steps or 10**9, max(1, math.ceil(config.epochs * len(windows) / config.batch)))
@@ -181,7 +251,7 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
                 bar.total = planned
                 bar.refresh()
             total = planned or max_steps
-            lr = config.lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+            lr = peak_lr * min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -209,6 +279,7 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
                          + (f", {left / 60:.1f} min left" if math.isfinite(left) else ""))
     finally:
         bar.close()
+        merge_lora(student)
         student.eval()
         for p in student.parameters():
             p.requires_grad_(False)
@@ -220,7 +291,7 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
                         kl_start=sum(head) / len(head) if head else float("nan"),
                         kl_end=sum(tail) / len(tail) if tail else float("nan"),
                         held_out={n: {"base": base[n], "before": before[n], "after": after[n]} for n in held_out},
-                        lr=config.lr)
+                        lr=peak_lr, lora_rank=config.lora_rank)
     report.flags = judge(report.held_out, report.kl_start, report.kl_end)
     return report
 

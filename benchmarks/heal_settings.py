@@ -1,7 +1,7 @@
 """Which healing settings recover the most of what pruning cost, on the text healing trains on and on another
 domain: the demo model pruned by hubc's default (20% of the decoder-linear weights), then healed by distillation
 for the same number of steps under each setting (learning rate, the share of self-generated text, the weight of
-the distillation term). Δppl against the base on held-out windows of wikitext-2 test and licenses.txt (never
+the distillation term, every decoder weight trained or rank-r LoRA updates merged back). Δppl against the base on held-out windows of wikitext-2 test and licenses.txt (never
 trained on), before and after healing.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/heal_settings.py [--steps 30] [--only REGEX]
@@ -41,6 +41,9 @@ SETTINGS: dict[str, tuple[tuple[int, int], dict]] = {
     "lr 3e-4, self-generated only": ((0, 64), {"lr": 3e-4}),
     "lr 3e-4, KL only": ((512, 32), {"lr": 3e-4, "kl_weight": 1.0}),
     "lr 3e-4, temperature 2": ((512, 32), {"lr": 3e-4, "temperature": 2.0}),
+    "LoRA rank 16, lr 3e-4": ((512, 32), {"lr": 3e-4, "lora_rank": 16}),
+    "LoRA rank 16, lr 1e-3": ((512, 32), {"lr": 1e-3, "lora_rank": 16}),
+    "LoRA rank 64, lr 1e-3": ((512, 32), {"lr": 1e-3, "lora_rank": 64}),
 }
 
 
@@ -123,13 +126,13 @@ def markdown(record: dict) -> str:
              ("Written by `.venv/bin/python benchmarks/heal_settings.py [--only REGEX]` (rows accumulate; the last "
               f"run: `{record['arguments'] or 'all settings'}`)."), "",
              ("| setting | training windows (wikitext-2 valid + self-generated) | sampler | Δppl wikitext-2 test | "
-              "Δppl licenses | final KL |"), "|---|---:|---|---:|---:|---:|"]
+              "Δppl licenses | final KL | s/step |"), "|---|---:|---|---:|---:|---:|---:|"]
     for r in record["rows"]:
         cells = [f"{v['before'] / v['base'] - 1:+.1%} → {v['after'] / v['base'] - 1:+.1%}"
                  for v in (r["held_out"]["wikitext2-test"], r["held_out"]["licenses"])]
         lines.append(f"| {r['setting']} | {r['wiki_windows']} + {r['self_generated_windows']} | "
                      f"{r.get('sampler', 'bos start, whole vocabulary')} | {cells[0]} | "
-                     f"{cells[1]} | {r['kl_end']:.3f} |")
+                     f"{cells[1]} | {r['kl_end']:.3f} | {r['heal_seconds'] / r['steps']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

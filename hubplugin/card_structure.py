@@ -94,7 +94,8 @@ def heal_text(result) -> str | None:
     sampled = (result.recipe.heal or {}).get("self_generated", HealConfig.self_generated)
     trained = f" ({text_label(calibration['text'])}{' and text the base sampled itself' if sampled else ''})" \
         if calibration.get("text") else ""
-    return (f"Healed by distillation from the base: {heal['steps']} steps, {heal['tokens']:,} tokens in "
+    how = f" (rank-{heal['lora_rank']} LoRA updates, merged back)" if heal.get("lora_rank") else ""
+    return (f"Healed by distillation from the base{how}: {heal['steps']} steps, {heal['tokens']:,} tokens in "
             f"{heal['seconds'] / 60:.1f} min ({heal['dtype']}), KL to the base {heal['kl_start']:.3f} → "
             f"{heal['kl_end']:.3f} nats/token on its training text{trained}. Perplexity on held-out text, evaluated "
             "in transformers before quantization:")

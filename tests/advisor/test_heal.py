@@ -47,6 +47,34 @@ def test_healing_brings_the_student_back_toward_the_teacher(teacher):
     assert all(not p.requires_grad for p in student.parameters())  # left as it was found: for inference
 
 
+def test_lora_healing_merges_a_low_rank_update_into_the_same_parameters(teacher):
+    student = _damaged(teacher)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    torch.manual_seed(0)
+    own = [teacher.generate(torch.tensor([[1]]), do_sample=True, max_new_tokens=31, min_new_tokens=31,
+                            pad_token_id=0)[0].tolist() for _ in range(20)]
+    report = heal(student, teacher, own[:16], HealConfig(steps=40, lr=1e-2, batch=4, epochs=10, lora_rank=2),
+                  {"held": own[16:]})
+    assert report.lora_rank == 2 and report.kl_end < report.kl_start
+    r = report.held_out["held"]
+    assert abs(r["after"] - r["base"]) < abs(r["before"] - r["base"])
+    # The checkpoint keeps its parameter names and shapes (nothing of the adapters is left to export).
+    after = dict(student.named_parameters())
+    assert list(after) == list(before) and all(after[n].shape == before[n].shape for n in before)
+    assert type(student.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    moved = 0
+    for name, p in after.items():
+        delta = (p.detach().double() - before[name].double())
+        if "layers." in name and name.endswith("proj.weight"):
+            s = torch.linalg.svdvals(delta)
+            assert s[2] <= 1e-4 * s[0], f"{name}: update of rank above 2"
+            moved += s[0] > 0
+        elif "layers." not in name:
+            assert torch.equal(p, before[name]), f"{name} is outside the decoder layers and must stay frozen"
+    assert moved > 0
+    assert all(not p.requires_grad for p in student.parameters())
+
+
 def test_healing_stops_after_its_passes_over_the_text(teacher):
     student = _damaged(teacher)
     report = heal(student, teacher, _windows(8), HealConfig(minutes=10, batch=4, epochs=2), {"held": _windows(1)})
@@ -59,6 +87,8 @@ def test_healing_stops_after_its_passes_over_the_text(teacher):
     ({"steps": 10, "kl_weight": 2}, "kl_weight"),
     ({"steps": 10, "epochs": 0}, "epochs"),
     ({"steps": 10, "learning_rate": 1}, "unknown heal keys"),
+    ({"steps": 10, "lora_rank": -4}, "lora_rank"),
+    ({"steps": 10, "lora_rank": 8.5}, "lora_rank"),
 ])
 def test_a_bad_heal_block_is_refused_in_one_line(block, fragment):
     with pytest.raises(AdvisorError, match=fragment):

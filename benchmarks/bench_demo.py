@@ -19,21 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from hubc_runs import hubc, last_bench_run
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCHEMES = ("w8a8-int8", "fp8", "w4a16")  # w4a16 needs AVX-512 on CPU (cpu_gemm_wna16)
-
-
-def hubc(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "hubplugin.cli", *args]
-    print("$ hubc " + " ".join(args), file=sys.stderr, flush=True)
-    return subprocess.run(
-        command, cwd=HERE.parent, check=True, text=True, stdout=subprocess.PIPE if capture else None
-    )
 
 
 def main() -> None:
@@ -64,12 +57,7 @@ def main() -> None:
     printed = hubc(*bench_args, capture=True).stdout
     print(printed)
 
-    from serving.bench import Traffic
-    from serving.store import LATENCY, ResultsStore
-
-    records = ResultsStore().records(kind=LATENCY, traffic=str(Traffic.parse(args.traffic)))
-    run_id = records[-1].settings["run_id"]
-    run = [r for r in records if r.settings["run_id"] == run_id]
+    run = last_bench_run(args.traffic)
     RESULTS.mkdir(exist_ok=True)
     command = "hubc " + " ".join(bench_args)
     (RESULTS / f"{args.name}.txt").write_text(f"$ {command}\n{printed}")

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from hubc_runs import hubc, last_bench_run
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -36,12 +37,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "layers-6": ("6 of 30 decoder layers (block influence)", "layers=6"),
 }
 TRAFFIC = "in=128,out=32,concurrency=1"
-
-
-def hubc(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
-    print("$ hubc " + " ".join(args), file=sys.stderr, flush=True)
-    return subprocess.run([sys.executable, "-m", "hubplugin.cli", *args], cwd=ROOT, check=True, text=True,
-                          stdout=subprocess.PIPE if capture else None)
 
 
 def shape_of(folder: Path) -> dict:
@@ -82,12 +77,8 @@ def main() -> None:
     print(printed)
 
     from hubplugin.source import resolve
-    from serving.bench import Traffic
-    from serving.store import LATENCY, ResultsStore
 
-    records = ResultsStore().records(kind=LATENCY, traffic=str(Traffic.parse(TRAFFIC)))
-    run_id = records[-1].settings["run_id"]
-    run = [r for r in records if r.settings["run_id"] == run_id]
+    run = last_bench_run(TRAFFIC)
     by_folder = {str(args.work / n): n for n in names}
     rows = []
     for r in run:

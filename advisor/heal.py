@@ -75,7 +75,8 @@ class HealConfig:
             raise AdvisorError("healing needs a budget", hint="give `minutes` (e.g. --heal-minutes 15) or `steps`")
         for key in ("minutes", "temperature", "lr", "epochs", "lora_alpha"):
             value = getattr(config, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
                 raise AdvisorError(f"heal `{key}` must be a positive number, not {value!r}")
         for key in ("steps", "batch", "seq_len", "windows"):
             value = getattr(config, key)

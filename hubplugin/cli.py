@@ -13,7 +13,7 @@ import click
 
 from advisor.quantize import METHODS
 from hubplugin import __version__
-from hubplugin.cli_common import FORMATS
+from hubplugin.cli_common import FORMATS, Finite
 from hubplugin.cli_common import run_command as _run
 from hubplugin.cli_serving import bench, pick, predict
 
@@ -73,7 +73,7 @@ def targets(fmt: str) -> None:
 @click.option("--smoothing", type=click.Choice(["search", "none"]),
               help="per-channel scaling searched on calibration text: SmoothQuant for w8a8-int8/fp8 (their default), "
                    "activation-aware (AWQ-style) for weight-only schemes")
-@click.option("--dense-budget", type=click.FloatRange(min=0, max=1, max_open=True),
+@click.option("--dense-budget", type=Finite(min=0, max=1, max_open=True),
               help="share of the linear weights left unquantized, the layers whose quantization costs the most loss "
                    "(measured on calibration text) first. Default: 0.02 for w8a8-int8/fp8 (0.03 for w8a8-int8 on CPUs "
                    "without VNNI); 0.3, at w8a16, for w4a16 "
@@ -91,17 +91,17 @@ def targets(fmt: str) -> None:
               help="structured pruning chosen on calibration text: a share of the decoder-linear parameters (e.g. "
                    "0.2: hubc chooses channels, heads and layers), or mlp=R,heads=R,layers=N (e.g. "
                    "mlp=0.3,heads=0.25,layers=4); healed by distillation (--heal-minutes)")
-@click.option("--factorize", "factorize_share", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+@click.option("--factorize", "factorize_share", type=Finite(min=0, max=1, min_open=True, max_open=True),
               help="share of the decoder-linear parameters removed by low-rank factorization (activation-whitened "
                    "SVD, ranks chosen per linear); combines with --prune and any --scheme")
-@click.option("--heal-minutes", type=click.FloatRange(min=0),
+@click.option("--heal-minutes", type=Finite(min=0),
               help="distillation healing after --prune/--factorize/--remove-layer: minutes of training against the "
                    "base model (default 15; 0: none)")
 @click.option("--max-size", "max_size", metavar="SIZE",
               help="largest weights on disk, e.g. 120MB or 1.5GB: hubc takes the scheme with the most bits that "
                    "fits, then a smaller dense budget, then prunes what is still over (chosen on calibration text, "
                    "healed by distillation); keeps whichever of --scheme/--dense-budget you give")
-@click.option("--speedup", type=click.FloatRange(min=1, min_open=True),
+@click.option("--speedup", type=Finite(min=1, min_open=True),
               help="a decode step (time per output token, one request) this many times faster than the base's, as "
                    "the latency model predicts it from this hardware's stored measurements (`hubc bench`; on GPU "
                    "targets without any, the catalog's roofline): hubc removes MLP channels, heads and whole layers "
@@ -120,7 +120,7 @@ def targets(fmt: str) -> None:
 @click.option("--private", is_flag=True, help="create the pushed repo as private")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of MODEL")
 @click.option("--no-serve", is_flag=True, help="skip the vLLM serving check and latency measurement")
-@click.option("--max-ppl-increase", type=click.FloatRange(min=0), default=0.05, show_default=True,
+@click.option("--max-ppl-increase", type=Finite(min=0), default=0.05, show_default=True,
               help="quality gate: a variant whose perplexity on any evaluation text (evaluated or served) rises more "
                    "than this share over the base is flagged in the summary and card, and --push refuses it")
 @click.option("--accept-quality-loss", is_flag=True,
@@ -232,7 +232,8 @@ def structure_request(prune: str | None, factorize: float | None) -> dict | None
     try:
         check_structure(spec)
     except AdvisorError as exc:
-        raise click.BadParameter(str(exc), param_hint="--prune") from None
+        raise click.BadParameter(str(exc), param_hint="--factorize" if "`factorize`" in str(exc) else "--prune") \
+            from None
     return spec
 
 

@@ -10,10 +10,25 @@ import click
 
 from advisor.errors import HintedError
 
-__all__ = ["FORMATS", "Terminated", "progress", "run_command"]
+__all__ = ["FORMATS", "Finite", "Terminated", "progress", "run_command"]
 
 FORMATS = click.Choice(["human", "json"])
 """`--format`: a human table or summary, or JSON on stdout."""
+
+
+class Finite(click.FloatRange):
+    """A float range that also refuses nan and ±inf: click's FloatRange lets `nan` through every bound (each
+    comparison with it is false), which would turn a quality gate or a budget silently off."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class Terminated(KeyboardInterrupt):

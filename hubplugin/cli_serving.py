@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from hubplugin.cli_common import FORMATS, progress, run_command
+from hubplugin.cli_common import FORMATS, Finite, progress, run_command
 
 __all__ = ["bench", "pick", "predict"]
 
@@ -48,7 +48,7 @@ def _bench_options(fn):
         click.option("--min-rounds", type=click.IntRange(min=1), default=2, show_default=True, help="interleaved rounds always run"),
         click.option("--max-rounds", type=click.IntRange(min=1), default=5, show_default=True,
                      help="rounds at most, added while the TPOT spread is above --max-spread"),
-        click.option("--max-spread", type=float, default=0.05, show_default=True,
+        click.option("--max-spread", type=Finite(min=0), default=0.05, show_default=True,
                      help="target relative range of TPOT p50 across rounds"),
         click.option("--dtype", default="bfloat16", show_default=True,
                      type=click.Choice(["bfloat16", "float16", "float32", "auto"]),
@@ -110,7 +110,7 @@ def _percent(ctx, param, value):
 
 @click.command()
 @click.argument("checkpoints", nargs=-1, required=True)
-@click.option("--max-tpot-ms", type=click.FloatRange(min=0, min_open=True), required=True,
+@click.option("--max-tpot-ms", type=Finite(min=0, min_open=True), required=True,
               help="largest acceptable time per output token (ms)")
 @click.option("--max-ppl-increase", callback=_percent, required=True,
               help="largest acceptable served-perplexity increase over the base, in percent (5 or 5%)")

@@ -87,6 +87,8 @@ def test_healing_stops_after_its_passes_over_the_text(teacher):
     ({"steps": 10, "kl_weight": 2}, "kl_weight"),
     ({"steps": 10, "epochs": 0}, "epochs"),
     ({"steps": 10, "learning_rate": 1}, "unknown heal keys"),
+    ({"minutes": float("nan")}, "minutes"),
+    ({"steps": 10, "lr": float("inf")}, "lr"),
     ({"steps": 10, "lora_rank": -4}, "lora_rank"),
     ({"steps": 10, "lora_rank": 8.5}, "lora_rank"),
 ])

@@ -282,7 +282,11 @@ def test_push_puts_stored_bench_measurements_into_the_card(fake_hub, tiny_llama_
         before.replace(before[before.index("<!-- hubc:bench -->"):before.index("<!-- /hubc:bench -->")], "")
 
 
-@pytest.mark.parametrize("option, value", [("--eval-windows", "0"), ("--seq-len", "1"), ("--group-size", "-64")])
+@pytest.mark.parametrize("option, value", [("--eval-windows", "0"), ("--seq-len", "1"), ("--group-size", "-64"),
+                                           # nan passes every bound of a plain float range: it would turn the
+                                           # quality gate or the healing budget silently off
+                                           ("--max-ppl-increase", "nan"), ("--heal-minutes", "nan"),
+                                           ("--speedup", "inf"), ("--factorize", "nan")])
 def test_optimize_refuses_empty_evaluation_or_groups_before_any_work(tmp_path, option, value):
     result = CliRunner().invoke(main, ["optimize", "demo", "--target", "cpu", "--out", str(tmp_path / "o"),
                                        option, value])

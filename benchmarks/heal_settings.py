@@ -124,7 +124,8 @@ def markdown(record: dict) -> str:
               f"{record['steps']} steps of 4 × 256 tokens per setting from the same pruned model. Δppl against the "
               "base on held-out windows (8 × 512 tokens per text, never trained on), before → after healing."),
              ("Written by `.venv/bin/python benchmarks/heal_settings.py [--only REGEX]` (rows accumulate; the last "
-              f"run: `{record['arguments'] or 'all settings'}`)."), "",
+              f"run: `{record['arguments'] or 'all settings'}`). s/step is the row's own run's: rows from other runs "
+              "ran on other sessions' machines and loads."), "",
              ("| setting | training windows (wikitext-2 valid + self-generated) | sampler | Δppl wikitext-2 test | "
               "Δppl licenses | final KL | s/step |"), "|---|---:|---|---:|---:|---:|---:|"]
     for r in record["rows"]:

@@ -40,6 +40,8 @@ SETTINGS: dict[str, tuple[tuple[int, int], dict]] = {
     "lr 3e-4, half self-generated": ((64, 64), {"lr": 3e-4}),
     "lr 3e-4, self-generated only": ((0, 64), {"lr": 3e-4}),
     "lr 3e-4, KL only": ((512, 32), {"lr": 3e-4, "kl_weight": 1.0}),
+    "lr 3e-4, KL and cross-entropy 1:1": ((512, 32), {"lr": 3e-4, "kl_weight": 0.5}),
+    "lr 3e-4, cross-entropy only": ((512, 32), {"lr": 3e-4, "kl_weight": 0.0}),
     "lr 3e-4, temperature 2": ((512, 32), {"lr": 3e-4, "temperature": 2.0}),
     "LoRA rank 16, lr 3e-4": ((512, 32), {"lr": 3e-4, "lora_rank": 16}),
     "LoRA rank 16, lr 1e-3": ((512, 32), {"lr": 1e-3, "lora_rank": 16}),

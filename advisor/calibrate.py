@@ -7,7 +7,10 @@ candidate transforms against the layer's real inputs) are kept per linear layer.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -79,9 +82,10 @@ class Calibration:
         return sum(len(w) for w in self.windows)
 
     @classmethod
-    def of(cls, recipe, tokenizer, model=None) -> Calibration | None:
+    def of(cls, recipe, tokenizer, model=None, samples_cache: Path | None = None) -> Calibration | None:
         """The recipe's calibration windows, or None when the recipe calibrates nothing. `model` (the unchanged base)
-        samples the self-generated windows when the recipe asks for them."""
+        samples the self-generated windows when the recipe asks for them; `samples_cache`: a folder of this base
+        model's earlier samples (`cached_windows`)."""
         if not recipe.calibration:
             return None
         config = CalibConfig.from_dict(recipe.calibration)
@@ -105,7 +109,7 @@ class Calibration:
             length = max(config.seq_len if config.self_generated else 0, hc.seq_len if wanted_heal else 0)
             pieces = max(1, length // hc.seq_len) if wanted_heal else 1
             count = max(config.self_generated, -(-wanted_heal // pieces))
-            samples = generate_windows(model, tokenizer, count, length)
+            samples = cached_windows(samples_cache, model, tokenizer, count, length)
         windows += [s[: config.seq_len] for s in samples[: config.self_generated]]
         heal = []
         if hc:
@@ -221,6 +225,41 @@ def generate_windows(model, tokenizer, count: int, seq_len: int, seed: int = 0, 
     finally:
         torch.random.set_rng_state(gen_state)
     return out
+
+
+def cached_windows(folder: Path | None, model, tokenizer, count: int, seq_len: int, **sampling) -> list[list[int]]:
+    """`generate_windows(model, tokenizer, count, seq_len, **sampling)`, kept in `folder` (one per base checkpoint,
+    named by its content fingerprint) under every setting the draw depends on: a second variant of the same model
+    (`hubc watch` builds several per upload) reads the first's samples instead of sampling again, one forward per
+    token, minutes on a CPU. A file that does not read back as `count` windows of `seq_len` token ids is drawn
+    again and replaced; it is written whole or not at all."""
+    from advisor.heal import fast_dtype
+
+    if folder is None:
+        return generate_windows(model, tokenizer, count, seq_len, **sampling)
+    settings = {"seed": 0, "start": SAMPLE_START, "top_p": SAMPLE_TOP_P, "temperature": 1.0, **sampling}
+    name = "-".join([f"{count}x{seq_len}", *(f"{k}{v}" for k, v in sorted(settings.items())),
+                     str(fast_dtype()).removeprefix("torch.")]) + ".json"
+    path = Path(folder) / name
+    vocab = max(len(tokenizer), model.config.vocab_size)
+    try:
+        windows = json.loads(path.read_text())
+        if isinstance(windows, list) and len(windows) == count and all(
+                isinstance(w, list) and len(w) == seq_len
+                and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in w)
+                for w in windows):
+            return windows
+    except (OSError, ValueError):
+        pass
+    windows = generate_windows(model, tokenizer, count, seq_len, **settings)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(windows))
+        os.replace(partial, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs the next run its sampling time
+    return windows
 
 
 def bf16_sampler(model):

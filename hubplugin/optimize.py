@@ -22,7 +22,7 @@ from advisor.recommend import Choices
 from hubplugin.errors import HubcError
 from hubplugin.gate import gate_message, gate_summary, quality_gate
 from hubplugin.outfolder import check_out, default_out, staging_folder, weights_size, weights_size_in
-from hubplugin.source import ModelSource
+from hubplugin.source import ModelSource, cache_dir
 
 
 @dataclass
@@ -384,8 +384,11 @@ def _build(source, target, plan, staging, out, config, progress, path, device) -
         # Healing is judged on the evaluation texts (8 windows each: a before/after comparison, not the final
         # numbers).
         held_out = {t.name: t.windows[:8] for t in texts}
-        compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer, model), step, held_out=held_out,
-                              device=device)
+        from advisor.measurement import fingerprint
+
+        samples_cache = cache_dir() / "samples" / fingerprint(source.path)
+        compressed = compress(model, plan, Calibration.of(plan.recipe, tokenizer, model, samples_cache), step,
+                              held_out=held_out, device=device)
         clock.step("export")
         exported = write_checkpoint(compressed, staging, dtype=dtype)
         plan, report = compressed.plan, compressed.report

@@ -6,7 +6,8 @@ import pytest
 from helpers import build_tiny_llama
 from transformers import AutoTokenizer
 
-from advisor.calibrate import Calibration, generate_windows
+from advisor import calibrate
+from advisor.calibrate import Calibration, cached_windows, generate_windows
 from advisor.model import load_model
 from advisor.recipe import Recipe
 
@@ -24,6 +25,28 @@ def test_self_generated_windows_are_whole_bos_led_and_repeat_with_their_seed(tin
     assert all(w[0] == tokenizer.bos_token_id for w in windows)
     assert generate_windows(model, tokenizer, 3, 24, seed=5) == windows
     assert generate_windows(model, tokenizer, 3, 24, seed=6) != windows
+
+
+def test_a_second_run_reads_the_samples_of_the_first_and_redraws_a_damaged_file(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    folder = tmp_path / "samples" / "abc123"
+    drawn = cached_windows(folder, model, tokenizer, 3, 24)
+    assert drawn == generate_windows(model, tokenizer, 3, 24)
+    [file] = folder.iterdir()
+    assert not [f for f in folder.iterdir() if f.name.startswith(".")]  # nothing half-written left
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(calibrate, "generate_windows", no_sampling)
+    assert cached_windows(folder, model, tokenizer, 3, 24) == drawn
+    with pytest.raises(AssertionError, match="sampled again"):  # other settings: another draw
+        cached_windows(folder, model, tokenizer, 3, 24, temperature=0.7)
+    monkeypatch.undo()
+    for damage in ("[[1, 2", "[[1, 2, 3]]", "[" + ",".join(["[" + ",".join(["999999"] * 24) + "]"] * 3) + "]"):
+        file.write_text(damage)
+        assert cached_windows(folder, model, tokenizer, 3, 24) == drawn
+    assert cached_windows(None, model, tokenizer, 3, 24) == drawn
 
 
 def test_sampling_leaves_the_model_it_samples_untouched(tiny, monkeypatch):

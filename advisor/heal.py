@@ -185,7 +185,8 @@ def merge_lora(student) -> None:
     from torch.nn.utils import parametrize
 
     for module in student.modules():
-        if parametrize.is_parametrized(module, "weight"):
+        if parametrize.is_parametrized(module, "weight") \
+                and any(isinstance(f, LoraUpdate) for f in module.parametrizations.weight):
             with torch.no_grad():
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 

@@ -4,14 +4,15 @@ for the same number of steps under each setting (learning rate, the share of sel
 the distillation term, every decoder weight trained or rank-r LoRA updates merged back). Δppl against the base on held-out windows of wikitext-2 test and licenses.txt (never
 trained on), before and after healing.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/heal_settings.py [--steps 30] [--only REGEX]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/heal_settings.py [--steps 30] [--only REGEX] [--name NAME]
 
 Every row goes through hubc's own pieces: advisor.structure_search.choose and advisor.compress.apply_structure
 prune once (calibration: 16 windows of wikitext-2 valid and 16 the base model sampled itself, as `hubc optimize
 --prune` calibrates), advisor.heal.heal heals a copy per row. Healing text: wikitext-2 valid windows of 256 tokens
 and pieces of the self-generated samples, as advisor.calibrate.Calibration builds them.
 
-Writes benchmarks/results/heal_settings.{json,md}; rows accumulate (one per setting, replaced when rerun).
+Writes benchmarks/results/NAME.{json,md} (default heal_settings; one step count per file); rows accumulate (one per
+setting, replaced when rerun).
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens per text")
     parser.add_argument("--only", help="regex: run only the matching settings (others kept from the last results)")
+    parser.add_argument("--name", default="heal_settings", help="results file name (benchmarks/results/NAME.*)")
     args = parser.parse_args()
+    out_json = RESULTS / f"{args.name}.json"
+    if out_json.exists() and json.loads(out_json.read_text())["steps"] != args.steps:
+        sys.exit(f"{out_json.name} holds rows of another step count: give --name for {args.steps} steps")
     torch.manual_seed(0)
     from transformers import AutoTokenizer
 
@@ -87,7 +92,6 @@ def main() -> None:
     wiki = make_windows(tokenizer, read_text("wikitext2-valid")[1], 256, 512)
     pieces = heal_pieces(samples, 256)
 
-    out_json = RESULTS / "heal_settings.json"
     old = {r["setting"]: r for r in json.loads(out_json.read_text())["rows"]} if args.only and out_json.exists() \
         else {}
     rows = []
@@ -116,7 +120,7 @@ def main() -> None:
               "rows": rows, "seconds": time.time() - started, "arguments": shlex.join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(record, indent=1) + "\n")
-    (RESULTS / "heal_settings.md").write_text(markdown(record))
+    (RESULTS / f"{args.name}.md").write_text(markdown(record))
     print(f"wrote {out_json.relative_to(ROOT)} and .md ({record['seconds']:.0f} s)")
 
 

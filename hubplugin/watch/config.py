@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,8 @@ def _value(data: dict, key: str, kind: type, default, section: str):
         value, ok = float(value), True
     if not ok:
         raise WatchConfigError(f"{_where(section, key)}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # YAML's .nan passes every bound: a gate or budget turned off
+        raise WatchConfigError(f"{_where(section, key)}: expected a finite number, got {value!r}")
     return value
 
 
@@ -257,6 +260,13 @@ def _positive(data: dict, key: str, kind: type, default, section: str):
     value = _value(data, key, kind, default, section)
     if value is not None and value <= 0:
         raise WatchConfigError(f"{_where(section, key)}: must be positive, got {value!r}")
+    return value
+
+
+def _at_least_zero(data: dict, key: str, default: float, section: str) -> float:
+    value = _value(data, key, float, default, section)
+    if value < 0:
+        raise WatchConfigError(f"{_where(section, key)}: must be 0 or more, got {value!r}")
     return value
 
 
@@ -317,7 +327,7 @@ def _target(raw, where: str, base_dir: Path) -> TargetSpec:
         activations=_value(data, "activations", str, None, where),
         group_size=_positive(data, "group_size", int, None, where),
         structure=structure, heal_minutes=heal_minutes, max_size=max_size, calibration_text=calibration,
-        max_ppl_increase=_value(data, "max_ppl_increase", float, 0.05, where),
+        max_ppl_increase=_at_least_zero(data, "max_ppl_increase", 0.05, where),
         accept_quality_loss=_value(data, "accept_quality_loss", bool, False, where),
         serve=_value(data, "serve", bool, True, where),
         eval_texts=_strings(data, "eval_texts", where),

@@ -86,6 +86,14 @@ def test_a_full_config_sets_what_it_says(tmp_path):
      ["`max_size` and a structure `speedup` each choose"]),
     ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "calibration_text": "mine.txt"}]},
      ["targets[0].calibration_text: no file"]),
+    # YAML's .nan passes every bound: it would turn the quality gate or the healing budget off
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "max_ppl_increase": float("nan")}]},
+     ["targets[0].max_ppl_increase: expected a finite number"]),
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "max_ppl_increase": -0.1}]},
+     ["targets[0].max_ppl_increase: must be 0 or more"]),
+    ({"watch": {"owners": ["org"]}, "targets": [{"target": "cpu", "structure": {"params": 0.2},
+                                                 "heal_minutes": float("nan")}]},
+     ["targets[0].heal_minutes: expected a finite number"]),
 ])
 def test_mistakes_in_watch_yaml_are_one_line_errors(tmp_path, config, fragments):
     result = watch_with(tmp_path, config)

@@ -224,24 +224,25 @@ def heal(student, teacher, windows: list[list[int]], config: HealConfig, held_ou
     gen = torch.Generator().manual_seed(config.seed)
     for p in student.parameters():
         p.requires_grad_(False)
-    params = attach_lora(student, config.lora_rank, config.lora_alpha, torch.Generator().manual_seed(config.seed)) \
-        if config.lora_rank else trainable_parameters(student)
-    for p in params:
-        p.requires_grad_(True)
     teacher.eval()
-    student.train()
     dtype = fast_dtype()
     peak_lr = config.peak_lr
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
     order: list[int] = []
     budget_s = config.minutes * 60 if config.minutes is not None else math.inf
     max_steps = min(config.steps or 10**9, max(1, math.ceil(config.epochs * len(windows) / config.batch)))
     warmup = 10
     step, tokens, kls = 0, 0, []
-    started = time.monotonic()
     planned = max_steps if config.steps else None  # a minutes budget plans its length after warm-up
     bar = tqdm(total=planned or None, desc="healing (distillation)", unit="step", leave=False)
-    try:
+    try:  # from here on, whatever happens, the student is left merged, frozen and in eval mode
+        params = attach_lora(student, config.lora_rank, config.lora_alpha,
+                             torch.Generator().manual_seed(config.seed)) if config.lora_rank \
+            else trainable_parameters(student)
+        for p in params:
+            p.requires_grad_(True)
+        student.train()
+        optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
+        started = time.monotonic()
         while step < max_steps and time.monotonic() - started < budget_s:
             if len(order) < config.batch:
                 order += torch.randperm(len(windows), generator=gen).tolist()

@@ -75,6 +75,20 @@ def test_lora_healing_merges_a_low_rank_update_into_the_same_parameters(teacher)
     assert all(not p.requires_grad for p in student.parameters())
 
 
+def test_a_healing_stopped_by_an_error_leaves_no_adapter_on_the_student(teacher, monkeypatch):
+    student = _damaged(teacher)
+    names = [n for n, _ in student.named_parameters()]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("optimizer failed")
+
+    monkeypatch.setattr(torch.optim, "AdamW", broken)
+    with pytest.raises(RuntimeError, match="optimizer failed"):
+        heal(student, teacher, _windows(8), HealConfig(steps=2, lora_rank=2), {"held": _windows(1)})
+    assert [n for n, _ in student.named_parameters()] == names
+    assert all(not p.requires_grad for p in student.parameters()) and not student.training
+
+
 def test_healing_stops_after_its_passes_over_the_text(teacher):
     student = _damaged(teacher)
     report = heal(student, teacher, _windows(8), HealConfig(minutes=10, batch=4, epochs=2), {"held": _windows(1)})

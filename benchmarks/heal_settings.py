@@ -1,8 +1,8 @@
 """Which healing settings recover the most of what pruning cost, on the text healing trains on and on another
 domain: the demo model pruned by hubc's default (20% of the decoder-linear weights), then healed by distillation
 for the same number of steps under each setting (learning rate, the share of self-generated text, the weight of
-the distillation term, every decoder weight trained or rank-r LoRA updates merged back). Δppl against the base on held-out windows of wikitext-2 test and licenses.txt (never
-trained on), before and after healing.
+the distillation term, every decoder weight trained or rank-r LoRA updates merged back). Δppl against the base on
+held-out windows of wikitext-2 test and licenses.txt (never trained on), before and after healing.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/heal_settings.py [--steps 30] [--only REGEX] [--name NAME]
 
@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--name", default="heal_settings", help="results file name (benchmarks/results/NAME.*)")
     args = parser.parse_args()
     out_json = RESULTS / f"{args.name}.json"
-    if out_json.exists() and json.loads(out_json.read_text())["steps"] != args.steps:
+    earlier = json.loads(out_json.read_text()) if out_json.exists() else None
+    if earlier and earlier["steps"] != args.steps:
         sys.exit(f"{out_json.name} holds rows of another step count: give --name for {args.steps} steps")
     torch.manual_seed(0)
     from transformers import AutoTokenizer
@@ -92,8 +93,7 @@ def main() -> None:
     wiki = make_windows(tokenizer, read_text("wikitext2-valid")[1], 256, 512)
     pieces = heal_pieces(samples, 256)
 
-    old = {r["setting"]: r for r in json.loads(out_json.read_text())["rows"]} if args.only and out_json.exists() \
-        else {}
+    old = {r["setting"]: r for r in earlier["rows"]} if args.only and earlier else {}
     rows = []
     for name, ((n_wiki, n_self), fields) in SETTINGS.items():
         if args.only and not re.search(args.only, name):

@@ -232,8 +232,7 @@ def structure_request(prune: str | None, factorize: float | None) -> dict | None
     try:
         check_structure(spec)
     except AdvisorError as exc:
-        raise click.BadParameter(str(exc), param_hint="--factorize" if "`factorize`" in str(exc) else "--prune") \
-            from None
+        raise click.BadParameter(str(exc), param_hint="--prune") from None
     return spec
 
 

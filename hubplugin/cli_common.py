@@ -3,6 +3,7 @@ and exit code 2, SIGTERM and Ctrl-C unwinding like an interrupt, exit codes 143 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -23,8 +24,6 @@ class Finite(click.FloatRange):
     name = "finite float range"
 
     def convert(self, value, param, ctx):
-        import math
-
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
